@@ -1,0 +1,403 @@
+"""GiGPO: Group-in-Group Policy Optimization (Feng et al., 2025, arXiv 2505.10978).
+
+SIRI's Phase 0 (warmup) trains the agent with GiGPO, and Phase 2 adds its distillation
+term on top of the same loss. This module holds:
+
+* the advantage equations, each one pure function on plain lists / tensors
+  (GiGPO Eq. 3 episode term, Eq. 6-8 step term, Eq. 9 joint advantage);
+* the PPO-clip + KL loss on action tokens (GiGPO Eq. 10, SIRI Eq. for L_RL);
+* ``update``: one optimisation pass over a batch of (prompt, response) samples.
+
+A *group* is G trajectories of the same task from the same initial state. A *step group*
+is every step of one group (all G trajectories, repeated visits included) whose anchor
+state, the current observation, is identical.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class GiGPOConfig:
+    """GiGPO hyper-parameters. Values from the GiGPO paper / its ALFWorld script unless noted."""
+
+    group_size: int = 8
+    """G: rollouts per task (one group). GiGPO ALFWorld: 8."""
+    gamma: float = 0.95
+    """γ: discount of the step-level returns R_t. GiGPO ALFWorld: 0.95."""
+    omega: float = 1.0
+    """ω: weight of the step-level advantage A^S in A = A^E + ω·A^S. GiGPO: 1."""
+    norm: str = "std"
+    """F_norm of both relative advantages: "std" (group std + eps) or "none" (1). GiGPO: std."""
+    episode_stats: str = "trajectory"
+    """Group statistics of A^E over "trajectory" (paper Eq. 3: one value per rollout) or
+    "step" (the public GiGPO code: every step row carries its episode return, so long
+    episodes weigh more in the mean/std). Our default follows the paper."""
+    eps: float = 1e-6
+    """Added to the std in the normalisation."""
+    invalid_penalty: float = 0.1
+    """Subtracted from the reward of every invalid step (GiGPO's invalid-action penalty coefficient 0.1)."""
+    clip_eps: float = 0.2
+    """ε of the PPO clip (GiGPO: 0.2)."""
+    beta_kl: float = 0.01
+    """β: KL coefficient to the reference policy (base model = adapter disabled). GiGPO: 0.01."""
+    kl_estimator: str = "k3"
+    """KL estimator per token: "k3" (Schulman's low-variance exp(r)-r-1, GiGPO's 'low_var_kl') or "k1" (log-ratio)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (GiGPO: 0, off)."""
+    loss_agg: str = "token-mean"
+    """Aggregation of per-token losses: "token-mean" (all action tokens of a mini-batch weigh
+    the same; GiGPO's default) or "seq-mean-token-mean" (mean per response, then over responses)."""
+    ppo_epochs: int = 1
+    """Passes over the batch per iteration (GiGPO: 1)."""
+    minibatches: int = 1
+    """Optimiser steps per epoch: the batch is shuffled and split into this many mini-batches.
+    Our choice for the CPU preset; the GiGPO script uses mini-batches of 256 samples."""
+    token_budget: int = 8192
+    """Micro-batch size in (prompt + response) tokens; gradients are accumulated over micro-batches."""
+    lr: float = 1e-6
+    """AdamW learning rate (GiGPO, full fine-tune: 1e-6; LoRA wants larger, see presets)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max global grad norm (GiGPO/verl: 1.0)."""
+
+
+# ---------------------------------------------------------------------------------------
+# ALGO LOGIC: advantages
+# ---------------------------------------------------------------------------------------
+
+
+def normalise(values: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Relative advantage inside one group: (x − mean(x)) / F_norm.
+
+    F_norm = std(x) + eps (unbiased std, as torch.std) when ``norm == "std"``, else 1.
+    Rules for degenerate groups (one rule each, tested):
+    * all values equal → every advantage is 0 (nothing to prefer);
+    * a group of one → handled by the callers (episode: raw score, step: 0).
+    """
+    if norm not in ("std", "none"):
+        raise ValueError(f"gigpo.norm must be 'std' or 'none', got {norm!r}")
+    centred = values - values.mean()
+    if norm == "none" or values.numel() < 2:
+        return centred
+    return centred / (values.std() + eps)
+
+
+def episode_advantages(returns: torch.Tensor, norm: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    """GiGPO Eq. 3, episode-level relative advantage of the G rollouts of one group.
+
+        A^E(τ_i) = (R(τ_i) − mean_j R(τ_j)) / F_norm({R(τ_j)})
+
+    ``returns``: (G,) total return of each trajectory. Returns (G,).
+    Degenerate group of one (G = 1): our choice, as in the public GiGPO code, is to pass
+    the raw return through (A^E = R), so that a run with G = 1 still has a learning signal.
+    """
+    if returns.numel() == 1:
+        return returns.clone()
+    return normalise(returns, norm, eps)
+
+
+def episode_advantages_step_weighted(returns: torch.Tensor, lengths: Sequence[int],
+                                     norm: str = "std", eps: float = 1e-6) -> torch.Tensor:
+    """A^E as the public GiGPO code computes it (``gigpo.episode_stats: step``).
+
+    Every step row carries its episode's return, so mean and std run over
+    Σ_i |τ_i| rows and a long episode weighs |τ_i| times. Returns (G,) one value per trajectory.
+    """
+    if returns.numel() == 1:
+        return returns.clone()
+    rows = torch.repeat_interleave(returns, torch.tensor(list(lengths)))  # (Σ|τ_i|,)
+    centred = returns - rows.mean()
+    if norm == "none":
+        return centred
+    if norm != "std":
+        raise ValueError(f"gigpo.norm must be 'std' or 'none', got {norm!r}")
+    return centred / (rows.std() + eps)
+
+
+def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
+    """GiGPO Eq. 6 (inner sum): discounted return from each step, R_t = Σ_k γ^k r_{t+k}."""
+    out, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+def step_groups(anchors: Sequence[Sequence[str]]) -> dict[str, list[tuple[int, int]]]:
+    """GiGPO Eq. 5, anchor-state grouping inside ONE task group.
+
+    ``anchors[i][t]`` is the anchor key of step t of trajectory i. Returns
+    {anchor: [(i, t), ...]}: all steps of the group (across its G trajectories, repeated
+    visits included) that start from the same observation. Insertion order is deterministic.
+    """
+    groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, traj_anchors in enumerate(anchors):
+        for t, key in enumerate(traj_anchors):
+            groups[key].append((i, t))
+    return dict(groups)
+
+
+def step_advantages(step_returns: Sequence[Sequence[float]], anchors: Sequence[Sequence[str]],
+                    norm: str = "std", eps: float = 1e-6) -> list[list[float]]:
+    """GiGPO Eq. 7-8, step-level relative advantage.
+
+        A^S(a_t^i) = (R_t^i − mean_{(j,k) ∈ G^S(s)} R_k^j) / F_norm,   s = anchor of step t of τ_i
+
+    ``step_returns[i][t]``: discounted return R_t of step t of trajectory i (Eq. 6).
+    Degenerate step group of one: A^S = 0 (no other action from this state to compare with).
+    """
+    out = [[0.0] * len(r) for r in step_returns]
+    for members in step_groups(anchors).values():
+        if len(members) < 2:
+            continue  # a step group of one gets advantage 0
+        values = torch.tensor([step_returns[i][t] for i, t in members], dtype=torch.float64)
+        for (i, t), a in zip(members, normalise(values, norm, eps).tolist()):
+            out[i][t] = a
+    return out
+
+
+def joint_advantage(a_episode: float, a_step: float, omega: float) -> float:
+    """GiGPO Eq. 9: A = A^E + ω · A^S. Every response token of step t gets this value."""
+    return a_episode + omega * a_step
+
+
+def step_rewards(rewards: Sequence[float], valid: Sequence[bool], invalid_penalty: float) -> list[float]:
+    """Reward of each step after the invalid-action penalty: r_t = r_t^env − c · 1[invalid_t].
+
+    Our choice (as the GiGPO code does): the penalty enters the rewards, so it lowers both the
+    episode return and the step returns.
+    """
+    return [r - (0.0 if ok else invalid_penalty) for r, ok in zip(rewards, valid)]
+
+
+def group_advantages(rewards: Sequence[Sequence[float]], valid: Sequence[Sequence[bool]],
+                     anchors: Sequence[Sequence[str]], cfg: GiGPOConfig) -> tuple[list[list[float]], dict]:
+    """All advantages of ONE task group of trajectories (plain lists in, plain lists out).
+
+    Returns (A[i][t], parts) where parts holds the episode term A^E[i], the step term
+    A^S[i][t] and the returns, for logging and tests.
+    """
+    r = [step_rewards(rw, ok, cfg.invalid_penalty) for rw, ok in zip(rewards, valid)]
+    returns = torch.tensor([sum(x) for x in r], dtype=torch.float64)  # R(τ_i), undiscounted
+    if cfg.episode_stats == "trajectory":
+        a_ep = episode_advantages(returns, cfg.norm, cfg.eps)  # Eq. 3
+    elif cfg.episode_stats == "step":
+        a_ep = episode_advantages_step_weighted(returns, [len(x) for x in r], cfg.norm, cfg.eps)
+    else:
+        raise ValueError(f"gigpo.episode_stats must be 'trajectory' or 'step', got {cfg.episode_stats!r}")
+    r_t = [discounted_returns(x, cfg.gamma) for x in r]  # Eq. 6
+    a_st = step_advantages(r_t, anchors, cfg.norm, cfg.eps)  # Eq. 7-8
+    adv = [[joint_advantage(float(a_ep[i]), a, cfg.omega) for a in a_st[i]]  # Eq. 9
+           for i in range(len(r))]
+    return adv, {"returns": returns.tolist(), "episode": a_ep.tolist(), "step": a_st, "step_returns": r_t}
+
+
+def compute_advantages(trajectories: Sequence, cfg: GiGPOConfig) -> list[list[float]]:
+    """Joint GiGPO advantages for a batch of ``policy.Trajectory`` objects.
+
+    Trajectories are grouped by their ``group`` key (one task, one initial state); each group
+    is handled by ``group_advantages``. Returns A[k][t] aligned with trajectories[k].steps.
+    """
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for k, traj in enumerate(trajectories):
+        by_group[traj.group].append(k)
+    out: list[list[float]] = [[] for _ in trajectories]
+    for members in by_group.values():
+        trajs = [trajectories[k] for k in members]
+        adv, _ = group_advantages([[s.reward for s in t.steps] for t in trajs],
+                                  [[s.valid for s in t.steps] for t in trajs],
+                                  [[s.anchor for s in t.steps] for t in trajs], cfg)
+        for k, a in zip(members, adv):
+            out[k] = a
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# ALGO LOGIC: losses
+# ---------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π_θ || π_ref) from samples of π_θ.
+
+    k3 (Schulman 2020, "Approximating KL divergence"; GiGPO's ``low_var_kl``):
+        KL ≈ exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1   (≥ 0, unbiased, low variance)
+    k1: KL ≈ log π_θ − log π_ref.
+    The k3 value is clamped to [-10, 10] as in the GiGPO code, for numerical safety.
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator != "k3":
+        raise ValueError(f"gigpo.kl_estimator must be 'k3' or 'k1', got {estimator!r}")
+    log_ratio = ref_logp - logp
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10.0, 10.0)
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  clip_eps: float) -> torch.Tensor:
+    """Per-token PPO-clip policy loss (GiGPO Eq. 10, the min(...) term, negated).
+
+        ρ_t = π_θ(a_t) / π_old(a_t),   L_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)
+
+    All tensors (N,) over action tokens. A positive-advantage token lowers the loss when its
+    probability rises (until the clip).
+    """
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+
+
+def aggregate(token_losses: list[torch.Tensor], mode: str, n_tokens: int, n_seqs: int) -> torch.Tensor:
+    """Sum of one micro-batch's share of the mini-batch loss.
+
+    ``token-mean``: Σ_tokens l / (tokens in the mini-batch);
+    ``seq-mean-token-mean``: Σ_seq mean_tokens(l) / (responses in the mini-batch).
+    Dividing by mini-batch totals (not micro-batch ones) makes gradient accumulation exact.
+    """
+    if mode == "token-mean":
+        return sum(l.sum() for l in token_losses) / max(n_tokens, 1)
+    if mode == "seq-mean-token-mean":
+        return sum(l.mean() for l in token_losses if l.numel()) / max(n_seqs, 1)
+    raise ValueError(f"gigpo.loss_agg must be 'token-mean' or 'seq-mean-token-mean', got {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Update step (plumbing around the loss)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One training row: the tokens of one step's response under one prompt.
+
+    ``kind == "pg"``: a plain rollout step, trained with PPO-clip + KL (Phase 0 and 2).
+    ``kind == "distill"``: a selected skill-guided step re-scored under the plain prompt
+    (Phase 2, see distill.py); ``old_logprobs`` are then the sampling log-probs under the
+    skill prompt.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    old_logprobs: list[float]
+    advantage: float
+    kind: str = "pg"
+
+
+def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) -> list[Sample]:
+    """One ``Sample`` per step with at least one response token."""
+    return [Sample(s.prompt_ids, s.response_ids, s.logprobs, a)
+            for traj, adv in zip(trajectories, advantages)
+            for s, a in zip(traj.steps, adv) if s.response_ids]
+
+
+def micro_batches(samples: Sequence[Sample], token_budget: int) -> list[list[Sample]]:
+    """Greedy split into micro-batches whose padded size (rows × longest row) fits the budget."""
+    batches, current, longest = [], [], 0
+    for s in samples:
+        n = len(s.prompt_ids) + len(s.response_ids)
+        if current and max(longest, n) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(s)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_cfg=None,
+           seed: int = 0, progress=None) -> dict:
+    """PPO epochs over ``samples``: shuffle, split into mini-batches, accumulate micro-batches.
+
+    Loss of a mini-batch (SIRI's total objective; the distill term only in Phase 2):
+        L = agg(L_clip + β·KL − c_ent·H)[pg tokens] + λ · agg(L_distill)[distill tokens]
+    A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
+    Returns metrics averaged over optimiser steps.
+    """
+    from distill import distill_token_loss  # Phase 2 term; imported here to keep the import graph flat
+
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    rng = random.Random(seed)
+    sums: dict[str, float] = defaultdict(float)
+    n_steps = skipped = 0
+    for _epoch in range(cfg.ppo_epochs):
+        order = list(samples)
+        rng.shuffle(order)
+        size = math.ceil(len(order) / max(cfg.minibatches, 1)) or 1
+        for start in range(0, len(order), size):
+            mini = order[start:start + size]
+            pg = [s for s in mini if s.kind == "pg"]
+            dist = [s for s in mini if s.kind == "distill"]
+            n_pg, n_dist = sum(len(s.response_ids) for s in pg), sum(len(s.response_ids) for s in dist)
+            optimizer.zero_grad(set_to_none=True)
+            stats: dict[str, float] = defaultdict(float)
+            finite = True
+            for mb in micro_batches(mini, cfg.token_budget):
+                prompts = [s.prompt_ids for s in mb]
+                responses = [s.response_ids for s in mb]
+                logps, ents = policy.score(prompts, responses, cfg.token_budget, with_entropy=True)
+                ref = None
+                if cfg.beta_kl > 0 and any(s.kind == "pg" for s in mb):
+                    with torch.no_grad():
+                        ref = policy.score(prompts, responses, cfg.token_budget, reference=True)
+                pg_terms, dist_terms = [], []
+                for j, s in enumerate(mb):
+                    logp = logps[j]
+                    old = torch.tensor(s.old_logprobs, dtype=logp.dtype, device=logp.device)
+                    adv = torch.full_like(logp, s.advantage)
+                    if s.kind == "pg":
+                        loss_t = ppo_clip_loss(logp, old, adv, cfg.clip_eps)
+                        stats["pg_loss"] += loss_t.detach().sum().item()
+                        stats["clip_frac"] += ((logp - old).exp().sub(1).abs() > cfg.clip_eps).sum().item()
+                        if ref is not None:
+                            kl = kl_penalty(logp, ref[j].to(logp.dtype), cfg.kl_estimator)
+                            loss_t = loss_t + cfg.beta_kl * kl
+                            stats["kl"] += kl.detach().sum().item()
+                        if cfg.entropy_coef:
+                            loss_t = loss_t - cfg.entropy_coef * ents[j]
+                        stats["entropy"] += ents[j].detach().sum().item()
+                        pg_terms.append(loss_t)
+                    else:
+                        loss_t = distill_token_loss(logp, old, adv, distill_cfg.clip_eps)
+                        stats["distill_loss"] += loss_t.detach().sum().item()
+                        dist_terms.append(loss_t)
+                loss = aggregate(pg_terms, cfg.loss_agg, n_pg, len(pg)) if pg_terms else 0.0
+                if dist_terms:
+                    loss = loss + distill_cfg.lam * aggregate(dist_terms, cfg.loss_agg, n_dist, len(dist))
+                if not torch.is_tensor(loss):
+                    continue
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                stats["loss"] += loss.item()
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            n_steps += 1
+            sums["loss"] += stats["loss"]
+            sums["grad_norm"] += grad_norm.item()
+            for key in ("pg_loss", "kl", "entropy", "clip_frac"):
+                sums[key] += stats[key] / max(n_pg, 1)
+            sums["distill_loss"] += stats["distill_loss"] / max(n_dist, 1)
+            if progress is not None:
+                progress.update(1)
+    out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    out.update(optimizer_steps=n_steps, skipped_nonfinite=skipped,
+               pg_tokens=sum(len(s.response_ids) for s in samples if s.kind == "pg"),
+               distill_tokens=sum(len(s.response_ids) for s in samples if s.kind == "distill"))
+    return out

@@ -1,0 +1,154 @@
+"""GiGPO equations against hand-computed examples, and the degenerate cases."""
+import math
+
+import pytest
+import torch
+
+import gigpo
+from gigpo import GiGPOConfig
+
+
+def close(a, b, tol=1e-4):
+    return all(abs(x - y) < tol for x, y in zip(a, b)) and len(a) == len(b)
+
+
+# --- Eq. 3: episode-level relative advantage ---------------------------------------------
+
+def test_episode_advantage_std():
+    # mean 5, unbiased std sqrt(100/3) = 5.7735 -> ±0.8660
+    a = gigpo.episode_advantages(torch.tensor([10.0, 0.0, 0.0, 10.0]), "std")
+    assert close(a.tolist(), [0.8660, -0.8660, -0.8660, 0.8660])
+
+
+def test_episode_advantage_no_norm():
+    a = gigpo.episode_advantages(torch.tensor([10.0, 0.0, 0.0, 10.0]), "none")
+    assert a.tolist() == [5.0, -5.0, -5.0, 5.0]
+
+
+def test_episode_all_equal_is_zero():
+    for norm in ("std", "none"):
+        assert gigpo.episode_advantages(torch.tensor([3.0, 3.0, 3.0]), norm).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_episode_group_of_one_passes_raw_score():
+    assert gigpo.episode_advantages(torch.tensor([7.0]), "std").tolist() == [7.0]
+
+
+def test_episode_step_weighted_variant():
+    # rows: 10,10,-0.1,-0.1,-0.1 -> mean 3.94; norm none -> [6.06, -4.04]
+    a = gigpo.episode_advantages_step_weighted(torch.tensor([10.0, -0.1]), [2, 3], "none")
+    assert close(a.tolist(), [6.06, -4.04])
+
+
+def test_bad_norm_is_clear_error():
+    with pytest.raises(ValueError, match="gigpo.norm"):
+        gigpo.episode_advantages(torch.tensor([1.0, 2.0]), "zscore")
+
+
+# --- Eq. 6: discounted step returns --------------------------------------------------------
+
+def test_discounted_returns():
+    assert gigpo.discounted_returns([0.0, 0.0, 10.0], 0.5) == [2.5, 5.0, 10.0]
+    assert gigpo.discounted_returns([1.0, 1.0], 1.0) == [2.0, 1.0]
+    assert gigpo.discounted_returns([], 0.9) == []
+
+
+# --- Eq. 5, 7-8: anchor-state groups and the step-level advantage ------------------------------
+
+def test_step_groups_include_repeated_visits():
+    groups = gigpo.step_groups([["a", "b", "a"], ["a", "c"]])
+    assert groups == {"a": [(0, 0), (0, 2), (1, 0)], "b": [(0, 1)], "c": [(1, 1)]}
+
+
+def test_step_advantage_hand_example():
+    # step group "a": returns [1, 3] -> mean 2, std sqrt(2) -> ∓0.7071; singletons -> 0
+    adv = gigpo.step_advantages([[1.0, 2.0], [3.0, 4.0]], [["a", "b"], ["a", "c"]], "std")
+    assert close(adv[0], [-0.7071, 0.0]) and close(adv[1], [0.7071, 0.0])
+    adv = gigpo.step_advantages([[1.0, 2.0], [3.0, 4.0]], [["a", "b"], ["a", "c"]], "none")
+    assert adv == [[-1.0, 0.0], [1.0, 0.0]]
+
+
+def test_step_group_of_one_is_zero_and_equal_returns_zero():
+    assert gigpo.step_advantages([[5.0]], [["x"]], "std") == [[0.0]]
+    assert gigpo.step_advantages([[2.0], [2.0]], [["x"], ["x"]], "std") == [[0.0], [0.0]]
+
+
+def test_repeated_visit_within_one_trajectory_forms_a_group():
+    adv = gigpo.step_advantages([[1.0, 3.0]], [["a", "a"]], "none")
+    assert adv == [[-1.0, 1.0]]
+
+
+# --- Eq. 9 and the whole group, invalid penalty included ---------------------------------------
+
+def test_group_advantages_full_hand_example():
+    cfg = GiGPOConfig(gamma=0.5, omega=1.0, norm="none", invalid_penalty=0.1)
+    rewards = [[0.0, 10.0], [0.0, 0.0, 0.0]]
+    valid = [[True, True], [True, False, True]]
+    anchors = [["s0", "s1"], ["s0", "x", "s1"]]
+    adv, parts = gigpo.group_advantages(rewards, valid, anchors, cfg)
+    # r = [[0, 10], [0, -0.1, 0]];  R = [10, -0.1];  A^E = [5.05, -5.05]
+    assert close(parts["returns"], [10.0, -0.1]) and close(parts["episode"], [5.05, -5.05])
+    # discounted: [[5, 10], [-0.05, -0.1, 0]]
+    assert close(parts["step_returns"][0], [5.0, 10.0]) and close(parts["step_returns"][1], [-0.05, -0.1, 0.0])
+    # s0: [5, -0.05] -> ±2.525 ; s1: [10, 0] -> ±5 ; x alone -> 0
+    assert close(adv[0], [7.575, 10.05])
+    assert close(adv[1], [-7.575, -5.05, -10.05])
+
+
+def test_omega_weights_the_step_term():
+    cfg = GiGPOConfig(gamma=1.0, omega=0.5, norm="none", invalid_penalty=0.0)
+    adv, parts = gigpo.group_advantages([[1.0], [0.0]], [[True], [True]], [["a"], ["a"]], cfg)
+    assert close(adv[0], [0.5 + 0.5 * 0.5]) and close(adv[1], [-0.5 - 0.5 * 0.5])
+
+
+def test_compute_advantages_groups_by_group_key():
+    class S:  # minimal stand-in for policy.Step: the fields compute_advantages reads
+        def __init__(self, r, anchor):
+            self.reward, self.valid, self.anchor = r, True, anchor
+
+    class T:
+        def __init__(self, group, rewards):
+            self.group, self.steps = group, [S(r, "o") for r in rewards]
+
+    cfg = GiGPOConfig(gamma=1.0, omega=0.0, norm="none")
+    trajs = [T("g1", [10.0]), T("g2", [0.0]), T("g1", [0.0]), T("g2", [0.0])]
+    adv = gigpo.compute_advantages(trajs, cfg)
+    assert adv == [[5.0], [0.0], [-5.0], [0.0]]  # g1 compared only within g1
+
+
+# --- losses -------------------------------------------------------------------------------
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # k3 = exp(ln .5) - ln .5 - 1 = 0.5 + 0.6931 - 1
+    assert abs(gigpo.kl_penalty(logp, ref, "k3").item() - 0.19315) < 1e-4
+    assert abs(gigpo.kl_penalty(logp, ref, "k1").item() - math.log(2)) < 1e-6
+    assert gigpo.kl_penalty(logp, logp, "k3").item() == 0.0
+
+
+def test_ppo_clip_hand_values():
+    old = torch.zeros(3)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5]))
+    adv = torch.tensor([2.0, -2.0, 2.0])
+    # ratio 1.5, A=2: -min(3, 2.4) = -2.4 ; A=-2: -min(-3, -2.4) = 3 ; ratio .5, A=2: -min(1, 1.6) = -1
+    assert close(gigpo.ppo_clip_loss(logp, old, adv, 0.2).tolist(), [-2.4, 3.0, -1.0])
+
+
+def test_loss_sign_raising_positive_advantage_token_lowers_loss():
+    logp = torch.tensor([math.log(0.3)], requires_grad=True)
+    loss = gigpo.ppo_clip_loss(logp, torch.tensor([math.log(0.3)]), torch.tensor([1.0]), 0.2).sum()
+    loss.backward()
+    assert logp.grad.item() < 0  # gradient descent raises log π of the positive-advantage token
+
+
+def test_aggregate_modes():
+    a, b = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([4.0])
+    assert gigpo.aggregate([a, b], "token-mean", 4, 2).item() == pytest.approx(7 / 4)
+    assert gigpo.aggregate([a, b], "seq-mean-token-mean", 4, 2).item() == pytest.approx((1 + 4) / 2)
+
+
+def test_micro_batches_respect_budget():
+    samples = [gigpo.Sample([0] * 10, [1] * 5, [0.0] * 5, 1.0) for _ in range(7)]
+    batches = gigpo.micro_batches(samples, 45)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sum(batches, []) == samples
