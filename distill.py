@@ -1,0 +1,129 @@
+"""SIRI Phase 2: internalisation of validated skills by selective distillation.
+
+Rollouts run *with* a validated skill in the prompt; their action tokens are re-scored under
+the *plain* prompt (skill removed) and pushed up there, but only where it pays:
+
+* trajectory-level utility: the skill-guided trajectory's return beats the mean return of
+  the paired plain group (same task, same seeds);
+* action-level advantage: its GiGPO joint advantage, computed inside the skill-guided group,
+  is positive.
+
+Loss (added to the GiGPO loss on the plain rollouts):
+
+    L = L_GiGPO(plain) + λ · L_distill
+    L_distill = agg_{t ∈ S}  −A_t · min(log ρ_t, log(1 + ε))
+    ρ_t = π_θ(a_t | c_plain) / μ(a_t | c_skill)
+
+where S is the selected token set, μ the policy that sampled a_t under the skill context
+(its recorded log-probs) and agg the GiGPO token aggregation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from gigpo import GiGPOConfig, Sample, compute_advantages
+
+
+@dataclass
+class DistillConfig:
+    """Phase 2 hyper-parameters (the paper gives no values; ours are marked as our choice)."""
+
+    lam: float = 1.0
+    """λ: weight of L_distill against the GiGPO loss. Our choice: 1.0, equal footing."""
+    clip_eps: float = 0.2
+    """ε of the importance-ratio clip of L_distill (our choice: GiGPO's PPO ε)."""
+    utility_filter: bool = True
+    """Keep only skill-guided trajectories whose return beats their paired plain group's mean.
+    False = the "no utility filter" ablation."""
+    advantage_filter: bool = True
+    """Keep only steps with positive GiGPO advantage. False together with utility_filter=False
+    is the "no selection" ablation (distil every skill-guided token)."""
+    iterations: int = 2
+    """Phase 2 iterations per SIRI round."""
+    tasks_per_iter: int = 4
+    """Tasks per Phase 2 iteration (each played G times with the skill and G times without)."""
+
+
+# ---------------------------------------------------------------------------------------
+# ALGO LOGIC
+# ---------------------------------------------------------------------------------------
+
+
+def utility_mask(skill_returns: Sequence[float], plain_returns: Sequence[float]) -> list[bool]:
+    """Trajectory-level utility: keep τ_skill iff R(τ_skill) > mean_j R(τ_plain_j) of its paired group."""
+    baseline = sum(plain_returns) / len(plain_returns)
+    return [r > baseline for r in skill_returns]
+
+
+def selection_masks(skill_returns: Sequence[float], plain_returns: Sequence[float],
+                    skill_advantages: Sequence[Sequence[float]], cfg: DistillConfig) -> list[list[bool]]:
+    """Which steps of ONE skill-guided group are distilled: utility ∧ (A_t > 0).
+
+    ``skill_advantages[i][t]``: GiGPO joint advantage of step t of skill-guided trajectory i.
+    Returns mask[i][t]; every response token of a selected step is distilled.
+    """
+    keep_traj = utility_mask(skill_returns, plain_returns) if cfg.utility_filter else [True] * len(skill_returns)
+    return [[keep and (a > 0 or not cfg.advantage_filter) for a in adv]
+            for keep, adv in zip(keep_traj, skill_advantages)]
+
+
+def distill_token_loss(logp_plain: torch.Tensor, logp_sampler: torch.Tensor, advantages: torch.Tensor,
+                       clip_eps: float) -> torch.Tensor:
+    """Per-token distillation loss: −A_t · min(log ρ_t, log(1 + ε)),  ρ_t = π_θ(a_t|c_plain) / μ(a_t|c_skill).
+
+    ``logp_plain``: log π_θ(a_t | plain prompt), with grad; ``logp_sampler``: the sampling
+    log-probs under the skill prompt (constants); ``advantages``: A_t > 0 for selected tokens.
+
+    Our choice, because the paper gives no formula: below the clip the gradient is
+    −A_t ∇log π_θ(a_t|c_plain), an advantage-weighted log-likelihood that does not vanish
+    when the plain policy still finds the skill's action unlikely (as ρ·A would); once the
+    plain policy already gives the token (1+ε) times the sampler's probability, the token is
+    internalised and the gradient stops, like PPO's clip does for positive advantages.
+    """
+    log_ratio = logp_plain - logp_sampler
+    return -advantages * torch.clamp(log_ratio, max=math.log1p(clip_eps))
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing: from paired rollouts to training samples
+# ---------------------------------------------------------------------------------------
+
+
+def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiGPOConfig,
+                    cfg: DistillConfig) -> tuple[list[Sample], dict]:
+    """Select the skill-guided steps to distil and turn them into ``Sample(kind="distill")``.
+
+    Skill-guided and plain trajectories are paired through their ``group`` key (same task,
+    same seed). The prompt of each sample is the step's ``plain_prompt_ids``: the skill text
+    is not in the context the tokens are scored under.
+    """
+    skill_adv = compute_advantages(skill_trajs, gigpo_cfg)  # Eq. 9, inside the skill-guided groups
+    plain_returns: dict[str, list[float]] = {}
+    for t in plain_trajs:
+        plain_returns.setdefault(t.group, []).append(t.return_)
+    by_group: dict[str, list[int]] = {}
+    for k, t in enumerate(skill_trajs):
+        by_group.setdefault(t.group, []).append(k)
+
+    samples, offered, kept, kept_trajs = [], 0, 0, 0
+    for group, members in by_group.items():
+        if group not in plain_returns:
+            raise ValueError(f"skill-guided group {group!r} has no paired plain group")
+        masks = selection_masks([skill_trajs[k].return_ for k in members], plain_returns[group],
+                                [skill_adv[k] for k in members], cfg)
+        for k, mask in zip(members, masks):
+            kept_trajs += any(mask)
+            for step, adv, keep in zip(skill_trajs[k].steps, skill_adv[k], mask):
+                offered += len(step.response_ids)
+                if keep and step.response_ids:
+                    if step.plain_prompt_ids is None:
+                        raise ValueError("skill-guided step has no plain_prompt_ids; roll out with skill=...")
+                    samples.append(Sample(step.plain_prompt_ids, step.response_ids, step.logprobs, adv, "distill"))
+                    kept += len(step.response_ids)
+    metrics = {"distill/tokens_offered": offered, "distill/tokens_kept": kept,
+               "distill/trajectories_kept": kept_trajs, "distill/trajectories": len(skill_trajs)}
+    return samples, metrics
