@@ -1,0 +1,1045 @@
+"""Environments for SIRI: ALFWorld (embedded or real), prompts, action parsing, batched manager.
+
+Reading order:
+  1. Config and per-slot state (`EnvConfig`, `EnvState`).
+  2. Prompts and action parsing (`PROMPTS`, `build_prompt`, `parse_action`, `anchor_key`).
+  3. The backend Protocol (`GameBackend`): one playable environment slot of one game family.
+  4. ALFWorld on TextWorld's PDDL engine: the engine, the embedded task generator, the loader
+     for the official game files, and `AlfworldBackend`.
+  5. `EnvManager`: N slots stepped together, in this process or in worker processes.
+  6. `python envs.py bench`: generation / reset / step / rollout timings.
+
+Both ALFWorld sources run the *same* engine: TextWorld's `PddlEnv` on the `alfred` PDDL domain
+and grammar that ship inside the `alfworld` package, wrapped by alfworld's `AlfredDemangler`
+(object names such as "apple 1") and `AlfredInfos`. The embedded source differs only in where
+the PDDL problems come from: our own generator (below) instead of `alfworld-download`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import alfworld.gen.constants as alfred_constants
+import alfworld.gen.goal_library as alfred_goals
+import alfworld.info as alfworld_info
+
+# The six ALFWorld task types, in ALFWorld's own order (TASK_TYPES in alfred_tw_env.py).
+TASK_TYPES = (
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+)
+WIN_REWARD = 10.0  # DESIGN: reward = 10 x won, paid on the winning step
+INVALID_OBS = "Nothing happens."  # what TextWorld answers to a command it cannot execute
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Config and state
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EnvConfig:
+    name: str = "alfworld"
+    """environment family: "alfworld" | "webshop" (webshop.py plugs in a `WebShopBackend`)"""
+    source: str = "embedded"
+    """ALFWorld games: "embedded" (generated offline by this file) | "real" (official, `alfworld-download`)"""
+    max_steps: int = 50
+    """episode cap in env steps, invalid steps included (GiGPO's ALFWorld script: 50; WebShop preset: 15)"""
+    history_len: int = 2
+    """the prompt shows the last H (observation, action) pairs"""
+    num_workers: int = 0
+    """0: step all slots in this process; >0: that many worker processes, slot i on worker i % num_workers"""
+    start_method: str = "fork"
+    """multiprocessing start method for workers ("fork" | "forkserver" | "spawn"); see EnvManager"""
+    receptacles: int = 8
+    """embedded difficulty: receptacles in a generated room (more = more searching; real ALFWorld: 15-35)"""
+    distractors: int = 4
+    """embedded difficulty: objects in the room besides the task's target object(s)"""
+    num_train_tasks: int = 600
+    """embedded: number of generated training games (the six task types in turn)"""
+    eval_per_type: int = 20
+    """embedded: evaluation games per task type (6 x this; real valid_unseen has 134 games)"""
+    seed: int = 0
+    """selects the embedded task set (train and eval seeds are disjoint for every value)"""
+    cache_dir: str = ".cache/alfworld_embedded"
+    """where generated games are cached, one file per seed; a relative path is taken from envs.py's folder"""
+    data_path: str = ""
+    """real: folder holding train/, valid_seen/, valid_unseen/ ("" = $ALFWORLD_DATA/json_2.1.1)"""
+    real_eval_split: str = "valid_unseen"
+    """real: the evaluation split, "valid_unseen" (out of distribution) or "valid_seen" """
+    real_max_tasks: int = 0
+    """real: cap on games per split (0 = all), a fixed random subset chosen by `seed`"""
+
+
+@dataclass
+class EnvState:
+    """What the manager returns for one slot after reset/step."""
+    task_id: str
+    task_type: str     # e.g. "pick_and_place_simple"
+    task: str          # instruction text, e.g. "put a apple in fridge."
+    obs: str           # current observation text (the env's feedback)
+    admissible: list[str]
+    reward: float      # reward of the last transition (ALFWorld: 10.0 on the winning step, else 0)
+    done: bool
+    won: bool
+    anchor: str        # GiGPO anchor-state key: hash of the normalised current observation
+    steps: int         # env steps taken so far in this episode (invalid ones included)
+
+
+class AlfworldDataNotFound(FileNotFoundError):
+    """The official ALFWorld game files are not where EnvConfig.data_path says."""
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Prompts and action parsing
+# --------------------------------------------------------------------------------------------
+# Every template lives here. Our own wording; kept short because a tiny CPU model reads them
+# in the tests. "{skill}" and "{history}" are blocks that are either empty or end in "\n".
+PROMPTS = {
+    "alfworld": (
+        "You are a household robot. You act in a text-based house by typing commands.\n"
+        "Your task is to: {task}\n"
+        "{skill}{history}"
+        "Now you see: {obs}\n"
+        "Admissible actions: {actions}\n"
+        "{answer}"
+    ),
+    "webshop": (
+        "You are shopping in a web store by typing commands.\n"
+        "Instruction: {task}\n"
+        "{skill}{history}"
+        "Current page: {obs}\n"
+        "Admissible actions: {actions}\n"
+        "{answer}"
+    ),
+    "skill": "A skill that helped with tasks like this before:\n{skill}\n",
+    "history": "Your recent steps, oldest first:\n{steps}\n",
+    "history_step": "- you saw: {obs}\n  you did: {action}",
+    "answer": ("Think briefly inside <think></think>, then give exactly one admissible action "
+               "inside <action></action>."),
+}
+ACTION_SEPARATOR = " | "
+
+
+def _collapse(text: str) -> str:
+    """Whitespace runs -> one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str | None]],
+                 skill: str | None = None) -> str:
+    """The user message for one step (the policy applies the chat template).
+
+    task, the last `cfg.history_len` (observation, action) pairs, the current observation, the
+    admissible actions and the answer format. `skill` (text) adds one block; with skill=None
+    the prompt contains no skill text at all, so plain and skill prompts differ only by it.
+    """
+    recent = history[-cfg.history_len:] if cfg.history_len > 0 else []
+    steps = "\n".join(PROMPTS["history_step"].format(obs=_collapse(o), action=a if a else "(invalid)")
+                      for o, a in recent)
+    return PROMPTS["webshop" if cfg.name == "webshop" else "alfworld"].format(
+        task=state.task,
+        skill=PROMPTS["skill"].format(skill=skill.strip()) if skill else "",
+        history=PROMPTS["history"].format(steps=steps) if recent else "",
+        obs=_collapse(state.obs),
+        actions=ACTION_SEPARATOR.join(state.admissible),
+        answer=PROMPTS["answer"],
+    )
+
+
+_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
+_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.S | re.I)
+
+
+_TEMPLATE_RE = re.compile(r"(\w+)\[(\.\.\.|<[^\]]*>)\]")  # "search[...]" or "search[<your query>]"
+
+
+def parse_action(text: str, admissible: list[str]) -> tuple[str | None, bool]:
+    """(action, valid) from a model response. Never raises.
+
+    Valid only if the response has a <think>...</think> block and an <action>...</action> block
+    (the verl-agent rule). The last <action> block counts; it is lower-cased and its whitespace
+    collapsed, then matched against the admissible actions normalised the same way. The returned
+    action is the admissible string itself. Anything else -> (None, False).
+    Our choice (for WebShop's free-text search): an admissible entry written as a template,
+    "verb[...]" or "verb[<placeholder>]", accepts any "verb[<non-empty text>]".
+    """
+    if not isinstance(text, str):
+        return None, False
+    blocks = _ACTION_RE.findall(text)
+    if not blocks or not _THINK_RE.search(text):
+        return None, False
+    action = _collapse(blocks[-1]).lower()
+    if not action:
+        return None, False
+    for cand in admissible:
+        norm = _collapse(cand).lower()
+        if action == norm:
+            return cand, True
+        template = _TEMPLATE_RE.fullmatch(norm)
+        if template and re.fullmatch(re.escape(template.group(1)) + r"\[[^\]]*\S[^\]]*\]", action):
+            return action, True
+    return None, False
+
+
+def anchor_key(obs: str) -> str:
+    """GiGPO anchor-state key: sha1 of the lower-cased, whitespace-collapsed observation, 16 hex."""
+    return hashlib.sha1(_collapse(obs).lower().encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Backend protocol: one environment slot of one game family
+# --------------------------------------------------------------------------------------------
+class GameBackend(Protocol):
+    """What EnvManager needs from a game family (ALFWorld here, WebShop in webshop.py).
+
+    The manager builds one backend per slot with `Backend(cfg)` (plus one more in the main
+    process that only answers task_ids / task_type / walkthrough). `info` always carries
+    "admissible" (list[str]), "won" (bool), "task" (str) and "task_type" (str).
+    Optional: a `loaded_task` attribute (the task id whose game is loaded) lets the manager
+    route a returning task to the backend that already has it, and `close()` is called at shutdown.
+    """
+
+    def __init__(self, cfg: EnvConfig) -> None: ...
+    def task_ids(self, split: str) -> list[str]: ...            # split in {"train", "eval"}
+    def task_type(self, task_id: str) -> str: ...
+    def walkthrough(self, task_id: str) -> list[str]: ...        # expert actions that win
+    def reset(self, task_id: str) -> tuple[str, dict]: ...       # (obs, info); same id -> same state
+    def step(self, action: str) -> tuple[str, float, bool, dict]: ...  # (obs, reward, done, info)
+
+
+def backend_class(cfg: EnvConfig) -> type:
+    """The backend class for cfg.name (WebShop is imported only when asked for)."""
+    if cfg.name == "alfworld":
+        return AlfworldBackend
+    if cfg.name == "webshop":
+        from webshop import WebShopBackend
+        return WebShopBackend
+    raise ValueError(f"unknown environment name {cfg.name!r} (expected 'alfworld' or 'webshop')")
+
+
+# --------------------------------------------------------------------------------------------
+# 4a. The TextWorld PDDL engine, as alfworld wraps it
+# --------------------------------------------------------------------------------------------
+def make_engine(plan: bool = False):
+    """TextWorld's PddlEnv wrapped by alfworld's AlfredDemangler and AlfredInfos.
+
+    plan=True also asks for "extra.walkthrough" at reset: the stored walkthrough, or else the
+    engine's own planner (fast-downward) on the current problem. Our choice: playing engines
+    do not plan (real game files carry no walkthrough, planning at every reset would cost).
+    Each engine loads its own copy of fast-downward's library (~34 MB, ~80 ms): one per slot.
+    TextWorld is imported here, not at the top, so prompts/parsing/WebShop skip its 0.5 s import.
+    """
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+    from textworld.envs import PddlEnv
+    infos = textworld.EnvInfos(won=True, admissible_commands=True,
+                               extras=["walkthrough"] if plan else [])
+    return AlfredInfos(AlfredDemangler(PddlEnv(infos)))
+
+
+@contextlib.contextmanager
+def _keep_argv():
+    """Pitfall: fast-downward's PDDL translator, which TextWorld runs at every load and reset,
+    overwrites the global sys.argv (with ["translate.py", "domain", "task"]). Put it back."""
+    argv = sys.argv
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+_BANNER = "-= Welcome to TextWorld, ALFRED! =-"
+
+
+def split_intro(feedback: str) -> tuple[str, str]:
+    """(observation, task) from the engine's opening text.
+
+    Our choice: the banner line and the "Your task is to: ..." sentence are removed from the
+    observation, because the prompt states the task on its own line.
+    """
+    text = feedback.replace(_BANNER, "").strip()
+    m = re.search(r"Your task is to:\s*(.*)$", text, re.S)
+    if not m:
+        return text, ""
+    return text[:m.start()].strip(), _collapse(m.group(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _alfred_files() -> tuple[str, str]:
+    """(PDDL domain text, TextWorld grammar text) shipped inside the alfworld package."""
+    with open(alfworld_info.ALFRED_PDDL_PATH) as f:
+        domain = f.read()
+    with open(alfworld_info.ALFRED_TWL2_PATH) as f:
+        grammar = f.read()
+    return domain, grammar
+
+
+# --------------------------------------------------------------------------------------------
+# 4b. Embedded ALFWorld: our own generator of PDDL problems for the `alfred` domain
+# --------------------------------------------------------------------------------------------
+GENERATOR_VERSION = 1  # bump when generated games change: it is part of the cache folder name
+
+# Our room catalogue, in the spirit of ALFRED's scenes. Types are ALFRED's (alfworld.gen.constants);
+# which object fits in which receptacle comes from constants.VAL_RECEPTACLE_OBJECTS.
+ROOMS = {
+    "Kitchen": {
+        "receptacles": ["Cabinet", "CounterTop", "Drawer", "Fridge", "Microwave", "SinkBasin",
+                        "StoveBurner", "GarbageCan", "DiningTable", "Shelf", "CoffeeMachine",
+                        "SideTable"],
+        "objects": ["Apple", "Bread", "ButterKnife", "Cup", "DishSponge", "Egg", "Fork", "Kettle",
+                    "Knife", "Ladle", "Lettuce", "Mug", "Pan", "PepperShaker", "Plate", "Pot",
+                    "Potato", "SaltShaker", "SoapBottle", "Spatula", "Spoon", "Tomato",
+                    "WineBottle", "Bowl"],
+    },
+    "Bathroom": {
+        "receptacles": ["Cabinet", "CounterTop", "Drawer", "SinkBasin", "BathtubBasin", "Toilet",
+                        "ToiletPaperHanger", "TowelHolder", "HandTowelHolder", "GarbageCan",
+                        "Shelf", "Cart"],
+        "objects": ["Candle", "Cloth", "DishSponge", "HandTowel", "SoapBar", "SoapBottle",
+                    "SprayBottle", "ToiletPaper", "Towel", "Plunger", "TissueBox", "PaperTowel"],
+    },
+    "Bedroom": {
+        "receptacles": ["Bed", "Desk", "Drawer", "Dresser", "Shelf", "SideTable", "GarbageCan",
+                        "LaundryHamper", "Safe", "ArmChair"],
+        "objects": ["AlarmClock", "BaseballBat", "BasketBall", "Book", "CD", "CellPhone", "Cloth",
+                    "CreditCard", "KeyChain", "Laptop", "Mug", "Pen", "Pencil", "Pillow", "Bowl",
+                    "TennisRacket", "Vase", "Watch", "Statue"],
+    },
+    "LivingRoom": {
+        "receptacles": ["Sofa", "ArmChair", "CoffeeTable", "SideTable", "TVStand", "Shelf",
+                        "Drawer", "Cabinet", "Dresser", "DiningTable", "GarbageCan", "Ottoman",
+                        "Safe"],
+        "objects": ["Book", "CreditCard", "KeyChain", "Laptop", "Newspaper", "Pillow",
+                    "RemoteControl", "Statue", "Vase", "Watch", "WateringCan", "CellPhone", "Bowl",
+                    "Plate", "TissueBox", "Candle"],
+    },
+}
+# How many of a receptacle type a room may have (our choice); types not listed: at most one.
+MAX_INSTANCES = {"Cabinet": 6, "Drawer": 6, "Shelf": 4, "StoveBurner": 4, "CounterTop": 3,
+                 "SideTable": 2, "SinkBasin": 2, "ArmChair": 2}
+TOOL = {"pick_clean_then_place_in_recep": "SinkBasin",   # CleanObject needs a SinkBasinType
+        "pick_heat_then_place_in_recep": "Microwave",
+        "pick_cool_then_place_in_recep": "Fridge"}
+NEEDS = {"pick_clean_then_place_in_recep": "Cleanable",  # keys of constants.VAL_ACTION_OBJECTS
+         "pick_heat_then_place_in_recep": "Heatable",
+         "pick_cool_then_place_in_recep": "Coolable"}
+LAMP, LAMP_HOLDERS = "DeskLamp", ("Desk", "SideTable", "Dresser")
+# Types the domain's actions name as constants; the problem must declare them.
+DOMAIN_RTYPES, DOMAIN_OTYPES = ("SinkBasin", "Microwave", "Fridge"), ("Knife", "ButterKnife")
+EVAL_SEED_OFFSET = 500_000  # eval seed = seed * 1e6 + 500_000 + i, train seed = seed * 1e6 + i
+MAX_ATTEMPTS = 10
+
+
+def _fits(recep: str, obj: str) -> bool:
+    """Can an object of type `obj` be put in/on a receptacle of type `recep` (ALFRED's table)?"""
+    return obj in alfred_constants.VAL_RECEPTACLE_OBJECTS.get(recep, ())
+
+
+def _entity(type_name: str, k: int) -> str:
+    """PDDL name of the k-th instance of a type, in ALFWorld's mangled style ("|" -> "_bar_").
+
+    alfworld's Demangler shows "Apple_bar_2" as "apple N"; it names basins by prefix + "basin",
+    so a sink basin is written "Sink_bar_1_bar_SinkBasin" to read "sinkbasin N" as in ALFWorld.
+    """
+    if type_name.endswith("Basin"):
+        return f"{type_name[:-5]}_bar_{k}_bar_{type_name}"
+    return f"{type_name}_bar_{k}"
+
+
+def generate_game(seed: int, task_type: str, receptacles: int = 8, distractors: int = 4,
+                  attempt: int = 0) -> dict:
+    """One ALFWorld-style game (a `game.tw-pddl` dict), deterministic in its arguments. Unverified.
+
+    Scene: a room of ALFRED receptacles (openable ones closed), the task's target object(s) in a
+    receptacle that is not of the goal type (sometimes a closed one), a desk lamp for
+    look_at_obj_in_light, and `distractors` other objects wherever they fit.
+    Goal: alfworld's goal_library PDDL for the task type ('#' there stands for PDDL's '-').
+    Task text: one of goal_library's templates, put into alfworld's grammar by
+    alfworld's own add_task_to_grammar.
+    """
+    from alfworld.agents.utils.misc import add_task_to_grammar  # imports textworld (0.5 s)
+
+    assert task_type in TASK_TYPES, task_type
+    # Our choice: a string seed (hashed with sha512 by `random`) is stable across runs and
+    # independent of PYTHONHASHSEED.
+    rng = random.Random(f"siri-alfworld:{seed}:{attempt}")
+    room = rng.choice(sorted(alfred_constants.GOALS_VALID[task_type]))
+    recep_pool, obj_pool = ROOMS[room]["receptacles"], ROOMS[room]["objects"]
+    tool, light = TOOL.get(task_type), task_type == "look_at_obj_in_light"
+    need = alfred_constants.VAL_ACTION_OBJECTS[NEEDS[task_type]] if task_type in NEEDS else None
+
+    def sources(obj, goal):  # receptacle types the target may start in
+        return [s for s in recep_pool if _fits(s, obj) and s != goal
+                and not (task_type == "pick_cool_then_place_in_recep" and s == "Fridge")]
+
+    # -- 1. what the task is about: target object type, goal receptacle type, start receptacle type
+    if light:
+        goal_recep, holder = None, rng.choice([r for r in LAMP_HOLDERS if r in recep_pool])
+        target = rng.choice([o for o in obj_pool if sources(o, None)])
+        required = [holder]
+    else:
+        pairs = [(o, r) for o in obj_pool if need is None or o in need
+                 for r in recep_pool if r != tool and _fits(r, o) and sources(o, r)]
+        target, goal_recep = rng.choice(pairs)
+        required = [goal_recep] + ([tool] if tool else [])
+    source = rng.choice(sources(target, goal_recep))
+    required = list(dict.fromkeys(required + [source]))  # unique, in order
+
+    # -- 2. receptacle instances: the required ones, then random fill-ins up to `receptacles`
+    # (or until the room is full: every type at its MAX_INSTANCES)
+    rtypes = list(required)
+    while len(rtypes) < receptacles:
+        room_left = [r for r in recep_pool if rtypes.count(r) < MAX_INSTANCES.get(r, 1)]
+        if not room_left:
+            break
+        rtypes.append(rng.choice(room_left))
+    rng.shuffle(rtypes)
+
+    # -- 3. objects as (type, index of the receptacle instance holding it)
+    def place(obj, allowed):
+        return obj, rng.choice([i for i, r in enumerate(rtypes) if r in allowed and _fits(r, obj)])
+
+    start_types = set(sources(target, goal_recep))
+    objects = [place(target, start_types) for _ in range(2 if task_type == "pick_two_obj_and_place" else 1)]
+    if light:
+        objects.append((LAMP, rng.choice([i for i, r in enumerate(rtypes) if r == holder])))
+    # Distractors never share the target's type, so the goal cannot hold at the start.
+    others = [o for o in obj_pool if o != target and any(_fits(r, o) for r in rtypes)]
+    objects += [place(o, set(rtypes)) for o in (rng.choice(others) for _ in range(distractors))]
+
+    problem = _problem_text(seed, rtypes, objects)
+    problem += alfred_goals.gdict[task_type]["pddl"].format(
+        obj=target, recep=goal_recep or "", toggle=LAMP).replace("#", "-")
+
+    # -- 4. the task sentence, written into alfworld's grammar by alfworld's add_task_to_grammar.
+    # We choose the wording with our rng and hand it over as the (only) annotation, so the
+    # global `random` module is never touched.
+    template = rng.choice(alfred_goals.gdict[task_type]["templates"])
+    task_desc = template.format(obj=target.lower(), recep=(goal_recep or "").lower(), toggle=LAMP.lower())
+    traj_data = {
+        "task_type": task_type,
+        "pddl_params": {"object_target": target, "parent_target": goal_recep or "",
+                        "toggle_target": LAMP if light else "", "mrecep_target": "",
+                        "object_sliced": False},
+        "turk_annotations": {"anns": [{"task_desc": task_desc}]},
+    }
+    domain, grammar = _alfred_files()
+    grammar = add_task_to_grammar(grammar, traj_data, goal_desc_human_anns_prob=1.0, rng=rng)
+    return {"pddl_domain": domain, "grammar": grammar, "pddl_problem": problem,
+            "solvable": False, "walkthrough": [],
+            # our extra keys (TextWorld ignores them): provenance and ALFWorld-style traj data
+            "siri": {"seed": seed, "attempt": attempt, "room": room, "task": task_desc + ".",
+                     "generator_version": GENERATOR_VERSION, "traj_data": traj_data}}
+
+
+def _problem_text(seed: int, rtypes: list[str], objects: list[tuple[str, int]]) -> str:
+    """The PDDL problem up to (not including) the goal: objects and initial facts."""
+    counts: dict[str, int] = {}
+
+    def new_id(type_name):
+        counts[type_name] = counts.get(type_name, 0) + 1
+        return _entity(type_name, counts[type_name])
+
+    recep_ids = [new_id(r) for r in rtypes]
+    obj_ids = [new_id(o) for o, _ in objects]
+    otypes = sorted({o for o, _ in objects} | set(DOMAIN_OTYPES))
+    all_rtypes = sorted(set(rtypes) | set(DOMAIN_RTYPES))
+    actions = alfred_constants.VAL_ACTION_OBJECTS
+
+    decl = ["agent1 - agent"] + [f"{t}Type - otype" for t in otypes] + [f"{t}Type - rtype" for t in all_rtypes]
+    decl += [f"{i} - receptacle" for i in recep_ids] + [f"{i} - object" for i in obj_ids]
+    decl += [f"loc_bar_{k} - location" for k in range(len(rtypes) + 1)]
+
+    init = ["(atLocation agent1 loc_bar_0)"]  # loc 0 holds no receptacle: "middle of a room"
+    for k, (rid, rt) in enumerate(zip(recep_ids, rtypes)):
+        init += [f"(receptacleType {rid} {rt}Type)", f"(receptacleAtLocation {rid} loc_bar_{k + 1})"]
+        if rt in alfred_constants.OPENABLE_CLASS_SET:
+            init.append(f"(openable {rid})")  # no (opened ...): closed at the start
+    for oid, (ot, k) in zip(obj_ids, objects):
+        init += [f"(objectType {oid} {ot}Type)", f"(inReceptacle {oid} {recep_ids[k]})",
+                 f"(objectAtLocation {oid} loc_bar_{k + 1})"]
+        if ot == LAMP:
+            init.append(f"(toggleable {oid})")
+            continue
+        init.append(f"(pickupable {oid})")
+        init += [f"({fact} {oid})" for fact, key in (("cleanable", "Cleanable"), ("heatable", "Heatable"),
+                                                     ("coolable", "Coolable")) if ot in actions[key]]
+        if ot in alfred_constants.MOVABLE_RECEPTACLES_SET:
+            init.append(f"(isReceptacleObject {oid})")
+    init += [f"(canContain {rt}Type {ot}Type)" for rt in sorted(set(rtypes)) for ot in otypes if _fits(rt, ot)]
+
+    return ("(define (problem siri_embedded_%d)\n(:domain alfred)\n(:objects\n    %s\n)\n(:init\n    %s\n)\n"
+            % (seed, "\n    ".join(decl), "\n    ".join(init)))
+
+
+def solve_game(engine, game: dict) -> list[str] | None:
+    """Play a game with the engine's own planner; the walkthrough if it wins, else None.
+
+    Checks: the goal does not hold at the start, the planner finds a plan, every planned
+    command is admissible when played, and the last one wins. `engine` = make_engine(plan=True).
+    """
+    with _keep_argv():
+        engine.load(dict(game, walkthrough=[]))  # an empty walkthrough makes the engine plan
+        state = engine.reset()
+    plan = list(state["extra.walkthrough"] or [])
+    if state["won"] or not plan:
+        return None
+    for command in plan:
+        if command not in state["admissible_commands"]:
+            return None
+        state, _, _ = engine.step(command)
+    return plan if state["won"] else None
+
+
+def make_verified_game(seed: int, task_type: str, receptacles: int, distractors: int,
+                       engine=None) -> dict:
+    """generate_game + solve_game, retrying the seed with a new attempt number until solvable."""
+    engine = engine or make_engine(plan=True)
+    for attempt in range(MAX_ATTEMPTS):
+        game = generate_game(seed, task_type, receptacles, distractors, attempt)
+        walkthrough = solve_game(engine, game)
+        if walkthrough:
+            return dict(game, solvable=True, walkthrough=walkthrough)
+    raise RuntimeError(f"no solvable game for seed {seed} ({task_type}) in {MAX_ATTEMPTS} attempts")
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, then os.replace: readers never see half a file."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; the cache is for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def embedded_cache_folder(cfg: EnvConfig) -> str:
+    """cache_dir/v{version}-rec{receptacles}-dis{distractors}: one file per seed inside."""
+    root = os.path.expanduser(cfg.cache_dir)
+    if not os.path.isabs(root):
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), root)
+    return os.path.join(root, f"v{GENERATOR_VERSION}-rec{cfg.receptacles}-dis{cfg.distractors}")
+
+
+def embedded_task_ids(cfg: EnvConfig, split: str) -> list[str]:
+    """Task ids "<task_type>-s<seed>" of a split; no file is touched.
+
+    train: seeds seed*1e6 + i for i < num_train_tasks; eval: seed*1e6 + 500000 + i for
+    i < 6 * eval_per_type. Task type = TASK_TYPES[i % 6], so the eval set has exactly
+    eval_per_type games per type and train cycles through the types.
+    """
+    if split == "train":
+        n, offset = cfg.num_train_tasks, 0
+        assert n <= EVAL_SEED_OFFSET, "num_train_tasks would run into the eval seeds"
+    elif split == "eval":
+        n, offset = len(TASK_TYPES) * cfg.eval_per_type, EVAL_SEED_OFFSET
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    base = cfg.seed * 1_000_000 + offset
+    return [f"{TASK_TYPES[i % len(TASK_TYPES)]}-s{base + i}" for i in range(n)]
+
+
+def _parse_embedded_id(task_id: str) -> tuple[str, int]:
+    task_type, seed = task_id.rsplit("-s", 1)
+    return task_type, int(seed)
+
+
+def _generate_into_cache(args: tuple) -> int:
+    """Generate, verify and cache a list of task ids with one planning engine (pool worker)."""
+    cfg, task_ids = args
+    folder, engine = embedded_cache_folder(cfg), make_engine(plan=True)
+    for task_id in task_ids:
+        path = os.path.join(folder, task_id + ".tw-pddl")
+        if not os.path.exists(path):
+            task_type, seed = _parse_embedded_id(task_id)
+            _atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine))
+    return len(task_ids)
+
+
+def ensure_embedded_games(cfg: EnvConfig, task_ids: list[str], processes: int | None = None) -> int:
+    """Make sure every task id has a verified game in the cache; returns how many were generated.
+
+    Our choice: with many missing games (>= 16) generation is spread over `processes`
+    (default: the CPU count) processes, each with its own planning engine.
+    """
+    folder = embedded_cache_folder(cfg)
+    missing = [t for t in dict.fromkeys(task_ids) if not os.path.exists(os.path.join(folder, t + ".tw-pddl"))]
+    if not missing:
+        return 0
+    if len(missing) >= 16:
+        print(f"[envs] generating {len(missing)} embedded ALFWorld games into {folder} (once; cached)")
+    processes = processes or os.cpu_count() or 1
+    if processes <= 1 or len(missing) < 16:
+        _generate_into_cache((cfg, missing))
+        return len(missing)
+    chunks = [missing[i::processes] for i in range(processes) if missing[i::processes]]
+    with _mp_context(cfg).Pool(len(chunks)) as pool:
+        pool.map(_generate_into_cache, [(cfg, c) for c in chunks])
+    return len(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# 4c. Real ALFWorld: the official game files from `alfworld-download`
+# --------------------------------------------------------------------------------------------
+def real_data_path(cfg: EnvConfig) -> str:
+    """cfg.data_path, or $ALFWORLD_DATA/json_2.1.1 (where `alfworld-download` puts the games)."""
+    path = cfg.data_path or os.path.join(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"), "json_2.1.1")
+    return os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
+
+
+def _missing_data(path: str, detail: str) -> AlfworldDataNotFound:
+    return AlfworldDataNotFound(
+        f"ALFWorld game files not found: {detail} (looked in {path}). Run `alfworld-download` "
+        "(needs internet; it fills $ALFWORLD_DATA, default ~/.cache/alfworld) or point "
+        "EnvConfig.data_path at a folder holding train/, valid_seen/ and valid_unseen/. "
+        "Offline, use EnvConfig.source='embedded'.")
+
+
+@functools.lru_cache(maxsize=None)
+def collect_real_games(root: str, split: str) -> tuple[tuple[str, str], ...]:
+    """((task_id, task_type), ...) of one official split, sorted, with ALFWorld's own filters.
+
+    The same rules as alfworld's AlfredTWEnv.collect_game_files: a game is a folder with
+    traj_data.json; skip paths containing "movable" or "Sliced"; keep the six task types; the
+    game.tw-pddl must exist, have a "solvable" key, and be solvable. Our choice: the path
+    rules look at the path below the data root only. task_id = the trial folder relative to root.
+    """
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise _missing_data(root, f"no {split}/ folder")
+    games = []
+    for dirpath, _, files in os.walk(split_dir):
+        rel = os.path.relpath(dirpath, root)
+        if "traj_data.json" not in files or "movable" in rel or "Sliced" in rel:
+            continue
+        with open(os.path.join(dirpath, "traj_data.json")) as f:
+            task_type = json.load(f).get("task_type")
+        game_file = os.path.join(dirpath, "game.tw-pddl")
+        if task_type not in TASK_TYPES or not os.path.exists(game_file):
+            continue
+        with open(game_file) as f:
+            if not json.load(f).get("solvable", False):
+                continue
+        games.append((rel.replace(os.sep, "/"), task_type))
+    if not games:
+        raise _missing_data(root, f"no playable game under {split}/")
+    return tuple(sorted(games))
+
+
+# --------------------------------------------------------------------------------------------
+# 4d. The ALFWorld backend (both sources)
+# --------------------------------------------------------------------------------------------
+class AlfworldBackend:
+    """One ALFWorld slot (a GameBackend): one TextWorld engine, games loaded by task id.
+
+    Loading a game (parsing the grammar, translating the PDDL) costs ~0.1 s on embedded games
+    and more on real ones; TextWorld's env.reset() restarts a loaded game (~30 ms). So the
+    engine keeps the game it loaded (`loaded_task`) and a reset with the same task id only
+    restarts it; `_Slots` hands each slot a backend that already holds its task when it can.
+    Our choice: one loaded game per backend, because each engine holds its own 34 MB copy of
+    fast-downward's library; extra engines would cost more memory than the loads they save.
+    """
+
+    def __init__(self, cfg: EnvConfig):
+        if cfg.source not in ("embedded", "real"):
+            raise ValueError(f"EnvConfig.source must be 'embedded' or 'real', not {cfg.source!r}")
+        self.cfg = cfg
+        self._engine = None     # playing engine, made on the first reset
+        self._planner = None    # planning engine, made only if a walkthrough must be planned
+        self.loaded_task: str | None = None  # task id of the game in the engine (see _Slots)
+        self._task, self._task_type = "", ""
+        self._real_types: dict[str, str] = {}
+        if cfg.source == "real" and not os.path.isdir(real_data_path(cfg)):
+            raise _missing_data(real_data_path(cfg), "the data folder does not exist")
+
+    # -- task lists -------------------------------------------------------------------------
+    def task_ids(self, split: str) -> list[str]:
+        if self.cfg.source == "embedded":
+            ids = embedded_task_ids(self.cfg, split)
+            ensure_embedded_games(self.cfg, ids)  # "checked solvable before use"
+            return ids
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+        games = collect_real_games(real_data_path(self.cfg), "train" if split == "train" else self.cfg.real_eval_split)
+        self._real_types.update(games)
+        ids = [task_id for task_id, _ in games]
+        if 0 < self.cfg.real_max_tasks < len(ids):
+            ids = sorted(random.Random(self.cfg.seed).sample(ids, self.cfg.real_max_tasks))
+        return ids
+
+    def task_type(self, task_id: str) -> str:
+        if self.cfg.source == "embedded":
+            return _parse_embedded_id(task_id)[0]
+        # official folder names start with the task type: "<split>/<task_type>-<obj>-.../trial_..."
+        return self._real_types.get(task_id) or task_id.split("/")[-2].split("-")[0]
+
+    def game_file(self, task_id: str) -> str:
+        """Path of the task's game.tw-pddl (embedded: generated and verified first if missing)."""
+        if self.cfg.source == "real":
+            return os.path.join(real_data_path(self.cfg), task_id, "game.tw-pddl")
+        path = os.path.join(embedded_cache_folder(self.cfg), task_id + ".tw-pddl")
+        if not os.path.exists(path):
+            _generate_into_cache((self.cfg, [task_id]))
+        return path
+
+    def walkthrough(self, task_id: str) -> list[str]:
+        """Expert commands that win: the verified plan stored in embedded games, else planned."""
+        with open(self.game_file(task_id)) as f:
+            game = json.load(f)
+        if game.get("walkthrough"):
+            return list(game["walkthrough"])
+        self._planner = self._planner or make_engine(plan=True)
+        return solve_game(self._planner, game) or []
+
+    # -- playing -----------------------------------------------------------------------------
+    def reset(self, task_id: str) -> tuple[str, dict]:
+        if self._engine is None:
+            self._engine = make_engine(plan=False)
+        with _keep_argv():
+            if self.loaded_task != task_id:
+                self.loaded_task = None
+                self._engine.load(self.game_file(task_id))
+                self.loaded_task = task_id
+            state = self._engine.reset()
+        obs, self._task = split_intro(state.feedback)
+        self._task_type = self.task_type(task_id)
+        return obs, self._info(state)
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        state, _, done = self._engine.step(action)
+        won = bool(state["won"])
+        return state.feedback.strip(), WIN_REWARD if won else 0.0, bool(done) or won, self._info(state)
+
+    def _info(self, state) -> dict:
+        return {"admissible": list(state["admissible_commands"]), "won": bool(state["won"]),
+                "task": self._task, "task_type": self._task_type}
+
+    def close(self) -> None:
+        for engine in (self._engine, self._planner):
+            if engine is not None:
+                engine.close()
+        self._engine = self._planner = None
+        self.loaded_task = None
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The batched manager
+# --------------------------------------------------------------------------------------------
+class _Slots:
+    """Backends of the slots one process owns (the main process, or one worker).
+
+    Our choice: backends are interchangeable between the slots of a process, so at a reset each
+    slot is handed a backend that already holds its task when one is idle (a reset of a loaded
+    game is ~3x cheaper than a load). Preference: the slot's own backend, then any backend
+    holding the task, then the slot's own / any idle one, then a new one. Backends left over
+    when fewer slots are reset wait in `spare`. Backends without `loaded_task` just keep their slot.
+    """
+
+    def __init__(self, cfg: EnvConfig):
+        self.cfg, self.cls = cfg, backend_class(cfg)
+        self.backends: dict[int, Any] = {}  # slot -> backend
+        self.spare: list = []
+
+    def _assign(self, items: list[tuple[int, str]]) -> None:
+        held = lambda b: getattr(b, "loaded_task", None)  # noqa: E731
+        idle = {id(b): b for b in [*self.backends.values(), *self.spare]}
+        own = {slot: id(b) for slot, b in self.backends.items()}
+        new: dict[int, Any] = {}
+        for slot, tid in items:                                   # 1. own backend holds the task
+            if own.get(slot) in idle and held(idle[own[slot]]) == tid:
+                new[slot] = idle.pop(own[slot])
+        for slot, tid in items:                                   # 2. another idle one holds it
+            key = next((k for k, b in idle.items() if held(b) == tid), None) if slot not in new else None
+            if key is not None:
+                new[slot] = idle.pop(key)
+        for slot, _ in items:                                     # 3. own / any idle / new
+            if slot not in new:
+                key = own.get(slot) if own.get(slot) in idle else next(iter(idle), None)
+                new[slot] = idle.pop(key) if key is not None else self.cls(self.cfg)
+        self.backends, self.spare = new, list(idle.values())
+
+    def run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
+        if cmd == "reset":
+            self._assign(items)
+            return [self.backends[slot].reset(task_id) for slot, task_id in items]
+        return [self.backends[slot].step(action) for slot, action in items]
+
+    def close(self) -> None:
+        for backend in [*self.backends.values(), *self.spare]:
+            if hasattr(backend, "close"):
+                backend.close()
+        self.backends, self.spare = {}, []
+
+
+def _worker_main(conn, cfg: EnvConfig) -> None:
+    """Worker process loop: ("reset"|"step", [(slot, arg), ...]) -> ("ok", results) | ("error", tb)."""
+    slots = _Slots(cfg)
+    try:
+        while True:
+            try:
+                cmd, items = conn.recv()
+            except EOFError:
+                break
+            if cmd == "close":
+                break
+            try:
+                conn.send(("ok", slots.run(cmd, items)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        slots.close()
+        conn.close()
+
+
+def _mp_context(cfg: EnvConfig):
+    method = cfg.start_method if cfg.start_method in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method)
+
+
+class EnvManager:
+    """N environment slots stepped together; the interface every phase and evaluation uses.
+
+    reset(task_ids) starts one episode per slot (the same id twice -> the same initial state,
+    which is how a GiGPO group of G rollouts replays one task); step(actions) advances them all.
+    A done slot ignores its action and returns its state unchanged. Action None is an invalid
+    step: observation "Nothing happens.", reward 0, the env is not touched, and it counts toward
+    max_steps (and in `invalid_steps`). Reaching max_steps ends the episode (done, not won).
+
+    With cfg.num_workers > 0 the backends live in worker processes (multiprocessing Pipes, slot
+    i on worker i % num_workers, round-robin so that the G copies of a task are spread out).
+    Our choice: the "fork" start method by default. It starts in milliseconds and does not
+    re-import the caller's main module (spawn/forkserver would import torch into every
+    worker); the workers never touch torch or CUDA, which is what makes forking a process that
+    has torch loaded safe here. Use "spawn" where fork is unavailable or unwanted.
+    """
+
+    def __init__(self, cfg: EnvConfig):
+        self.cfg = cfg
+        self._pid = os.getpid()  # a forked copy of this object must not stop our workers
+        self._meta = backend_class(cfg)(cfg)  # answers task_ids/task_type/walkthrough here
+        self._task_ids: dict[str, list[str]] = {}
+        self._states: list[EnvState] = []
+        self.invalid_steps: list[int] = []
+        self._local: _Slots | None = None
+        self._workers: list[tuple[Any, Any]] = []  # (process, connection)
+        if cfg.num_workers > 0:
+            ctx = _mp_context(cfg)
+            for _ in range(cfg.num_workers):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(child, cfg), daemon=True)
+                proc.start()
+                child.close()
+                self._workers.append((proc, parent))
+        else:
+            self._local = _Slots(cfg)
+
+    # -- tasks --------------------------------------------------------------------------------
+    def task_ids(self, split: str) -> list[str]:
+        """Deterministic task ids of "train" or "eval" (embedded: generated and verified on first call)."""
+        if split not in self._task_ids:
+            self._task_ids[split] = list(self._meta.task_ids(split))
+        return list(self._task_ids[split])
+
+    def task_type(self, task_id: str) -> str:
+        return self._meta.task_type(task_id)
+
+    def walkthrough(self, task_id: str) -> list[str]:
+        """Expert action sequence that wins the task (for cold-start SFT and tests)."""
+        return self._meta.walkthrough(task_id)
+
+    @property
+    def states(self) -> list[EnvState]:
+        return list(self._states)
+
+    # -- episodes -----------------------------------------------------------------------------
+    def reset(self, task_ids: list[str]) -> list[EnvState]:
+        results = self._run("reset", list(enumerate(task_ids)))
+        self._states = [self._state(tid, obs, 0.0, False, info, 0) for tid, (obs, info) in zip(task_ids, results)]
+        self.invalid_steps = [0] * len(task_ids)
+        return list(self._states)
+
+    def step(self, actions: list[str | None]) -> list[EnvState]:
+        assert len(actions) == len(self._states), f"{len(actions)} actions for {len(self._states)} slots"
+        new = list(self._states)
+        to_env = []
+        for i, (state, action) in enumerate(zip(self._states, actions)):
+            if state.done:
+                continue
+            if action is None:
+                self.invalid_steps[i] += 1
+                new[i] = self._state(state.task_id, INVALID_OBS, 0.0, False,
+                                     {"admissible": state.admissible, "won": False, "task": state.task,
+                                      "task_type": state.task_type}, state.steps + 1)
+            else:
+                to_env.append((i, action))
+        for (i, _), (obs, reward, done, info) in zip(to_env, self._run("step", to_env)):
+            new[i] = self._state(self._states[i].task_id, obs, reward, done, info, self._states[i].steps + 1)
+        self._states = new
+        return [dataclasses.replace(s) for s in new]
+
+    def _state(self, task_id, obs, reward, done, info, steps) -> EnvState:
+        won = bool(info["won"])
+        return EnvState(task_id=task_id, task_type=info["task_type"], task=info["task"], obs=obs,
+                        admissible=list(info["admissible"]), reward=float(reward),
+                        done=bool(done) or won or steps >= self.cfg.max_steps, won=won,
+                        anchor=anchor_key(obs), steps=steps)
+
+    def _run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
+        """Run reset/step items [(slot, arg)] on whoever owns the slots; results in item order."""
+        if self._local is not None:
+            return self._local.run(cmd, items)
+        n = len(self._workers)
+        batches: list[list[tuple[int, int, Any]]] = [[] for _ in range(n)]
+        for pos, (slot, arg) in enumerate(items):
+            batches[slot % n].append((pos, slot, arg))
+        for (_, conn), batch in zip(self._workers, batches):  # all workers run at once ...
+            if batch:
+                conn.send((cmd, [(slot, arg) for _, slot, arg in batch]))
+        out, errors = [None] * len(items), []
+        for w, ((_, conn), batch) in enumerate(zip(self._workers, batches)):  # ... then collect
+            if batch:
+                status, payload = conn.recv()
+                if status == "error":
+                    errors.append(f"env worker {w}:\n{payload}")
+                    continue
+                for (pos, _, _), result in zip(batch, payload):
+                    out[pos] = result
+        if errors:
+            raise RuntimeError("\n".join(errors))
+        return out
+
+    # -- prompts ------------------------------------------------------------------------------
+    def build_prompt(self, state: EnvState, history: list[tuple[str, str]], skill: str | None = None) -> str:
+        return build_prompt(self.cfg, state, history, skill)
+
+    def parse_action(self, text: str, admissible: list[str]) -> tuple[str | None, bool]:
+        return parse_action(text, admissible)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers (or close the in-process backends). Safe to call twice."""
+        if os.getpid() != self._pid:
+            return
+        for proc, conn in self._workers:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("close", None))
+        for proc, conn in self._workers:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=1)
+            conn.close()
+        self._workers = []
+        if self._local is not None:
+            self._local.close()
+        if hasattr(self._meta, "close"):
+            self._meta.close()
+
+    def __enter__(self) -> "EnvManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def make_envs(cfg: EnvConfig) -> EnvManager:
+    """The batched environment manager for a config."""
+    return EnvManager(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Benchmark: python envs.py bench
+# --------------------------------------------------------------------------------------------
+def bench(games_per_type: int = 4, slot_counts: tuple[int, ...] = (16, 64), workers: tuple[int, ...] = (0, 2),
+          group_size: int = 8, steps: int = 20) -> None:
+    """Print generation speed, reset/step latency and random-action rollout wall times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = EnvConfig(cache_dir=tmp, eval_per_type=games_per_type,
+                        num_train_tasks=max(slot_counts) // group_size, max_steps=steps)
+        ids = embedded_task_ids(cfg, "eval")
+        t = time.perf_counter()
+        ensure_embedded_games(cfg, ids, processes=1)
+        dt = time.perf_counter() - t
+        print(f"generation (fresh cache, 1 process): {len(ids)} games in {dt:.2f} s = {len(ids) / dt:.1f} games/s")
+        cfg_par = dataclasses.replace(cfg, eval_per_type=games_per_type * 2)
+        more = embedded_task_ids(cfg_par, "eval")[len(ids):]
+        t = time.perf_counter()
+        ensure_embedded_games(cfg_par, more, processes=os.cpu_count())
+        dt = time.perf_counter() - t
+        print(f"generation (fresh cache, {os.cpu_count()} processes): {len(more)} games in {dt:.2f} s = "
+              f"{len(more) / dt:.1f} games/s")
+
+        backend = AlfworldBackend(cfg)
+        t = time.perf_counter(); backend.reset(ids[0]); cold = time.perf_counter() - t
+        loads, resets, step_times = [], [], []
+        rng = random.Random(0)
+        for tid in ids[1:7]:
+            t = time.perf_counter(); _, info = backend.reset(tid); loads.append(time.perf_counter() - t)
+            t = time.perf_counter(); _, info = backend.reset(tid); resets.append(time.perf_counter() - t)
+            for _ in range(10):
+                t = time.perf_counter()
+                _, _, done, info = backend.step(rng.choice(info["admissible"]))
+                step_times.append(time.perf_counter() - t)
+                if done:
+                    break
+        backend.close()
+        ms = lambda xs: 1000 * sum(xs) / len(xs)  # noqa: E731
+        print(f"reset latency: first {1000 * cold:.0f} ms (engine start + load), new task {ms(loads):.0f} ms "
+              f"(load + reset), same task {ms(resets):.0f} ms (reset only)")
+        print(f"step latency: {ms(step_times):.1f} ms (random admissible actions, {len(step_times)} steps)")
+
+        train = embedded_task_ids(cfg, "train")
+        ensure_embedded_games(cfg, train)
+        for n in slot_counts:
+            for w in workers:
+                run_cfg = dataclasses.replace(cfg, num_workers=w)
+                task_ids = [train[i // group_size] for i in range(n)]
+                rng = random.Random(0)
+                t0 = time.perf_counter()
+                with EnvManager(run_cfg) as envs:
+                    t1 = time.perf_counter()
+                    states = envs.reset(task_ids)
+                    t2 = time.perf_counter()
+                    n_steps = 0
+                    while not all(s.done for s in states):
+                        n_steps += sum(not s.done for s in states)
+                        states = envs.step([None if s.done else rng.choice(s.admissible) for s in states])
+                    t3 = time.perf_counter()
+                    envs.reset(task_ids)  # same ids again: cached games, reset only
+                    t4 = time.perf_counter()
+                print(f"rollout N={n:3d} workers={w}: total {t3 - t0:6.2f} s (start {t1 - t0:.2f}, "
+                      f"first reset {t2 - t1:.2f}, {n_steps} env steps {t3 - t2:.2f} s = "
+                      f"{n_steps / (t3 - t2):.0f} steps/s); second reset {t4 - t3:.2f} s")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        bench()
+    else:
+        print("usage: python envs.py bench")

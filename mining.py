@@ -1,0 +1,637 @@
+"""Phase 1 of SIRI: self-skill mining (paper Fig. 2b).
+
+    successful plain trajectories ──summarise──► candidate Skill (JSON)
+        ──paired rollouts (with / without the skill)──► Δg = success(with) − success(without)
+        ──keep if Δg clears the margin──► SkillBank (validated), re-measured every round
+
+Reading order: the summarisation prompt and its parser, the four summarisers, the Skill /
+SkillBank dataclasses, the three pure formulas (`delta_g`, `paired_bootstrap_ci`,
+`keep_skill`), the rollout-driven `validate`, and the round driver `mine_round`.
+Everything except `validate` (and the `policy` / `model:` summarisers) runs without a model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class MiningConfig:
+    summariser: str = "template"
+    """who writes candidate skills: "policy" (the paper's self-mining: the current policy writes the
+    JSON; use it with instruct models), "model:<hf id or path>" (an external summariser, the paper's
+    closed-model comparison), "template" (deterministic abstraction of the actions; for CPU demos with
+    the tiny model, which cannot write prose), "random" (random action spans: the falsification control)"""
+    trajectories_per_skill: int = 4
+    """K: successful plain trajectories of one task type the summariser reads per candidate"""
+    candidates_per_type: int = 1
+    """candidate skills summarised per task type and round"""
+    validation_tasks: int = 4
+    """M: tasks of the skill's type used for paired validation (train split)"""
+    validation_group: int = 4
+    """G: rollouts per validation task, once with and once without the skill"""
+    margin: float = 0.0
+    """a skill is kept only if its utility Δg clears this margin (paper: Δg > margin)"""
+    selection: str = "confident"
+    """"mean": the paper's rule Δg > margin; "confident": the lower end of the paired-bootstrap
+    interval must clear the margin (ours, beyond the paper)"""
+    ci_level: float = 0.9
+    """confidence level of the paired-bootstrap interval for Δg"""
+    bootstrap_resamples: int = 1000
+    """resamples of the M×G pair differences in the bootstrap"""
+    max_summary_tokens: int = 256
+    """generation budget of the summariser (policy / model:)"""
+    summary_temperature: float = 0.4
+    """sampling temperature of the summariser; our choice: low enough for well-formed JSON, above 0
+    so that several candidates of one type can differ"""
+    max_trajectory_chars: int = 1200
+    """character budget of one trajectory inside the summarisation prompt"""
+    max_skill_steps: int = 12
+    """longer step / pitfall lists are cut: the skill block must stay compact in the prompt"""
+
+    def __post_init__(self):
+        if self.summariser not in ("policy", "template", "random") and not self.summariser.startswith("model:"):
+            raise ValueError(f"mining.summariser: 'policy' | 'model:<id>' | 'template' | 'random', not {self.summariser!r}")
+        if self.selection not in ("mean", "confident"):
+            raise ValueError(f"mining.selection: 'mean' | 'confident', not {self.selection!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summarisation prompt and parsing
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY_PROMPT = """You are an agent acting in a text-based environment. Below are {k} episodes of the \
+task type "{task_type}" that you solved.
+
+{trajectories}
+
+Turn what worked into ONE reusable skill for new tasks of this type. Generalise: write <obj> and \
+<recep> instead of particular object names and numbers. Answer with one JSON object and nothing else:
+{{"name": "<short title>", "task_type": "{task_type}", "when_to_use": "<one sentence>", \
+"steps": ["<first step>", "<next step>", ...], "pitfalls": ["<mistake to avoid>", ...]}}"""
+"""The only summarisation prompt (our own words); filled by `summary_prompt`."""
+
+OBS_CHARS = 80  # one observation is cut to this many characters inside the prompt
+
+
+def _task_text(traj, tasks: dict[str, str] | None = None) -> str:
+    """Task instruction of a trajectory: from `tasks` (task id -> text, see `task_texts`), else
+    `traj.task` if the Trajectory carries it, else a "Your task is to: …" line of the first
+    observation, else the task id."""
+    text = (tasks or {}).get(traj.task_id) or getattr(traj, "task", None)
+    if text:
+        return text
+    first = traj.steps[0].obs if traj.steps else ""
+    m = re.search(r"Your task is to:\s*(.+)", first)
+    return m.group(1).strip() if m else traj.task_id
+
+
+def _result_obs(traj, t: int) -> str:
+    """Observation produced by action t. `Step.obs` is the observation the step acted on (the
+    anchor's text), so the result of step t is the next step's obs; the last step ended the episode."""
+    if t + 1 < len(traj.steps):
+        return traj.steps[t + 1].obs
+    return "(episode won)" if traj.won else "(episode over)"
+
+
+def task_texts(envs, trajs: list) -> dict[str, str]:
+    """Task id -> instruction text. policy.Trajectory does not record the instruction (and the
+    embedded env strips it from the observation), so we ask the env: one batched reset of the
+    ids whose trajectories lack a `task` attribute."""
+    ids = sorted({t.task_id for t in trajs if not getattr(t, "task", "")})
+    return {s.task_id: s.task for s in envs.reset(ids)} if ids else {}
+
+
+def format_trajectory(traj, max_chars: int, tasks: dict[str, str] | None = None) -> str:
+    """Compact view of one trajectory: task text, numbered actions, each with the start of the
+    observation it produced. Over budget, the middle steps are dropped (our choice: the opening
+    search and the finishing moves carry most of a routine)."""
+    head = f"Task: {_task_text(traj, tasks)}"
+    lines = []
+    for t, s in enumerate(traj.steps):
+        act = s.action if s.valid and s.action else "(invalid output)"
+        obs = " ".join(_result_obs(traj, t).split())[:OBS_CHARS]
+        lines.append(f"{t + 1}. {act} -> {obs}")
+    out = "\n".join([head] + lines)
+    keep = len(lines)
+    while len(out) > max_chars and keep > 2:
+        keep -= 1
+        a, b = (keep + 1) // 2, keep // 2
+        gap = f"... ({len(lines) - keep} steps omitted) ..."
+        out = "\n".join([head] + lines[:a] + [gap] + lines[len(lines) - b:])
+    return out[:max_chars]
+
+
+def summary_prompt(trajs: list, task_type: str, max_chars: int, tasks: dict[str, str] | None = None) -> str:
+    """Fill SUMMARY_PROMPT with K trajectories of one task type."""
+    blocks = [f"Episode {i + 1}\n{format_trajectory(t, max_chars, tasks)}" for i, t in enumerate(trajs)]
+    return SUMMARY_PROMPT.format(k=len(trajs), task_type=task_type, trajectories="\n\n".join(blocks))
+
+
+def _json_objects(text: str):
+    """Every JSON object that starts somewhere in `text` (prose, code fences around it are fine)."""
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = dec.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def parse_skill(text: str, max_items: int = 12) -> tuple[dict | None, str | None]:
+    """Parse a summariser's output into skill fields, never raising.
+
+    Returns (fields, None) or (None, reason) with reason in {"no_json", "missing_field",
+    "wrong_type"}. The first JSON object with all fields well-typed wins. `task_type` is optional
+    in the output (our choice: the buffer tells us the type; the model may spell it differently).
+    """
+    objs = list(_json_objects(text))
+    if not objs:
+        return None, "no_json"
+    reason = "missing_field"
+    for obj in objs:
+        keys = ("name", "when_to_use", "steps", "pitfalls")
+        if any(k not in obj for k in keys):
+            continue
+        name, when, steps, pitfalls = (obj[k] for k in keys)
+        ok = (isinstance(name, str) and name.strip() and isinstance(when, str)
+              and isinstance(steps, list) and steps and isinstance(pitfalls, list)
+              and all(isinstance(x, str) and x.strip() for x in steps + pitfalls))
+        if not ok:
+            reason = "wrong_type"
+            continue
+        return {"name": name.strip(), "when_to_use": when.strip(),
+                "steps": [s.strip() for s in steps][:max_items],
+                "pitfalls": [p.strip() for p in pitfalls][:max_items]}, None
+    return None, reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Summarisers: each maps (task type, K trajectories) to text, which then goes through parse_skill
+# ---------------------------------------------------------------------------------------------
+
+_ACTION_PATTERNS = [  # ALFWorld command grammar (alfworld/data/alfred.twl2), old and new spellings
+    (r"go to (.+)", "go to <recep>"),
+    (r"(open|close) (.+)", r"\1 <recep>"),
+    (r"take (.+) from (.+)", "take <obj> from <recep>"),
+    (r"move (.+) to (.+)", "move <obj> to <recep>"),
+    (r"put (.+) (in|on|in/on) (.+)", r"put <obj> \2 <recep>"),
+    (r"(heat|cool|clean) (.+) with (.+)", r"\1 <obj> with <recep>"),
+    (r"slice (.+) with (.+)", "slice <obj> with <obj>"),
+    (r"(use|toggle) (.+)", r"\1 <obj>"),
+    (r"examine (.+)", "examine <thing>"),
+    (r"search\[.*\]", "search[<query>]"),  # WebShop
+    (r"click\[b0[0-9a-z]{8}\]", "click[<item>]"),
+]
+
+
+def generalise_action(action: str) -> str:
+    """"go to fridge 1" -> "go to <recep>", "take apple 2 from countertop 1" -> "take <obj> from
+    <recep>". Unknown commands keep their verb; any "name N" left becomes <obj>."""
+    a = " ".join(action.lower().split())
+    for pat, rep in _ACTION_PATTERNS:
+        if re.fullmatch(pat, a):
+            return re.sub(pat, rep, a)
+    return re.sub(r"\b[a-z]+ \d+\b", "<obj>", a)
+
+
+def _plan(traj) -> list[str]:
+    """Generalised valid actions of one trajectory, runs of one action collapsed into one step."""
+    acts = [generalise_action(s.action) for s in traj.steps if s.valid and s.action]
+    out: list[str] = []
+    for i, a in enumerate(acts):
+        if i and a == acts[i - 1]:
+            if not out[-1].endswith("(repeat as needed)"):
+                out[-1] += " (repeat as needed)"
+        else:
+            out.append(a)
+    return out
+
+
+def template_summary(trajs: list, task_type: str, max_items: int = 12,
+                     tasks: dict[str, str] | None = None) -> str:
+    """Deterministic skill without a language model (for CPU demos with the tiny model, which
+    cannot write prose; not the paper's method). Steps: the most frequent generalised action plan
+    among the K trajectories (ties: shorter, then alphabetical). Pitfalls: generalised actions
+    after which the environment answered "Nothing happens.", and invalid outputs if any. The
+    result does not depend on the order of `trajs`, so the same evidence gives the same skill id."""
+    plans = Counter(tuple(_plan(t)) for t in trajs)
+    steps = min(plans, key=lambda p: (-plans[p], len(p), p))
+    pitfalls = []
+    for t in trajs:
+        for i, s in enumerate(t.steps):
+            if not (s.valid and s.action):
+                p = "answer with <think>...</think><action>...</action> and an admissible action"
+            elif _result_obs(t, i).strip().startswith("Nothing happens"):
+                p = f"'{generalise_action(s.action)}' did nothing here"
+            else:
+                continue
+            if p not in pitfalls:
+                pitfalls.append(p)
+    return json.dumps({"name": f"{task_type} routine", "task_type": task_type,
+                       "when_to_use": f"tasks like: {min(_task_text(t, tasks) for t in trajs)}",
+                       "steps": list(steps)[:max_items] or ["look"],
+                       "pitfalls": sorted(pitfalls)[:max_items]})
+
+
+def random_summary(trajs: list, task_type: str, seed: int, max_items: int = 12,
+                   tasks: dict[str, str] | None = None) -> str:
+    """Falsification control (the paper's review): random spans of the same trajectories' raw
+    actions, presented in the same format and with as many steps as the template skill. A mining
+    method is only credible if its validated skills beat this control."""
+    rng = random.Random(seed)
+    n = len(json.loads(template_summary(trajs, task_type, max_items, tasks))["steps"])
+    pool = [[s.action for s in t.steps if s.valid and s.action] for t in trajs]
+    pool = [p for p in pool if p] or [["look"]]
+    steps: list[str] = []
+    while len(steps) < n:
+        acts = rng.choice(pool)
+        start = rng.randrange(len(acts))
+        steps += acts[start:start + rng.randint(1, 3)]
+    return json.dumps({"name": f"{task_type} routine", "task_type": task_type,
+                       "when_to_use": f"tasks like: {min(_task_text(t, tasks) for t in trajs)}",
+                       "steps": steps[:n], "pitfalls": []})
+
+
+def load_summariser(spec: str, policy, model_cfg=None):
+    """`model:<hf id or path>` -> a Policy loaded with policy.load_policy on a copy of the
+    ModelConfig (`model_cfg`, else the defaults) with that name, on the agent's device.
+    Load it once per run and pass it to mine_round as `summariser_policy` (else: once per round)."""
+    import policy as policy_lib  # lazy: the pure parts of this module need no torch
+    base = model_cfg or policy_lib.ModelConfig()
+    return policy_lib.load_policy(dataclasses.replace(base, name=spec.split(":", 1)[1],
+                                                      device=str(policy.device)))
+
+
+def corpus_examples() -> list[str]:
+    """Mining text for the tiny model's tokenizer corpus (siri.corpus_for_tokenizer): the prompt
+    and a well-formed answer, so that `policy` summarisation is at least tokenised sensibly."""
+    example = {"name": "put away routine", "task_type": "pick_and_place_simple",
+               "when_to_use": "the task asks to put an object in or on a receptacle",
+               "steps": ["go to <recep>", "take <obj> from <recep>", "move <obj> to <recep>"],
+               "pitfalls": ["'open <recep>' did nothing here"]}
+    return [SUMMARY_PROMPT, json.dumps(example), Skill(**example).text()]
+
+
+def summarise(source: str, jobs: list[tuple[str, list]], cfg: MiningConfig, seed: int,
+              summariser=None, sampling_cfg=None, tasks: dict[str, str] | None = None) -> list[str]:
+    """Raw summariser outputs, one per job (task type, K trajectories), in job order.
+    `policy` and `model:` generate all jobs in one batch with `summariser` (a Policy)."""
+    if source == "template":
+        return [template_summary(t, tt, cfg.max_skill_steps, tasks) for tt, t in jobs]
+    if source == "random":
+        return [random_summary(t, tt, _seed(seed, i), cfg.max_skill_steps, tasks)
+                for i, (tt, t) in enumerate(jobs)]
+    if source != "policy" and not source.startswith("model:"):
+        raise ValueError(f"unknown summariser {source!r}")
+    import torch
+    gen_cfg = dataclasses.replace(sampling_cfg, temperature=cfg.summary_temperature,
+                                  max_new_tokens=cfg.max_summary_tokens, stop=())
+    prompts = [summariser.chat_ids(summary_prompt(t, tt, cfg.max_trajectory_chars, tasks)) for tt, t in jobs]
+    gen = torch.Generator(device=summariser.device).manual_seed(_seed(seed, "summarise"))
+    return [g.text for g in summariser.generate(prompts, gen_cfg, generator=gen)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Skill and SkillBank
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Skill:
+    """One mined skill: what the summariser wrote, where it came from, and its measured utility."""
+    name: str
+    task_type: str
+    when_to_use: str
+    steps: list[str]
+    pitfalls: list[str]
+    sources: list[str] = field(default_factory=list)
+    """ids of the trajectories it was summarised from ("<group>/<index>")"""
+    round: int = 0
+    summariser: str = "template"
+    status: str = "candidate"
+    """candidate -> validated | retired; validated -> retired (dynamic evaluation)"""
+    utility: list[dict] = field(default_factory=list)
+    """one record per measurement: round, delta_g, ci_low, ci_high, n_pairs"""
+    id: str = ""
+    """deterministic: hash of the task type and the rendered text"""
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = hashlib.sha1(f"{self.task_type}\n{self.text()}".encode()).hexdigest()[:12]
+
+    def text(self) -> str:
+        """The compact block inserted into the agent's prompt."""
+        lines = [f"Skill: {self.name}", f"When to use: {self.when_to_use}", "Steps:"]
+        lines += [f"{i + 1}. {s}" for i, s in enumerate(self.steps)]
+        if self.pitfalls:
+            lines += ["Pitfalls:"] + [f"- {p}" for p in self.pitfalls]
+        return "\n".join(lines)
+
+    @property
+    def delta_g(self) -> float | None:
+        """Latest measured Δg (None before the first validation)."""
+        return self.utility[-1]["delta_g"] if self.utility else None
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON so that `path` holds either the old or the new content, never a torn file:
+    write a temp file in the same directory, fsync, then os.replace (atomic on POSIX and Windows)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the bank is for reading
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class SkillBank:
+    """All skills ever proposed (retired ones too), saved as `skills_round_{r:02d}.json` in `dir`,
+    one file per round, so `diff` shows what a round learned or retired."""
+    dir: str
+    skills: list[Skill] = field(default_factory=list)
+
+    def add(self, skill: Skill) -> bool:
+        """Add a skill; False (and nothing added) if a skill with its id is already in the bank."""
+        if any(s.id == skill.id for s in self.skills):
+            return False
+        self.skills.append(skill)
+        return True
+
+    def validated(self) -> list[Skill]:
+        return [s for s in self.skills if s.status == "validated"]
+
+    def task_types(self) -> list[str]:
+        return sorted({s.task_type for s in self.skills})
+
+    def best(self, task_type: str) -> Skill | None:
+        """The validated skill of this type with the highest latest Δg (None if there is none)."""
+        cands = [s for s in self.validated() if s.task_type == task_type]
+        return max(cands, key=lambda s: -np.inf if s.delta_g is None else s.delta_g, default=None)
+
+    def markdown(self) -> str:
+        """One table row per skill (for results.md); Δg and interval of the latest measurement."""
+        rows = ["| id | task type | name | status | round | Δg | interval | summariser |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for s in self.skills:
+            u = s.utility[-1] if s.utility else None
+            dg, ci = (f"{u['delta_g']:+.3f}", f"[{u['ci_low']:+.3f}, {u['ci_high']:+.3f}]") if u else ("", "")
+            rows.append(f"| {s.id} | {s.task_type} | {s.name} | {s.status} | {s.round} | {dg} | {ci} | {s.summariser} |")
+        return "\n".join(rows)
+
+    def save(self, round_idx: int) -> str:
+        path = os.path.join(self.dir, f"skills_round_{round_idx:02d}.json")
+        atomic_write_json(path, {"round": round_idx,
+                                 "skills": [{"id": s.id, **asdict(s)} for s in self.skills]})
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "SkillBank":
+        with open(path) as f:
+            data = json.load(f)
+        return cls(os.path.dirname(path), [Skill(**s) for s in data["skills"]])
+
+    @classmethod
+    def load_latest(cls, dir: str) -> "SkillBank":
+        """The bank of the highest saved round in `dir`; an empty bank if none was saved."""
+        files = glob.glob(os.path.join(dir, "skills_round_*.json"))
+        rounds = {int(m.group(1)): p for p in files
+                  if (m := re.search(r"skills_round_(\d+)\.json$", p))}
+        return cls.load(rounds[max(rounds)]) if rounds else cls(str(dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# ALGO LOGIC: hindsight macro utility Δg and the selection rule (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+def delta_g(with_success, without_success) -> float:
+    """Hindsight macro utility (paper: Phase 1, Fig. 2b), on P paired episodes:
+
+        Δg = (1/P) Σ_p s_p^with − (1/P) Σ_p s_p^without,   s ∈ {0, 1} the success bit.
+    """
+    w, wo = np.asarray(with_success, float), np.asarray(without_success, float)
+    if w.shape != wo.shape or w.size == 0:
+        raise ValueError("need the same, non-zero number of paired outcomes")
+    return float(w.mean() - wo.mean())
+
+
+def paired_bootstrap_ci(with_success, without_success, level: float = 0.9,
+                        n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval for Δg (ours, beyond the paper). With d_p = s_p^with − s_p^without:
+
+        Δg*_b = mean of P draws with replacement from {d_p},  b = 1..B
+        (lo, hi) = quantiles (1−level)/2 and (1+level)/2 of {Δg*_b}
+
+    Pairs are resampled as units, so the noise common to both arms cancels. Our choice: resample
+    the M×G pairs; rollouts of one task are correlated, so a per-task (cluster) bootstrap would be
+    wider -- `confident` selection is a guard against noise, not an exact test. All d_p equal ->
+    the interval is the point (d, d)."""
+    d = np.asarray(with_success, float) - np.asarray(without_success, float)
+    if d.size == 0:
+        raise ValueError("no pairs")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_resamples, d.size))
+    means = d[idx].mean(axis=1)  # (B,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def keep_skill(dg: float, lo: float, margin: float, selection: str) -> bool:
+    """Selection rule. "mean" (paper): keep iff Δg > margin. "confident" (ours): keep iff the
+    interval's lower end lo > margin, i.e. the skill clears the margin with the configured confidence."""
+    if selection == "mean":
+        return dg > margin
+    if selection == "confident":
+        return lo > margin
+    raise ValueError(f"unknown selection {selection!r}")
+
+
+@dataclass
+class PairedResult:
+    """Outcomes of paired validation: entry p of both lists is episode (task_id, index) = keys[p]."""
+    skill_id: str
+    keys: list[tuple[str, int]]
+    with_success: list[float]
+    without_success: list[float]
+    baseline: list | None = field(default=None, repr=False)
+    """the skill-free trajectories, reusable as the baseline of another skill of the same type"""
+
+
+def pair_outcomes(skill_id: str, with_trajs: list, without_trajs: list) -> PairedResult:
+    """Pair rollout index i of task m with skill <-> index i of task m without (same seed)."""
+    w = {(t.task_id, t.index): float(t.won) for t in with_trajs}
+    wo = {(t.task_id, t.index): float(t.won) for t in without_trajs}
+    if w.keys() != wo.keys() or len(w) != len(with_trajs):
+        raise ValueError("with/without rollouts do not pair up by (task_id, index)")
+    keys = sorted(w)
+    return PairedResult(skill_id, keys, [w[k] for k in keys], [wo[k] for k in keys], without_trajs)
+
+
+def validate(policy, envs, skill: Skill, task_ids: list[str], group_size: int, sampling_cfg,
+             seed: int, baseline: list | None = None) -> PairedResult:
+    """Paired rollouts: the same tasks and the same seed, once with the skill in the prompt and
+    once plain. `baseline`: plain trajectories of an earlier call with the same tasks and seed
+    (they are the same episodes, so we skip re-playing them)."""
+    import policy as policy_lib  # lazy: the pure parts of this module need no torch
+    with_trajs = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
+                                    skill={skill.task_type: skill.text()}, seed=seed,
+                                    desc=f"mining {skill.id} +skill")
+    if baseline is None:
+        baseline = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
+                                      skill=None, seed=seed, desc=f"mining {skill.id} plain")
+    return pair_outcomes(skill.id, with_trajs, baseline)
+
+
+def record_utility(skill: Skill, result: PairedResult, round_idx: int, cfg: MiningConfig,
+                   seed: int) -> dict:
+    """Append {round, delta_g, ci_low, ci_high, n_pairs} to the skill's utility history."""
+    lo, hi = paired_bootstrap_ci(result.with_success, result.without_success, cfg.ci_level,
+                                 cfg.bootstrap_resamples, seed)
+    rec = {"round": round_idx, "delta_g": delta_g(result.with_success, result.without_success),
+           "ci_low": lo, "ci_high": hi, "n_pairs": len(result.keys)}
+    skill.utility.append(rec)
+    return rec
+
+
+def update_status(skill: Skill, rec: dict, margin: float, selection: str) -> str:
+    """Candidate: validated iff keep_skill(Δg, lo, margin, selection), else retired.
+    Validated (dynamic evaluation): retired once Δg ≤ margin. Our choice: admission may demand
+    confidence, retention only the paper's point rule -- with M×G = 16 pairs the interval is wide,
+    and a confident retention rule would churn useful skills out on noise."""
+    rule = selection if skill.status == "candidate" else "mean"
+    skill.status = "validated" if keep_skill(rec["delta_g"], rec["ci_low"], margin, rule) else "retired"
+    return skill.status
+
+
+# ---------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: one mining round (plumbing around the functions above)
+# ---------------------------------------------------------------------------------------------
+
+def _seed(*parts) -> int:
+    """Deterministic 31-bit seed from any parts (Python's hash() of str is salted per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
+
+
+def pick_validation_tasks(envs, task_type: str, m: int, seed: int) -> list[str]:
+    """M train tasks of this type, drawn by seed. Our choice: the train split (the eval split stays
+    unseen until the final report), and the same tasks for every skill of the type in one round,
+    so their Δg are measured against one baseline and `best` compares like with like."""
+    ids = [t for t in envs.task_ids("train") if envs.task_type(t) == task_type]
+    return sorted(random.Random(seed).sample(ids, min(m, len(ids))))
+
+
+def pick_trajectories(trajs: list, k: int, seed: int) -> list:
+    """K trajectories drawn by seed, distinct tasks first (our choice: variety to generalise from)."""
+    order = list(trajs)
+    random.Random(seed).shuffle(order)
+    seen: set[str] = set()
+    first, rest = [], []
+    for t in order:
+        (rest if t.task_id in seen else first).append(t)
+        seen.add(t.task_id)
+    return (first + rest)[:k]
+
+
+def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg: MiningConfig,
+               sampling_cfg, seed: int, bank_dir: str | None = None, summariser_policy=None,
+               validate_fn: Callable[..., PairedResult] = validate) -> dict:
+    """One Phase 1 round: re-measure validated skills (dynamic evaluation), summarise new
+    candidates from the buffer's successful plain trajectories, validate them, save the bank
+    (in `bank_dir` if given, else `bank.dir`). `validate_fn` is injectable so that the logic is
+    testable without a model."""
+    if bank_dir is not None:
+        bank.dir = str(bank_dir)
+    m: Counter = Counter()
+    val_seed = _seed(seed, round_idx, "validate")  # one seed per round: with/without share it
+    tasks: dict[str, list[str]] = {}
+    baselines: dict[str, list] = {}
+    measured: dict[str, list[Skill]] = defaultdict(list)
+
+    def measure(skill: Skill) -> str | None:
+        tt = skill.task_type
+        if tt not in tasks:
+            tasks[tt] = pick_validation_tasks(envs, tt, cfg.validation_tasks, _seed(seed, round_idx, tt))
+        if not tasks[tt]:
+            m["no_tasks"] += 1
+            return None
+        res = validate_fn(policy, envs, skill, tasks[tt], cfg.validation_group, sampling_cfg,
+                          val_seed, baseline=baselines.get(tt))
+        baselines[tt] = res.baseline
+        rec = record_utility(skill, res, round_idx, cfg, _seed(seed, round_idx, skill.id))  # Δg + interval
+        measured[tt].append(skill)
+        was = skill.status
+        now = update_status(skill, rec, cfg.margin, cfg.selection)  # Δg > margin (or lo > margin)
+        print(f"[mining] round {round_idx} {skill.id} {tt}: Δg={rec['delta_g']:+.3f} "
+              f"CI=[{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] {was} -> {now}")
+        return now
+
+    # 1. dynamic evaluation: re-measure every validated skill under the current policy
+    for skill in bank.validated():
+        if measure(skill) == "retired":
+            m["retired"] += 1
+
+    # 2. summarise: candidates_per_type jobs per task type with successful plain trajectories
+    by_type: dict[str, list] = defaultdict(list)
+    for t in buffer:
+        if t.won and t.skill_id is None:
+            by_type[t.task_type].append(t)
+    jobs = [(tt, pick_trajectories(by_type[tt], cfg.trajectories_per_skill, _seed(seed, round_idx, tt, c)))
+            for tt in sorted(by_type) for c in range(cfg.candidates_per_type)]
+    if cfg.summariser.startswith("model:") and jobs and summariser_policy is None:
+        summariser_policy = load_summariser(cfg.summariser, policy)
+    tasks_text = task_texts(envs, [t for _, trajs in jobs for t in trajs])
+    texts = summarise(cfg.summariser, jobs, cfg, _seed(seed, round_idx, "summarise"),
+                      summariser_policy or policy, sampling_cfg, tasks_text) if jobs else []
+    new: list[Skill] = []
+    for (tt, trajs), text in zip(jobs, texts):
+        fields, err = parse_skill(text, cfg.max_skill_steps)
+        if err:
+            m["malformed"] += 1
+            m[f"malformed_{err}"] += 1
+            continue
+        skill = Skill(**fields, task_type=tt, sources=[f"{t.group}/{t.index}" for t in trajs],
+                      round=round_idx, summariser=cfg.summariser)
+        # our choice: an id already in the bank (even retired) is not re-tested -- retrying a
+        # rejected skill until one noisy measurement clears the bar is selection by repetition
+        if bank.add(skill):
+            new.append(skill)
+        else:
+            m["duplicates"] += 1
+
+    # 3. paired validation of the new candidates (Δg, interval, selection rule)
+    for skill in new:
+        if measure(skill) == "validated":
+            m["accepted"] += 1
+
+    path = bank.save(round_idx)
+    out = {f"mining/{k}": float(m[k]) for k in ("malformed", "duplicates", "accepted", "retired")}
+    out.update({f"mining/{k}": float(v) for k, v in m.items() if k.startswith("malformed_") or k == "no_tasks"})
+    out["mining/candidates"] = float(len(new))
+    out["mining/validated"] = float(len(bank.validated()))
+    for tt, skills in sorted(measured.items()):  # the type's best skill after this round, else its best try
+        best = bank.best(tt) or max(skills, key=lambda s: s.delta_g)
+        out[f"mining/delta_g/{tt}"] = best.delta_g
+        out[f"mining/ci_low/{tt}"] = best.utility[-1]["ci_low"]
+    print(f"[mining] round {round_idx}: {len(new)} candidates, {m['accepted']} accepted, "
+          f"{m['retired']} retired, {m['malformed']} malformed -> {path}")
+    return out

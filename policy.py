@@ -1,0 +1,790 @@
+"""The policy: model loading, a KV-cached batched decoder, log-prob scoring, group rollouts.
+
+Read it top to bottom:
+
+1. configs            `ModelConfig`, `SamplingConfig` (every default is defined here, once)
+2. tiny model         `build_tiny_model`: a random Qwen2 + a BPE tokenizer trained on env text, offline
+3. loading            `load_policy`: hub id / local path / "tiny" -> `Policy` (LoRA via peft, QLoRA on CUDA)
+4. decoding           `Policy.generate`: our KV-cached decoder (default) or HF `generate` (the oracle)
+5. scoring            `Policy.score`: per-token log-probs (+ entropy) of responses, with or without grad
+6. rollouts           `rollout`: G episodes per task played together, returned as `Trajectory`s
+
+The KL reference policy of GiGPO/SIRI is the same model with the LoRA adapter disabled
+(`Policy.score(..., reference=True)`), so no second copy of the weights is kept in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+# peft imports bitsandbytes, which on some CPU-only machines logs a warning about an optional
+# CPU kernel we never use (QLoRA runs on CUDA only here). Silence that one logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import peft  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    """hub id, local directory, or "tiny" (a random 2-layer Qwen2 built offline, for tests/CPU)"""
+    dtype: str = "auto"
+    """"auto" (the checkpoint's own dtype, from its config) | "float32" | "bfloat16" | "float16\""""
+    lora_r: int = 16
+    """LoRA rank (our choice for the 1.5B reproduction; the paper does not state its adapter setup)"""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) * B @ A"""
+    lora_dropout: float = 0.0
+    """our choice: 0, so the PPO ratio is exactly 1 on the first update (dropout would make the
+    update's log-probs differ from the sampling ones)"""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """modules that get a LoRA adapter (all linear layers of a Qwen2 block)"""
+    qlora: bool = False
+    """load the base model in 4-bit NF4 (bitsandbytes) under the LoRA adapter; CUDA only"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower updates"""
+    tiny_dir: str = ".cache/tiny"
+    """where name="tiny" models are built and cached (one subfolder per corpus + tiny config)"""
+    tiny_layers: int = 2
+    """tiny model: decoder layers"""
+    tiny_hidden: int = 128
+    """tiny model: hidden size"""
+    tiny_heads: int = 4
+    """tiny model: attention heads (head dim = tiny_hidden / tiny_heads)"""
+    tiny_kv_heads: int = 2
+    """tiny model: key/value heads (grouped-query attention, as in Qwen2.5)"""
+    tiny_vocab: int = 3000
+    """tiny model: BPE vocabulary target (smaller if the corpus has fewer merges to offer)"""
+    tiny_seed: int = 0
+    """tiny model: seed of its random weights"""
+
+
+@dataclass
+class SamplingConfig:
+    engine: str = "custom"
+    """"custom" (our KV-cached decoder) | "hf" (transformers `generate`, the reference oracle)"""
+    temperature: float = 1.0
+    """sampling temperature; 0 = greedy (argmax). verl-agent evaluates ALFWorld at 0.4"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens whose probability mass reaches top_p (1 = off)"""
+    top_k: int = 0
+    """keep only the k most likely tokens (0 = off)"""
+    max_new_tokens: int = 512
+    """response cap in tokens (verl-agent ALFWorld: 512)"""
+    min_new_tokens: int = 0
+    """EOS is blocked until this many tokens exist (HF semantics); benchmarks use it to force lengths"""
+    stop: tuple[str, ...] = ("</action>",)
+    """a response also ends once its text contains one of these strings (the token that completes
+    the string is kept; nothing after it is generated)"""
+    logprob_temperature: float = 1.0
+    """log-probs returned with each sampled token are log_softmax(logits / this); 1 = the raw policy,
+    which is what the PPO update scores"""
+    share_prefix: bool = True
+    """identical prompts in a batch are prefilled once and their KV cache rows copied (custom engine)"""
+    drop_finished: bool = True
+    """finished rows leave the batch and the KV cache (custom engine); `bench.py decode` measures it"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A tiny model the project builds itself, offline
+# ---------------------------------------------------------------------------------------------
+# Qwen's chat format: <|im_start|>role\n...<|im_end|>\n, ending with the assistant header when a
+# generation prompt is asked for. (Real Qwen2.5 templates also insert a default system message.)
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as Qwen)
+
+
+def default_tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """ALFWorld-like strings (rooms, tasks, think/action turns) to train the tiny tokenizer on when the
+    caller has no environment text at hand (tests, bench). siri.py passes the env's own prompts."""
+    rng = random.Random(seed)
+    objects = ("alarmclock apple baseballbat basketball book bowl box bread butterknife candle cd cellphone "
+               "cloth creditcard cup dishsponge egg fork glassbottle handtowel houseplant kettle keychain "
+               "knife ladle laptop lettuce mug newspaper pan papertowelroll pen pencil peppershaker pillow "
+               "plate plunger pot potato remotecontrol saltshaker soapbar soapbottle spatula spoon "
+               "spraybottle statue tennisracket tissuebox toiletpaper tomato towel vase watch wateringcan "
+               "winebottle desklamp floorlamp").split()
+    places = ("armchair bathtubbasin bed cabinet cart coffeemachine coffeetable countertop desk diningtable "
+              "drawer dresser fridge garbagecan handtowelholder laundryhamper microwave ottoman safe shelf "
+              "sidetable sinkbasin sofa stoveburner toaster toilet toiletpaperhanger towelholder "
+              "tvstand").split()
+    tasks = ["put a {o} in {p}.", "put some {o} on {p}.", "clean some {o} and put it in {p}.",
+             "heat some {o} and put it in {p}.", "cool some {o} and put it in {p}.",
+             "look at {o} under the desklamp.", "put two {o} in {p}.", "find two {o} and put them in {p}."]
+    verbs = ["go to {p} {i}", "open {p} {i}", "close {p} {i}", "take {o} {i} from {p} {i}",
+             "move {o} {i} to {p} {i}", "examine {p} {i}", "use desklamp {i}", "inventory", "look",
+             "heat {o} {i} with microwave {i}", "cool {o} {i} with fridge {i}",
+             "clean {o} {i} with sinkbasin {i}", "slice {o} {i} with knife {i}"]
+    thoughts = ["I need to find a {o} first. It is probably in the {p}.",
+                "The {o} is not here, so I should check another {p}.",
+                "Now I have the {o}. Next, I must go to the {p} and put it there.",
+                "I still have not found it; maybe the {p} is closed and I should open it.",
+                "The task is done once the {o} is in the {p}."]
+    corpus = []
+    for _ in range(n):
+        o, p, i = rng.choice(objects), rng.choice(places), rng.randint(1, 20)
+        seen = ", ".join(f"a {rng.choice(places)} {rng.randint(1, 20)}" for _ in range(rng.randint(3, 9)))
+        acts = [rng.choice(verbs).format(o=rng.choice(objects), p=rng.choice(places), i=rng.randint(1, 20))
+                for _ in range(4)]
+        think = rng.choice(thoughts).format(o=o, p=p)
+        corpus += [
+            f"-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly "
+            f"around you, you see {seen}.\n\nYour task is to: " + rng.choice(tasks).format(o=o, p=p),
+            f"You arrive at {p} {i}. On the {p} {i}, you see a {o} {rng.randint(1, 3)}.",
+            f"You open the {p} {i}. The {p} {i} is open. In it, you see nothing.",
+            f"You pick up the {o} {i} from the {p} {i}. Nothing happens.",
+            f"Your admissible actions of the current situation are: {acts}.",
+            f"<think>{think}</think><action>{acts[0]}</action>",
+        ]
+    return corpus
+
+
+# Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer): words, single digits, punctuation
+# runs, newlines, spaces. A saved qwen2 model directory reloads its tokenizer as Qwen2Tokenizer, which
+# rebuilds exactly this pipeline (NFC, split, byte-level), so we train with it too.
+QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus` (milliseconds) with Qwen2's pre-tokenization and
+    wrap it like a Qwen tokenizer: Qwen chat template, eos = <|im_end|>, pad = <|endoftext|>.
+    Byte-level means any text encodes; the vocabulary is smaller than vocab_size when the corpus
+    has fewer distinct word pieces to merge."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,  # decode(encode(text)) == text
+    )
+
+
+def make_tiny_model(corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
+                    vocab_size: int = 3000, seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """A random-weight Qwen2 causal LM (fp32, seeded) and its tokenizer trained on `corpus`."""
+    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,  # our choice: a random tied head echoes its input token forever
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer
+
+
+def build_tiny_model(out_dir: str, corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4,
+                     kv_heads: int = 2, vocab_size: int = 3000, seed: int = 0) -> str:
+    """Make the tiny model (`make_tiny_model`), save model + tokenizer to `out_dir`, return it.
+
+    The directory then loads exactly like a downloaded hub model (`load_policy` with name=out_dir).
+    """
+    model, tokenizer = make_tiny_model(corpus, layers, hidden, heads, kv_heads, vocab_size, seed)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_model_dir(cfg: ModelConfig, corpus) -> str:
+    """Build (once) and return the cached tiny model for this corpus + tiny config."""
+    corpus = corpus() if callable(corpus) else corpus
+    corpus = default_tiny_corpus() if corpus is None else list(corpus)
+    spec = dict(layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
+                kv_heads=cfg.tiny_kv_heads, vocab_size=cfg.tiny_vocab, seed=cfg.tiny_seed)
+    key = hashlib.sha1(json.dumps([spec, corpus]).encode()).hexdigest()[:12]
+    out_dir = os.path.join(cfg.tiny_dir, f"tiny-{key}")
+    if not os.path.exists(os.path.join(out_dir, "config.json")):
+        tmp = f"{out_dir}.tmp{os.getpid()}"  # build aside, then rename: safe if two processes race
+        build_tiny_model(tmp, corpus, **spec)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Loading
+# ---------------------------------------------------------------------------------------------
+class ModelLoadError(ValueError):
+    """The model asked for cannot be loaded here; the message says how to fix it."""
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_policy(cfg: ModelConfig, corpus=None, device: str = "auto", adapter: str | None = None) -> Policy:
+    """Load tokenizer + causal LM, wrap it with a LoRA adapter, return a `Policy`.
+
+    cfg.name: a hub id ("Qwen/Qwen2.5-1.5B-Instruct"), a local directory, or "tiny" (built on demand
+    under cfg.tiny_dir from `corpus`: a list of strings or a function returning one, called only
+    when the tiny model is not cached yet; None = `default_tiny_corpus()`).
+    device: "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:1" ...
+    adapter: directory of a saved adapter (`Policy.save`) to resume from, else a fresh LoRA.
+    Raises `ModelLoadError` (one message, naming the fix) when the model cannot be loaded.
+    """
+    name = cfg.name
+    if name == "tiny":
+        name = _tiny_model_dir(cfg, corpus)
+    device = _resolve_device(device)
+    if cfg.qlora and device.type != "cuda":  # checked before anything touches bitsandbytes' kernels
+        raise ModelLoadError(
+            f"model.qlora=true needs a CUDA GPU (4-bit NF4 through bitsandbytes), but the device is "
+            f"'{device}'. Fix: set model.qlora=false (plain LoRA) or run on a CUDA machine.")
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(
+            f"model path '{name}' does not exist. Fix: use model.name=tiny (built offline), a local "
+            f"directory with a downloaded model, or a hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
+
+    kwargs: dict = {"dtype": cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
+    except (OSError, ValueError) as e:  # missing files, no internet, unknown architecture
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"could not load model '{name}': {first_line}\nFix: with no internet use model.name=tiny "
+            f"(built offline) or a local directory holding a downloaded model; a hub id needs internet "
+            f"or a filled Hugging Face cache.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if cfg.qlora:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    else:
+        model.to(device)
+        if cfg.gradient_checkpointing:
+            model.activation_checkpointing_enable()  # non-reentrant: works with a frozen base under LoRA
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter is not None:
+            model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                   target_modules=list(cfg.lora_target_modules), bias="none",
+                                   task_type="CAUSAL_LM")
+            model = peft.get_peft_model(model, lora)
+    return Policy(model, tokenizer, device, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data exchanged with the other modules (plain dataclasses: save them with dataclasses.asdict)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    ids: list[int]          # response token ids (the EOS token is kept when the row ended on it)
+    logprobs: list[float]   # log pi(token | context) of each sampled token, at `logprob_temperature`
+    text: str               # decoded response, special tokens removed
+    finish_reason: str      # "eos" | "stop" (a stop string) | "length" (max_new_tokens)
+
+
+@dataclass
+class Step:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    text: str
+    action: str | None      # parsed action (None if invalid)
+    valid: bool
+    reward: float           # reward of this transition
+    done: bool              # episode ended with this step
+    won: bool
+    anchor: str             # GiGPO anchor key of the state the action was taken in
+    obs: str                # observation the action was taken on
+    plain_prompt_ids: list[int] | None = None  # same prompt without the skill (skill-guided rollouts)
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    task_type: str
+    group: str              # deterministic group key: task id + rollout seed
+    index: int              # 0..G-1 inside the group
+    skill_id: str | None    # `skill_id(text)` of the skill in the prompt, None for plain rollouts
+    steps: list[Step]
+    won: bool
+
+    @property
+    def return_(self) -> float:
+        """Undiscounted episode return: the sum of step rewards."""
+        return sum(s.reward for s in self.steps)
+
+
+def skill_id(text: str) -> str:
+    """Deterministic short key of a skill text (what `Trajectory.skill_id` holds)."""
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Decoding helpers
+# ---------------------------------------------------------------------------------------------
+def _dedupe(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Unique prompts (first-seen order) and, for each input row, the index of its unique prompt."""
+    index: dict[tuple[int, ...], int] = {}
+    inverse = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], inverse
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | None) -> torch.Tensor:
+    """Pick one token per row from (B, V) float logits: greedy if temperature == 0, else
+    temperature -> top-k -> top-p -> sample (the order HF's logits warpers use), with u (B, 1)
+    float64 uniforms in [0, 1), one per row."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)  # (B,)
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)  # (B, V) ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - cfg.top_p  # drop the low tail whose mass is <= 1 - top_p
+        remove[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    # Inverse-CDF sampling: pick the first token whose cumulative probability exceeds u. Same
+    # distribution as torch.multinomial, ~8x cheaper on CPU (one random number per row, not per
+    # vocabulary entry). float64 keeps 1e-8-probability tokens of a 152k vocabulary.
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1); right=True skips p=0 tokens
+    return idx.squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (B,)
+
+
+class _StopRule:
+    """When does a response end? Shared by both engines so that they truncate identically.
+
+    After each new token: EOS id -> "eos" (token kept); else if the decoded tail of the response
+    contains a stop string -> "stop" (the completing token kept). Decoding is the slow part, so it
+    runs only when the new token's text contains the last character of a stop string (a token that
+    completes a stop string must contain its last character).
+    """
+
+    def __init__(self, tokenizer, eos_ids: list[int], stop: tuple[str, ...]):
+        self.tokenizer, self.eos, self.stop = tokenizer, set(eos_ids), tuple(s for s in stop if s)
+        self.last_chars = {s[-1] for s in self.stop}
+        # tokens to decode: one token holds at least one byte; +3 covers a cut multi-byte character
+        self.tail = max((len(s.encode()) for s in self.stop), default=0) + 3
+        self._piece: dict[int, bool] = {}  # token id -> may it complete a stop string?
+
+    def __call__(self, ids: list[int], eos_allowed: bool = True) -> str | None:
+        tok = ids[-1]
+        if eos_allowed and tok in self.eos:
+            return "eos"
+        if not self.stop:
+            return None
+        if tok not in self._piece:
+            piece = self.tokenizer.decode([tok])
+            self._piece[tok] = "\ufffd" in piece or any(c in piece for c in self.last_chars)
+        if self._piece[tok]:
+            text = self.tokenizer.decode(ids[-self.tail:])
+            if any(s in text for s in self.stop):
+                return "stop"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+# ---------------------------------------------------------------------------------------------
+class Policy:
+    """A causal LM (normally a `peft.PeftModel` with one LoRA adapter) + its tokenizer."""
+
+    def __init__(self, model, tokenizer, device: torch.device | str | None = None,
+                 cfg: ModelConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg  # the ModelConfig it was loaded with (None if built by hand)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._lm_config = lm.config
+        eos = [tokenizer.eos_token_id, lm.generation_config.eos_token_id]
+        flat = [e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x]) if e is not None]
+        self.eos_ids: list[int] = list(dict.fromkeys(flat))  # e.g. Qwen2.5: <|im_end|>, <|endoftext|>
+        self.pad_id: int = tokenizer.pad_token_id
+        # our choice: SamplingConfig is the only source of sampling settings. Checkpoints ship their
+        # own (Qwen2.5: temperature 0.7, top_k 20, repetition_penalty 1.05) which HF `generate` would
+        # otherwise merge in; we keep only the special tokens.
+        lm.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        # Decode steps pass a ready boolean mask (B, 1, 1, L) instead of the 2D padding mask when the
+        # model uses SDPA over full attention: for a single query token the causal+padding mask IS the
+        # padding mask, and it skips transformers' per-step mask construction (measured by bench.py).
+        layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+        self._ready_mask = (lm.config._attn_implementation == "sdpa"
+                            and all(t == "full_attention" for t in layer_types))
+
+    # -- prompts --------------------------------------------------------------------------------
+    def chat_ids(self, user_text: str) -> list[int]:
+        """Token ids of one user message in the model's chat template, plus the assistant header."""
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
+                                                  tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists into input ids (B, P) and a 0/1 attention mask (B, P)."""
+        P = max(len(r) for r in rows)
+        ids = torch.full((len(rows), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), P), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, P - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], cfg: SamplingConfig,
+                 generator: torch.Generator | None = None) -> list[Generation]:
+        """Sample one response per prompt (token-id lists). Runs the model in eval mode.
+
+        generator: a torch.Generator on `self.device` for reproducible sampling (None = global RNG).
+        """
+        if not prompts:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if cfg.engine == "custom":
+                return self._generate_custom(prompts, cfg, generator)
+            if cfg.engine == "hf":
+                return self._generate_hf(prompts, cfg, generator)
+            raise ValueError(f"sampling.engine must be 'custom' or 'hf', got {cfg.engine!r}")
+        finally:
+            self.model.train(was_training)
+
+    @torch.inference_mode()
+    def _generate_custom(self, prompts, cfg, generator) -> list[Generation]:
+        """Our decoder: one prefill of the (unique) left-padded prompts, then one token per step
+        reusing the KV cache; finished rows leave the batch."""
+        B = len(prompts)
+        stop_rule = _StopRule(self.tokenizer, self.eos_ids, cfg.stop)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+
+        # Prefill. Shared prefix: a group of G rollouts of one task has G identical prompts; prefill
+        # each distinct prompt once, then copy its KV cache rows G times.
+        uniq, inverse = _dedupe(prompts) if cfg.share_prefix else (prompts, list(range(B)))
+        ids, mask = self._left_pad(uniq)  # (U, P)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P) position 0 = first real token
+        cache = DynamicCache(config=self._lm_config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # (U, V) next-token logits
+        P = ids.shape[1]
+        if len(uniq) < B:
+            expand = torch.tensor(inverse, device=self.device)  # (B,) row -> its unique prompt
+            cache.batch_select_indices(expand)  # every layer's K, V: (U, kv, P, hd) -> (B, kv, P, hd)
+            logits, mask, positions = logits[expand], mask[expand], positions[expand]
+        next_pos = positions[:, -1] + 1  # (B,)
+        # the mask of every step is a prefix of this one buffer: prompt mask, then ones
+        full_mask = torch.ones((B, P + cfg.max_new_tokens), dtype=torch.bool, device=self.device)
+        full_mask[:, :P] = mask.bool()
+
+        rows = list(range(B))  # batch row -> original prompt index (rows leave as they finish)
+        rows_t = torch.arange(B, device=self.device)
+        done = [False] * B
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        out_lp: list[list[float]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        for t in range(cfg.max_new_tokens):
+            # log pi of the token we are about to pick, under the (raw) policy
+            lp_logits = logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature
+            lse = torch.logsumexp(lp_logits, -1)  # (b,)
+            if t < cfg.min_new_tokens:
+                logits = logits.index_fill(1, eos, float("-inf"))  # EOS not allowed yet
+            # one uniform per *original* row and step: a row's samples do not depend on which other
+            # rows are still in the batch (dropping finished rows changes no output)
+            u = None if cfg.temperature == 0 else torch.rand(
+                (B, 1), generator=generator, device=self.device, dtype=torch.float64)[rows_t]  # (b, 1)
+            tok = sample_next(logits, cfg, u)  # (b,)
+            tok_lp = lp_logits.gather(1, tok[:, None]).squeeze(1) - lse  # (b,)
+
+            finished_now = False
+            for r, k, lp in zip(rows, tok.tolist(), tok_lp.tolist()):
+                if done[r]:  # only when drop_finished=False: a finished row still in the batch
+                    continue
+                out_ids[r].append(k)
+                out_lp[r].append(lp)
+                reason = stop_rule(out_ids[r], eos_allowed=t >= cfg.min_new_tokens)
+                if reason is not None:
+                    reasons[r], done[r], finished_now = reason, True, True
+            if all(done) or t == cfg.max_new_tokens - 1:
+                break
+            if finished_now and cfg.drop_finished:  # finished rows stop costing compute
+                keep = [i for i, r in enumerate(rows) if not done[r]]
+                keep_t = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(keep_t)  # K, V: (b, kv, L, hd) -> (b', kv, L, hd)
+                full_mask, next_pos, tok, rows_t = full_mask[keep_t], next_pos[keep_t], tok[keep_t], rows_t[keep_t]
+                rows = [rows[i] for i in keep]
+
+            L = P + t + 1  # keys after this step: prompt + the t+1 tokens fed so far
+            step_mask = full_mask[:, :L]  # (b, L)
+            attn = {"full_attention": step_mask[:, None, None, :]} if self._ready_mask else step_mask.long()
+            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                             cache=cache, use_cache=True)
+            logits = out.logits[:, -1].float()  # (b, V)
+            next_pos = next_pos + 1
+        return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i],
+                           text=self.tokenizer.decode(out_ids[i], skip_special_tokens=True)) for i in range(B)]
+
+    def hf_generate_ids(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
+        """HF `generate` on left-padded prompts; returns the raw new tokens per row (rows that ended
+        early are padded by HF). Sampling uses torch's global RNG (HF takes no generator)."""
+        ids, mask = self._left_pad(prompts)
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        gen_cfg = GenerationConfig(
+            **(sampling if cfg.temperature > 0 else dict(do_sample=False)),
+            max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, stop_strings=list(cfg.stop) or None)
+        with torch.inference_mode():
+            seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                       tokenizer=self.tokenizer if cfg.stop else None)  # (B, P + T)
+        return seqs[:, ids.shape[1]:].tolist()
+
+    def _generate_hf(self, prompts, cfg, generator) -> list[Generation]:
+        """The oracle: HF `generate`, truncated post hoc by the same `_StopRule` as our decoder.
+
+        our choice: log-probs come from one `score` pass after generation rather than from
+        generate's per-step logits, which would hold (B, T, V) floats (40 GB for 128 rows x 512
+        tokens x Qwen's 152k vocabulary).
+        """
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if generator is not None:  # reproducible without touching the caller's global RNG
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+            raw = self.hf_generate_ids(prompts, cfg)
+        stop_rule = _StopRule(self.tokenizer, self.eos_ids, cfg.stop)
+        responses, reasons = [], []
+        for row in raw:
+            kept, reason = [], "length"
+            for t, k in enumerate(row):
+                kept.append(k)
+                reason = stop_rule(kept, eos_allowed=t >= cfg.min_new_tokens) or "length"
+                if reason != "length":
+                    break
+            responses.append(kept)
+            reasons.append(reason)
+        with torch.inference_mode():
+            logps = self.score(prompts, responses, token_budget=16384, temperature=cfg.logprob_temperature)
+        return [Generation(ids=r, logprobs=lp.tolist(), finish_reason=why,
+                           text=self.tokenizer.decode(r, skip_special_tokens=True))
+                for r, lp, why in zip(responses, logps, reasons)]
+
+    # -- scoring --------------------------------------------------------------------------------
+    def score(self, prompts: list[list[int]], responses: list[list[int]], token_budget: int,
+              with_entropy: bool = False, reference: bool = False, temperature: float = 1.0):
+        """Per-token log-probs log pi(y_t | x, y_<t) of each response under its prompt.
+
+        Returns a list of 1-D tensors (one per row, length len(response)); with_entropy=True returns
+        (logprobs, entropies), the entropy of the full next-token distribution at each position.
+        Gradient flows when called under grad (the PPO update). reference=True scores with the LoRA
+        adapter disabled (the base model = the KL reference policy) under no_grad.
+
+        Micro-batching: rows sorted by length are packed while rows x (prompt + response) tokens
+        stay within `token_budget`. Layout (our choice): prompts left-padded and responses right-
+        padded, so every response starts at the same column P and only the R response positions
+        go through the LM head (logits (b, R, V), never (b, P + R, V)).
+        """
+        n = len(prompts)
+        assert len(responses) == n and all(len(p) > 0 for p in prompts)
+        order = sorted(range(n), key=lambda i: (len(prompts[i]), len(responses[i])), reverse=True)
+        logps: list = [None] * n
+        ents: list = [None] * n
+        ctx = contextlib.ExitStack()
+        if reference:
+            ctx.enter_context(torch.no_grad())
+            ctx.enter_context(self.model.disable_adapter())
+        with ctx:
+            batch: list[int] = []
+            for i in order + [None]:  # None flushes the last micro-batch
+                if i is not None:
+                    grown = batch + [i]
+                    cost = len(grown) * (len(prompts[grown[0]]) + max(len(responses[j]) for j in grown))
+                    if not batch or cost <= token_budget:
+                        batch = grown
+                        continue
+                if batch:
+                    self._score_batch(prompts, responses, batch, temperature, with_entropy, logps, ents)
+                batch = [i]
+        return (logps, ents) if with_entropy else logps
+
+    def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents):
+        """One micro-batch of `score`; writes into logps[i] / ents[i] for i in batch."""
+        P = max(len(prompts[i]) for i in batch)
+        R = max(len(responses[i]) for i in batch)
+        if R == 0:
+            for i in batch:
+                logps[i] = ents[i] = torch.zeros(0, device=self.device)
+            return
+        ids = torch.full((len(batch), P + R), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), P + R), dtype=torch.long)
+        for j, i in enumerate(batch):
+            p, r = prompts[i], responses[i]
+            ids[j, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[j, P - len(p):P + len(r)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)  # (b, P + R)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, P + R)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         logits_to_keep=R + 1)
+        logits = out.logits[:, :-1].float()  # (b, R, V): column P-1+t predicts response token t
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = logits.log_softmax(-1)  # (b, R, V)
+        tok_lp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)  # (b, R)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # (b, R)
+        for j, i in enumerate(batch):
+            n_r = len(responses[i])
+            logps[i] = tok_lp[j, :n_r]
+            if with_entropy:
+                ents[i] = ent[j, :n_r]
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Save the LoRA adapter (+ tokenizer). Load it back with plain peft:
+        `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)`."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def save_base_weights(self, path: str) -> None:
+        """Save the base model's own weights (all but the adapter; siri.py's cold start trains them),
+        then a COMPLETE marker. Restore with `load_base_weights`."""
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if "lora_" not in k}
+        torch.save(state, os.path.join(path, "base_weights.pt.tmp"))
+        os.replace(os.path.join(path, "base_weights.pt.tmp"), os.path.join(path, "base_weights.pt"))
+        with open(os.path.join(path, "COMPLETE"), "w") as f:
+            f.write("ok")
+
+    def load_base_weights(self, path: str) -> None:
+        """Load weights written by `save_base_weights` into the base model (the adapter is untouched)."""
+        state = torch.load(os.path.join(path, "base_weights.pt"), map_location=self.device, weights_only=True)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any("lora_" not in k for k in missing):
+            raise ValueError(f"{path} does not match this model: unexpected {unexpected[:3]}, "
+                             f"missing {[k for k in missing if 'lora_' not in k][:3]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Group rollouts
+# ---------------------------------------------------------------------------------------------
+def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: SamplingConfig,
+            skill: dict[str, str] | None = None, seed: int = 0, desc: str = "rollout",
+            stats: dict | None = None) -> list[Trajectory]:
+    """Play len(task_ids) x group_size episodes together, each to its end (won or max_steps).
+
+    Slots are group-contiguous: [t0, t0, .., t0, t1, ..] (G copies of each task, identical initial
+    states), so a group's prompts coincide at the first step and share one prefill.
+    skill: task_type -> skill text put in the prompt (None = plain prompts). Then every Step also
+    carries plain_prompt_ids, the same prompt without the skill (Phase 2 re-scores actions on it).
+    stats: if given, accumulates wall seconds "prompt_s" (build + tokenize), "generate_s", "env_s",
+    and counts "steps" (agent decisions) and "tokens" (generated).
+    """
+    slot_tasks = [t for t in task_ids for _ in range(group_size)]
+    states = envs.reset(slot_tasks)
+    n = len(slot_tasks)
+    skills = [(skill or {}).get(s.task_type) for s in states]
+    trajs = [Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % group_size,
+                        skill_id=skill_id(sk) if sk else None, steps=[], won=False)
+             for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
+    history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    timing = dict(prompt_s=0.0, generate_s=0.0, env_s=0.0, steps=0, tokens=0)
+    bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
+    while active := [i for i in range(n) if not states[i].done]:
+        t0 = time.perf_counter()
+        prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
+        plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
+                 for i in active]
+        t1 = time.perf_counter()
+        gens = policy.generate(prompts, cfg, generator)
+        t2 = time.perf_counter()
+        parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
+        actions: list[str | None] = [None] * n  # None = invalid (or slot already done)
+        for i, (action, valid) in zip(active, parsed):
+            actions[i] = action if valid else None
+        new_states = envs.step(actions)
+        t3 = time.perf_counter()
+        for i, p, pp, g, (action, valid) in zip(active, prompts, plain, gens, parsed):
+            s, ns = states[i], new_states[i]
+            trajs[i].steps.append(Step(
+                prompt_ids=p, response_ids=g.ids, logprobs=g.logprobs, text=g.text, action=action,
+                valid=valid, reward=ns.reward, done=ns.done, won=ns.won, anchor=s.anchor, obs=s.obs,
+                plain_prompt_ids=pp))
+            history[i].append((s.obs, action if valid else None))  # envs shows None as "(invalid)"
+        states = new_states
+        timing["prompt_s"] += t1 - t0
+        timing["generate_s"] += t2 - t1
+        timing["env_s"] += t3 - t2
+        timing["steps"] += len(active)
+        timing["tokens"] += sum(len(g.ids) for g in gens)
+        bar.set_postfix(active=len(active))
+        bar.update(1)
+    bar.close()
+    for traj, s in zip(trajs, states):
+        traj.won = s.won
+    if stats is not None:
+        for k, v in timing.items():
+            stats[k] = stats.get(k, 0) + v
+    return trajs

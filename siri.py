@@ -1,0 +1,719 @@
+"""SIRI: Self-Internalizing Reinforcement Learning with Intrinsic Skills (arXiv 2606.02355).
+
+    python siri.py                                   # CPU default: tiny model, embedded ALFWorld
+    python siri.py preset=qwen1.5b                   # one GPU: Qwen2.5-1.5B-Instruct + LoRA
+    python siri.py warmup.iterations=5 env=webshop   # dotted overrides, env shorthand
+    python siri.py --resume run.out_dir=runs/x       # continue an interrupted run
+
+The run, top to bottom:  evaluate the base model → (cold start) → Phase 0 GiGPO warmup →
+rounds of {Phase 1 self-skill mining, Phase 2 selective distillation} → final evaluation.
+Every evaluation uses the plain prompt only: no skill bank, no retrieval at inference.
+
+The run is a fixed list of *units* (one warmup iteration, one mining round, one distillation
+iteration, ...). A checkpoint records how many units are done, so ``--resume`` continues at
+the next one; a run killed at any moment loses at most the units since the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import time
+import typing
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import distill
+import gigpo
+import mining
+from envs import EnvConfig, make_envs
+from policy import ModelConfig, SamplingConfig, load_policy, rollout
+
+# ---------------------------------------------------------------------------------------
+# Configuration: one dataclass per phase, every default defined once (here or in the module
+# that owns the phase); config.yaml and the command line only override.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run executes."""
+
+    out_dir: str = "runs/default"
+    """Output folder: resolved config, metrics.jsonl, checkpoint/, skills/, curves.png, results.md."""
+    seed: int = 0
+    """Seed of everything (python, numpy, torch, task sampling, rollouts)."""
+    device: str = "auto"
+    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
+    rounds: int = 1
+    """SIRI rounds of {Phase 1 mining, Phase 2 distillation} after the warmup."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every this many units (and always at the end of each phase)."""
+    tensorboard: bool = False
+    """Also log metrics to TensorBoard (opt-in; needs the tensorboard package)."""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
+
+
+@dataclass
+class ColdStartConfig:
+    """Cold start (paper Fig. 2a): supervised fine-tuning on the environment's expert walkthroughs."""
+
+    enabled: str = "auto"
+    """"auto" (on for the tiny model, off for instruct models), "on" or "off"."""
+    tasks: int = 24
+    """Training tasks whose expert walkthroughs form the SFT set."""
+    epochs: int = 12
+    """Passes over the SFT set."""
+    lr: float = 3e-3
+    """AdamW learning rate of the cold start (full fine-tune of the base weights)."""
+    batch_size: int = 16
+    """Steps (prompt, response) per optimiser step."""
+    think: str = "plan"
+    """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
+
+
+@dataclass
+class WarmupConfig:
+    """Phase 0: GiGPO warmup."""
+
+    iterations: int = 4
+    """GiGPO iterations (each: rollouts → advantages → update)."""
+    tasks_per_iter: int = 4
+    """B: task groups per iteration (GiGPO ALFWorld: 16); each is played G = gigpo.group_size times."""
+    task_pool: int = 0
+    """Train on the first N training tasks only (0 = all). Small pools make CPU demos learn fast."""
+    eval_every: int = 0
+    """Evaluate every K iterations during the warmup (0 = only before and after)."""
+    buffer_size: int = 256
+    """Successful plain trajectories kept for Phase 1 (the newest are kept)."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: plain prompt, eval split, success per task type."""
+
+    max_tasks: int = 12
+    """Evaluate on the first N eval tasks (0 = the whole fixed eval set); the set has equal counts per type."""
+    temperature: float = 0.4
+    """Sampling temperature at evaluation (GiGPO: 0.4)."""
+    episodes_per_task: int = 1
+    """Episodes per eval task."""
+
+
+@dataclass
+class Config:
+    """Everything a run reads. ``python siri.py key.sub=value`` overrides any field."""
+
+    preset: str = "cpu"
+    """Named preset applied before config.yaml overrides: cpu | qwen1.5b | qwen7b-qlora."""
+    run: RunConfig = field(default_factory=RunConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: SamplingConfig = field(default_factory=SamplingConfig)
+    gigpo: gigpo.GiGPOConfig = field(default_factory=gigpo.GiGPOConfig)
+    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    mining: mining.MiningConfig = field(default_factory=mining.MiningConfig)
+    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld.
+    "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 48,
+            "gigpo.lr": 1e-3, "gigpo.group_size": 4, "env.max_steps": 20},
+    # One GPU (24 GB+): the reproduction default of the GiGPO ALFWorld script, with LoRA.
+    "qwen1.5b": {
+        "model.name": "Qwen/Qwen2.5-1.5B-Instruct", "model.dtype": "bfloat16",
+        "model.gradient_checkpointing": True, "gigpo.lr": 1e-5, "gigpo.token_budget": 16384,
+        "rollout.max_new_tokens": 512, "warmup.iterations": 150, "warmup.tasks_per_iter": 16,
+        "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
+        "distill.iterations": 20, "distill.tasks_per_iter": 8,
+    },
+    # The paper's model, 4-bit base + LoRA (QLoRA) to fit one GPU.
+    "qwen7b-qlora": {
+        "model.name": "Qwen/Qwen2.5-7B-Instruct", "model.dtype": "bfloat16", "model.qlora": True,
+        "model.gradient_checkpointing": True, "gigpo.lr": 1e-5, "gigpo.token_budget": 8192,
+        "rollout.max_new_tokens": 512, "warmup.iterations": 150, "warmup.tasks_per_iter": 16,
+        "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
+        "distill.iterations": 20, "distill.tasks_per_iter": 8,
+    },
+}
+
+ENV_SHORTHANDS: dict[str, dict] = {
+    "alfworld": {"env.name": "alfworld"},
+    # GiGPO's WebShop setting: 15 steps per episode.
+    "webshop": {"env.name": "webshop", "env.max_steps": 15},
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key and the fix."""
+
+
+def _check_type(value, tp, key: str):
+    """Coerce/check one YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not a {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (typing.Any,)
+        return [_check_type(v, inner, f"{key}[]") for v in value]
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"config key '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _apply(obj, dotted: str, value, prefix: str = ""):
+    """Set ``obj.a.b = value`` from "a.b", with a clear error for unknown or mistyped keys."""
+    head, _, rest = dotted.partition(".")
+    names = [f.name for f in dataclasses.fields(obj)]
+    full = prefix + head
+    if head not in names:
+        close = difflib.get_close_matches(head, names, n=1)
+        hint = f" — did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
+        raise ConfigError(f"unknown config key '{full}'{hint}")
+    hints = typing.get_type_hints(type(obj))
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            return _apply(current, rest, value, full + ".")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{full}' is a section; give it a mapping, not {value!r}")
+        for k, v in value.items():
+            _apply(current, str(k), v, full + ".")
+        return
+    if rest:
+        raise ConfigError(f"config key '{full}' is a value, not a section (got '{full}.{rest}')")
+    setattr(obj, head, _check_type(value, hints[head], full))
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """Defaults → preset → config.yaml → env shorthand → CLI ``key=value`` overrides."""
+    pairs: list[tuple[str, object]] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, _, raw = item.partition("=")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    file_data = {}
+    if path:
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} not found; pass --config PATH or create it")
+        file_data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    preset = dict(pairs).get("preset", file_data.get("preset", "cpu"))
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config()
+    for key, value in PRESETS[preset].items():
+        _apply(cfg, key, value)
+    for key, value in file_data.items():
+        _apply(cfg, str(key), value)
+    for key, value in pairs:
+        if key == "env" and isinstance(value, str):
+            if value not in ENV_SHORTHANDS:
+                raise ConfigError(f"env={value!r}: choose one of {', '.join(ENV_SHORTHANDS)}")
+            for k, v in ENV_SHORTHANDS[value].items():
+                _apply(cfg, k, v)
+        else:
+            _apply(cfg, key, value)
+    cfg.preset = preset
+    for section in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
+        value = getattr(cfg, section.name)
+        if hasattr(value, "__post_init__"):
+            try:
+                value.__post_init__()
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"section '{section.name}': {e}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing: atomic files, checkpoints, metrics, plots
+# ---------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+class Metrics:
+    """metrics.jsonl (always), TensorBoard (opt-in). Keys are namespaced by phase."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, unit: int, phase: str, values: dict) -> None:
+        row = {"unit": unit, "phase": phase, "time": time.time(), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, unit)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, policy, optimizer, state: dict) -> None:
+    """Checkpoint = adapter + trainable weights + optimiser + RNG + loop state, swapped in atomically.
+
+    Written into ``checkpoint.new/`` and renamed over ``checkpoint/``: a kill at any moment
+    leaves either the previous or the new checkpoint complete.
+    """
+    final, new, old = run_dir / "checkpoint", run_dir / "checkpoint.new", run_dir / "checkpoint.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    policy.save(new / "adapter")  # save_pretrained: loadable by PeftModel.from_pretrained
+    trainable = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
+    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "rng": rng_state()},
+               new / "training.pt")
+    (new / "state.pkl").write_bytes(pickle.dumps(state))
+    (new / "COMPLETE").write_text("ok")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, policy, optimizer) -> dict | None:
+    """Restore the newest complete checkpoint; returns the loop state, or None if there is none."""
+    for name in ("checkpoint", "checkpoint.old"):
+        ckpt = run_dir / name
+        if (ckpt / "COMPLETE").exists():
+            blob = torch.load(ckpt / "training.pt", weights_only=False)
+            params = dict(policy.model.named_parameters())
+            with torch.no_grad():
+                for n, t in blob["trainable"].items():
+                    params[n].copy_(t)
+            optimizer.load_state_dict(blob["optimizer"])
+            set_rng_state(blob["rng"])
+            return pickle.loads((ckpt / "state.pkl").read_bytes())
+    return None
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """One PNG: training success/return over all units, eval success, phases marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"warmup": "tab:blue", "distill": "tab:green", "coldstart": "tab:gray"}
+    for phase, color in colors.items():
+        pts = [(r["unit"], r[f"{phase}/success"]) for r in rows if f"{phase}/success" in r]
+        if pts:
+            ax1.plot(*zip(*pts), "o-", color=color, label=f"{phase} success (train rollouts)")
+        pts = [(r["unit"], r[f"{phase}/return"]) for r in rows if f"{phase}/return" in r]
+        if pts:
+            ax2.plot(*zip(*pts), "o-", color=color, label=f"{phase} mean return")
+    ev = [(r["unit"], r["eval/success"]) for r in rows if "eval/success" in r]
+    if ev:
+        ax1.plot(*zip(*ev), "s--", color="black", label="eval success (plain prompt)")
+    for r in rows:
+        if r.get("phase") == "mining":
+            for ax in (ax1, ax2):
+                ax.axvline(r["unit"], color="tab:orange", alpha=0.4, linestyle=":")
+    ax1.set(xlabel="unit (iteration / mining round)", ylabel="success rate", ylim=(-0.02, 1.02),
+            title="success (orange lines: mining rounds)")
+    ax2.set(xlabel="unit", ylabel="return", title="mean episode return")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------
+
+
+def success_stats(trajs, prefix: str) -> dict:
+    """Success, return, steps and invalid-action rate of a list of trajectories."""
+    steps = [s for t in trajs for s in t.steps]
+    out = {f"{prefix}/success": sum(t.won for t in trajs) / max(len(trajs), 1),
+           f"{prefix}/return": sum(t.return_ for t in trajs) / max(len(trajs), 1),
+           f"{prefix}/steps": len(steps) / max(len(trajs), 1),
+           f"{prefix}/invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1)}
+    return out
+
+
+def evaluate(policy, envs, cfg: Config, seed: int) -> dict:
+    """Plain-prompt evaluation on the fixed eval set: success per task type and overall."""
+    ids = envs.task_ids("eval")
+    if cfg.eval.max_tasks:
+        ids = ids[:cfg.eval.max_tasks]
+    sampling = dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature)
+    trajs = rollout(policy, envs, ids, cfg.eval.episodes_per_task, sampling, skill=None, seed=seed, desc="eval")
+    out = success_stats(trajs, "eval")
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for t in trajs:
+        by_type[t.task_type].append(t.won)
+    for tt, wins in sorted(by_type.items()):
+        out[f"eval/success/{tt}"] = sum(wins) / len(wins)
+    return out
+
+
+def coldstart_samples(policy, envs, task_ids, think: str) -> list[gigpo.Sample]:
+    """Expert walkthroughs replayed through the env: one (plain prompt, target response) per step."""
+    samples = []
+    for tid in task_ids:
+        (state,) = envs.reset([tid])
+        history: list[tuple[str, str]] = []
+        for action in envs.walkthrough(tid):
+            prompt = policy.chat_ids(envs.build_prompt(state, history))
+            target = f"<think>{think}</think><action>{action}</action>"
+            response = policy.tokenizer(target, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
+            samples.append(gigpo.Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
+            history.append((state.obs, action))
+            (state,) = envs.step([action])
+            if state.done:
+                break
+    return samples
+
+
+def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int) -> dict:
+    """Cold start: SFT of the *base* weights on expert walkthroughs (adapter off).
+
+    Our choice: train the base model (LoRA disabled), so that the cold-started model is also
+    the KL reference of the RL phases (the usual SFT → RL setup) and the adapter starts at
+    zero. Loss: mean negative log-likelihood of the target tokens.
+    """
+    pool = envs.task_ids("train")[:cfg.coldstart.tasks]
+    samples = coldstart_samples(policy, envs, pool, cfg.coldstart.think)
+    base = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
+    lora = [p for n, p in policy.model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.requires_grad_(False)
+    for p in base:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(base, lr=cfg.coldstart.lr)
+    rng = random.Random(seed)
+    n_batches = -(-len(samples) // cfg.coldstart.batch_size)
+    losses = []
+    with policy.model.disable_adapter():
+        bar = tqdm(total=cfg.coldstart.epochs * n_batches, desc="coldstart sft", leave=False)
+        for _ in range(cfg.coldstart.epochs):
+            rng.shuffle(samples)
+            for i in range(0, len(samples), cfg.coldstart.batch_size):
+                batch = samples[i:i + cfg.coldstart.batch_size]
+                logps = policy.score([s.prompt_ids for s in batch], [s.response_ids for s in batch],
+                                     cfg.gigpo.token_budget)
+                loss = -torch.cat(logps).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(base, 1.0)
+                opt.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(nll=f"{loss.item():.3f}")
+        bar.close()
+    for p in base:
+        p.requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(True)
+    out = {"coldstart/nll_first": losses[0], "coldstart/nll_last": losses[-1],
+           "coldstart/samples": len(samples), "coldstart/tasks": len(pool)}
+    metrics.log(unit, "coldstart", out)
+    return out
+
+
+def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
+    pool = envs.task_ids("train")
+    if cfg.warmup.task_pool:
+        pool = pool[:cfg.warmup.task_pool]
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
+    """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update."""
+    rng = random.Random(seed)
+    ids = train_task_ids(envs, cfg, rng, cfg.warmup.tasks_per_iter)
+    t0 = time.perf_counter()
+    trajs = rollout(policy, envs, ids, cfg.gigpo.group_size, cfg.rollout, skill=None, seed=seed, desc="warmup rollout")
+    t1 = time.perf_counter()
+    adv = gigpo.compute_advantages(trajs, cfg.gigpo)  # Eq. 3, 6-9
+    samples = gigpo.samples_from(trajs, adv)
+    stats = gigpo.update(policy, optimizer, samples, cfg.gigpo, seed=seed)
+    t2 = time.perf_counter()
+    timing["rollout"] += t1 - t0
+    timing["update"] += t2 - t1
+    buffer = state["buffer"]
+    buffer.extend(t for t in trajs if t.won)
+    del buffer[:-cfg.warmup.buffer_size]
+    out = success_stats(trajs, "warmup")
+    out.update({f"warmup/{k}": v for k, v in stats.items()})
+    out.update({"warmup/rollout_s": t1 - t0, "warmup/update_s": t2 - t1, "warmup/buffer": len(buffer)})
+    return out
+
+
+def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, timing: dict) -> dict:
+    """Phase 2, one iteration: paired rollouts (skill / plain, same tasks and seeds) → GiGPO + λ·L_distill."""
+    rng = random.Random(seed)
+    skills = {s.task_type: s for s in (bank.best(tt) for tt in bank.task_types()) if s is not None}
+    pool = [tid for tid in envs.task_ids("train")[:cfg.warmup.task_pool or None] if envs.task_type(tid) in skills]
+    t0 = time.perf_counter()
+    plain = rollout(policy, envs, rng.sample(pool, min(cfg.distill.tasks_per_iter, len(pool))) if pool else
+                    train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter),
+                    cfg.gigpo.group_size, cfg.rollout, skill=None, seed=seed, desc="distill plain")
+    ids = sorted({t.task_id for t in plain}, key=[t.task_id for t in plain].index)
+    with_skill_ids = [tid for tid in ids if envs.task_type(tid) in skills]
+    guided = []
+    if with_skill_ids:
+        guided = rollout(policy, envs, with_skill_ids, cfg.gigpo.group_size, cfg.rollout,
+                         skill={tt: s.text() for tt, s in skills.items()}, seed=seed, desc="distill skill")
+    t1 = time.perf_counter()
+    samples = gigpo.samples_from(plain, gigpo.compute_advantages(plain, cfg.gigpo))
+    dsamples, dmetrics = distill.distill_samples(guided, [t for t in plain if t.task_id in with_skill_ids],
+                                                 cfg.gigpo, cfg.distill) if guided else ([], {})
+    stats = gigpo.update(policy, optimizer, samples + dsamples, cfg.gigpo, cfg.distill, seed=seed)
+    t2 = time.perf_counter()
+    timing["rollout"] += t1 - t0
+    timing["update"] += t2 - t1
+    out = success_stats(plain, "distill")
+    out.update(dmetrics)
+    if guided:
+        out["distill/skill_success"] = success_stats(guided, "x")["x/success"]
+    out.update({f"distill/{k}": v for k, v in stats.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def build_units(cfg: Config) -> list[tuple[str, int]]:
+    """The run as a flat list of (phase, index) units, in order."""
+    units = [("eval_base", 0)]
+    if cfg.coldstart.enabled == "on" or (cfg.coldstart.enabled == "auto" and cfg.model.name == "tiny"):
+        units += [("coldstart", 0), ("eval_coldstart", 0)]
+    units += [("warmup", i) for i in range(cfg.warmup.iterations)]
+    units += [("eval_warmup", 0)]
+    for r in range(cfg.run.rounds):
+        units += [("mining", r)] + [("distill", r * cfg.distill.iterations + i) for i in range(cfg.distill.iterations)]
+    units += [("eval_final", 0)]
+    return units
+
+
+def results_table(evals: dict[str, dict]) -> str:
+    """Markdown table: success per task type and overall, one row per evaluated stage."""
+    types = sorted({k.split("/", 2)[2] for e in evals.values() for k in e if k.startswith("eval/success/")})
+    head = "| stage | " + " | ".join(types) + " | overall | steps | invalid |\n"
+    head += "|---" * (len(types) + 4) + "|\n"
+    rows = []
+    for name, e in evals.items():
+        cells = [f"{e.get(f'eval/success/{t}', float('nan')):.3f}" for t in types]
+        rows.append(f"| {name} | " + " | ".join(cells) +
+                    f" | {e['eval/success']:.3f} | {e['eval/steps']:.1f} | {e['eval/invalid_rate']:.3f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[str]:
+    """Environment text the tiny model's tokenizer is trained on: prompts and expert answers."""
+    texts = []
+    for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
+        (state,) = envs.reset([tid])
+        history = []
+        for action in envs.walkthrough(tid):
+            texts.append(envs.build_prompt(state, history))
+            texts.append(envs.build_prompt(state, history, skill="- go to <recep>\n- take <obj> from <recep>"))
+            texts.append(f"<think>{think}</think><action>{action}</action>")
+            history.append((state.obs, action))
+            (state,) = envs.step([action])
+    texts.extend(mining.corpus_examples())
+    return texts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml", help="YAML overrides (default: config.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. warmup.iterations=5")
+    args = parser.parse_args(argv)
+    config_path = args.config if Path(args.config).exists() or args.config != "config.yaml" else None
+    try:
+        cfg = load_config(config_path, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+
+    run_dir = Path(cfg.run.out_dir)
+    if run_dir.exists() and (run_dir / "checkpoint").exists() and not args.resume:
+        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose run.out_dir=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+
+    envs = make_envs(cfg.env)
+    policy = load_policy(cfg.model, device=cfg.run.device,
+                         corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
+    coldstart_dir = run_dir / "coldstart_model"
+    metrics = Metrics(run_dir, cfg.run.tensorboard)
+    units = build_units(cfg)
+    state = {"done": 0, "buffer": [], "evals": {}, "timing": defaultdict(float)}
+    if args.resume:
+        if (coldstart_dir / "COMPLETE").exists():
+            policy.load_base_weights(coldstart_dir)
+        optimizer = make_optimizer(policy, cfg)
+        loaded = load_checkpoint(run_dir, policy, optimizer)
+        if loaded is None:
+            print(f"--resume: no checkpoint in {run_dir}, starting from the beginning")
+        else:
+            state = loaded
+            print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
+    else:
+        optimizer = make_optimizer(policy, cfg)
+    bank = mining.SkillBank.load_latest(run_dir / "skills")
+
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        interrupted["flag"] = True
+        print("\ninterrupt: finishing the current unit, then saving a checkpoint and exiting")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(units), initial=state["done"], desc="siri", position=0)
+    try:
+        while state["done"] < len(units):
+            phase, idx = units[state["done"]]
+            seed = cfg.run.seed * 100_003 + state["done"]
+            values: dict = {}
+            if phase.startswith("eval_"):
+                t0 = time.perf_counter()
+                values = evaluate(policy, envs, cfg, seed=cfg.run.seed + 17)
+                state["timing"]["eval"] += time.perf_counter() - t0
+                state["evals"][phase[5:]] = values
+            elif phase == "coldstart":
+                values = coldstart(policy, envs, cfg, seed, metrics, state["done"])
+                policy.save_base_weights(coldstart_dir)
+            elif phase == "warmup":
+                values = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
+                if cfg.warmup.eval_every and (idx + 1) % cfg.warmup.eval_every == 0 and idx + 1 < cfg.warmup.iterations:
+                    values.update(evaluate(policy, envs, cfg, seed=cfg.run.seed + 17))
+            elif phase == "mining":
+                t0 = time.perf_counter()
+                values = mining.mine_round(policy, envs, state["buffer"], bank, idx, cfg.mining, cfg.rollout,
+                                           seed=seed, bank_dir=run_dir / "skills")
+                state["timing"]["mining"] += time.perf_counter() - t0
+            elif phase == "distill":
+                values = distill_iteration(policy, optimizer, envs, bank, cfg, seed, state["timing"])
+            metrics.log(state["done"], phase.split("_")[0], values)
+            state["done"] += 1
+            bar.update(1)
+            phase_end = state["done"] == len(units) or units[state["done"]][0] != phase
+            if state["done"] % cfg.run.checkpoint_every == 0 or phase_end or interrupted["flag"]:
+                save_checkpoint(run_dir, policy, optimizer, state)
+            if interrupted["flag"]:
+                print(f"saved checkpoint at unit {state['done']}; continue with --resume")
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old_handler)
+        envs.close()
+
+    state["timing"]["total_this_session"] = time.perf_counter() - t_start
+    rows = metrics.rows()
+    plot_curves(rows, run_dir / "curves.png")
+    table = results_table(state["evals"])
+    report = f"# Results ({cfg.preset} preset, env {cfg.env.name}/{cfg.env.source})\n\n{table}\n"
+    report += "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in state["timing"].items()) + "\n"
+    if bank.skills:
+        report += "\n## Skill bank (last round)\n\n" + bank.markdown() + "\n"
+    atomic_write_text(run_dir / "results.md", report)
+    print(report)
+    return {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"])}
+
+
+def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    if not params:
+        raise SystemExit("the policy has no trainable parameters; check model.lora_* settings")
+    return torch.optim.AdamW(params, lr=cfg.gigpo.lr, weight_decay=cfg.gigpo.weight_decay)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""policy.py: tiny model, loading errors, our decoder against HF `generate`, scoring, LoRA, rollouts.
+
+Everything runs offline on CPU with the tiny random Qwen2 (fp32). A random model emits garbage,
+which is fine: the tests compare engines and code paths with each other, never with "good" text.
+"""
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import policy as P
+from policy import ModelConfig, SamplingConfig
+
+TEXTS = [
+    "You are in the middle of a room. Your task is to: put a mug in fridge.",
+    "You arrive at cabinet 3. On the cabinet 3, you see a apple 1, a bowl 2, and a knife 1.",
+    "Nothing happens.",
+    "<think>I need the apple.</think><action>take apple 1 from cabinet 3</action> Your admissible actions "
+    "of the current situation are: ['go to fridge 1', 'open cabinet 3', 'look', 'inventory'].",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the tiny model's ops are too small to gain from more, and on a shared CPU
+    a busy core stalls multi-threaded small ops (measured: 0.03 s -> 7 s for one generate call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return P.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), P.default_tiny_corpus())
+
+
+@pytest.fixture(scope="module")
+def pol(tiny_dir):
+    torch.manual_seed(0)
+    return P.load_policy(ModelConfig(name=tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompts(pol):
+    """Ragged chat prompts (3..~60 tokens)."""
+    return [pol.chat_ids(t) for t in TEXTS]
+
+
+def greedy(**kw):
+    return SamplingConfig(**{"temperature": 0.0, "max_new_tokens": 12, "stop": (), **kw})
+
+
+def same(gens_a, gens_b):
+    """Identical token ids / finish reasons / texts, and log-probs equal to 1e-4."""
+    assert [g.ids for g in gens_a] == [g.ids for g in gens_b]
+    assert [g.finish_reason for g in gens_a] == [g.finish_reason for g in gens_b]
+    assert [g.text for g in gens_a] == [g.text for g in gens_b]
+    for a, b in zip(gens_a, gens_b):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def with_extra_eos(pol, prompts, cfg):
+    """A shallow copy of the policy whose EOS set also holds a token row 0 emits at step 4, so that
+    (at least) row 0 ends early on "eos" in both engines."""
+    pilot = pol.generate(prompts, dataclasses.replace(cfg, engine="custom"))
+    early = copy.copy(pol)
+    early.eos_ids = pol.eos_ids + [pilot[0].ids[4]]
+    return early
+
+
+# --- the tiny model ----------------------------------------------------------------------------
+
+def test_tiny_tokenizer_and_chat_template(pol):
+    tok = pol.tokenizer
+    assert 256 < len(tok) <= 4000
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None and tok.pad_token != tok.eos_token
+    text = tok.decode(pol.chat_ids("put a mug in fridge."))
+    assert text == "<|im_start|>user\nput a mug in fridge.<|im_end|>\n<|im_start|>assistant\n"
+    for t in TEXTS + ["héllo wörld ✓"]:  # byte-level: any text survives encode -> decode
+        assert tok.decode(tok(t, add_special_tokens=False)["input_ids"]) == t
+
+
+def test_tiny_save_reload_same_logits(tmp_path):
+    corpus = P.default_tiny_corpus(50)
+    model, tok = P.make_tiny_model(corpus, seed=3)
+    path = P.build_tiny_model(str(tmp_path / "m"), corpus, seed=3)
+    loaded = P.load_policy(ModelConfig(name=path), device="cpu")  # the hub-model loading path
+    ids = loaded.chat_ids(TEXTS[1])
+    assert ids == tok(tok.apply_chat_template([{"role": "user", "content": TEXTS[1]}], tokenize=False,
+                                              add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad(), loaded.model.disable_adapter():
+        assert torch.allclose(model(x).logits, loaded.model(x).logits, atol=1e-6)
+    assert loaded.model.get_base_model().dtype == torch.float32  # dtype from the saved config
+
+
+def test_tiny_built_on_demand_and_cached(tmp_path):
+    calls = []
+
+    def corpus():
+        calls.append(1)
+        return P.default_tiny_corpus(30)
+
+    cfg = ModelConfig(name="tiny", tiny_dir=str(tmp_path))
+    a = P.load_policy(cfg, corpus=corpus, device="cpu")
+    b = P.load_policy(cfg, corpus=lambda: P.default_tiny_corpus(30), device="cpu")
+    assert len(calls) == 1 and len(os.listdir(tmp_path)) == 1  # one cached build, reused
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+
+
+# --- clear loading errors ----------------------------------------------------------------------
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_dir):
+    with pytest.raises(P.ModelLoadError, match="CUDA"):
+        P.load_policy(ModelConfig(name=tiny_dir, qlora=True), device="cpu")
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(P.ModelLoadError, match="(?s)does not exist.*model.name=tiny"):
+        P.load_policy(ModelConfig(name=str(tmp_path / "no_such_model")), device="cpu")
+    with pytest.raises(P.ModelLoadError, match="(?s)could not load.*model.name=tiny"):
+        P.load_policy(ModelConfig(name=str(tmp_path)), device="cpu")  # exists, holds no model
+
+
+# --- decoding: our engine against the HF oracle ------------------------------------------------
+
+@pytest.mark.parametrize("rows", [[0], [2, 0, 3], [3, 1, 1, 0, 2, 1]])
+def test_greedy_custom_equals_hf(pol, prompts, rows):
+    """Several batch sizes, ragged prompts, repeated prompts (shared prefill), a row that stops early."""
+    batch = [prompts[i] for i in rows]
+    cfg = greedy()
+    early = with_extra_eos(pol, batch, cfg)
+    custom = early.generate(batch, cfg)
+    hf = early.generate(batch, dataclasses.replace(cfg, engine="hf"))
+    same(custom, hf)
+    assert custom[0].finish_reason == "eos" and len(custom[0].ids) <= 5
+    assert any(g.finish_reason == "length" for g in custom) or len(rows) == 1
+
+
+def test_greedy_custom_equals_hf_with_stop_string(pol, prompts):
+    """Pick a stop string out of row 0's own greedy text, so that the stop fires mid-response."""
+    cfg = greedy(max_new_tokens=16)
+    pilot = pol.generate(prompts, cfg)
+    stop = next(pilot[0].text[i:i + 3] for i in range(3, len(pilot[0].text) - 3)
+                if pilot[0].text[i:i + 3].strip() and "\ufffd" not in pilot[0].text[i:i + 3])
+    cfg = dataclasses.replace(cfg, stop=(stop,))
+    custom = pol.generate(prompts, cfg)
+    same(custom, pol.generate(prompts, dataclasses.replace(cfg, engine="hf")))
+    g = custom[0]
+    assert g.finish_reason == "stop" and stop in g.text and len(g.ids) < 16
+    assert stop not in pol.tokenizer.decode(g.ids[:-1])  # the completing token is the last one kept
+
+
+def test_stop_rule_on_action_tag(pol):
+    """The default stop string ends the response at the token that completes `</action>`."""
+    tok = pol.tokenizer
+    ids = tok("<think>ok</think><action>go to fridge 1</action>\n<think>more", add_special_tokens=False)["input_ids"]
+    rule = P._StopRule(tok, pol.eos_ids, ("</action>",))
+    end = next(t for t in range(1, len(ids) + 1) if rule(ids[:t]) == "stop")  # response = ids[:end]
+    assert "</action>" in tok.decode(ids[:end]) and "</action>" not in tok.decode(ids[:end - 1])
+    assert "<think>more" not in tok.decode(ids[:end])
+    assert rule(ids[:2] + [pol.eos_ids[0]]) == "eos"
+    assert rule(ids[:2] + [pol.eos_ids[0]], eos_allowed=False) is None
+
+
+def test_min_new_tokens_blocks_eos_in_both_engines(pol, prompts):
+    cfg = greedy(min_new_tokens=12)
+    early = with_extra_eos(pol, prompts, greedy())
+    custom = early.generate(prompts, cfg)
+    assert all(len(g.ids) == 12 and g.finish_reason == "length" for g in custom)
+    same(custom, early.generate(prompts, dataclasses.replace(cfg, engine="hf")))
+
+
+# --- decoding: our engine's own switches -------------------------------------------------------
+
+def test_shared_prefix_equals_separate_prefills(pol, prompts):
+    batch = [prompts[0]] * 4 + [prompts[3]] * 4
+    for cfg in (greedy(), SamplingConfig(temperature=1.0, max_new_tokens=12, stop=())):
+        shared = pol.generate(batch, cfg, torch.Generator().manual_seed(5))
+        separate = pol.generate(batch, dataclasses.replace(cfg, share_prefix=False),
+                                torch.Generator().manual_seed(5))
+        same(shared, separate)
+    assert len({tuple(g.ids) for g in shared}) > 1  # sampled rows of one prompt differ
+
+
+def test_dropping_finished_rows_changes_nothing(pol, prompts):
+    """Greedy and sampled: a row's random draws do not depend on which other rows are still running."""
+    early = with_extra_eos(pol, prompts, greedy())
+    for cfg in (greedy(), SamplingConfig(temperature=1.0, max_new_tokens=12, stop=())):
+        dropped = early.generate(prompts, cfg, torch.Generator().manual_seed(4))
+        kept = early.generate(prompts, dataclasses.replace(cfg, drop_finished=False), torch.Generator().manual_seed(4))
+        same(dropped, kept)
+        if cfg.temperature == 0:
+            assert dropped[0].finish_reason == "eos" and len(dropped[0].ids) < 12
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(pol, prompts):
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=10, stop=())
+    a = pol.generate(prompts, cfg, torch.Generator().manual_seed(1))
+    b = pol.generate(prompts, cfg, torch.Generator().manual_seed(1))
+    assert [g.ids for g in a] == [g.ids for g in b]
+    top1 = pol.generate(prompts, dataclasses.replace(cfg, top_k=1), torch.Generator().manual_seed(2))
+    assert [g.ids for g in top1] == [g.ids for g in pol.generate(prompts, greedy(max_new_tokens=10))]
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, top_k=40)])
+def test_sampling_logprobs_equal_scoring_pass(pol, prompts, sampling):
+    batch = prompts + prompts[:2]
+    cfg = SamplingConfig(max_new_tokens=16, stop=(), **sampling)
+    gens = pol.generate(batch, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scored = pol.score(batch, [g.ids for g in gens], token_budget=10_000)
+    for g, s in zip(gens, scored):
+        assert len(g.logprobs) == len(g.ids) == s.shape[0]
+        assert torch.allclose(torch.tensor(g.logprobs), s, atol=1e-4)
+
+
+def test_score_micro_batches_entropy_and_grad(pol, prompts):
+    responses = [p[:n] for p, n in zip(reversed(prompts), (5, 0, 9, 3))]  # ragged, one empty
+    big, ents = pol.score(prompts, responses, token_budget=100_000, with_entropy=True)
+    small = pol.score(prompts, responses, token_budget=1)  # one row per micro-batch
+    for a, b, e, r in zip(big, small, ents, responses):
+        assert a.shape == b.shape == e.shape == (len(r),)
+        assert torch.allclose(a, b, atol=1e-5) and (e >= 0).all() and (a <= 0).all()
+    loss = -torch.cat(big).sum()  # gradient reaches the LoRA parameters
+    loss.backward()
+    lora = [p for n, p in pol.model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    pol.model.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, prompts):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)  # same LoRA init
+        pol = P.load_policy(ModelConfig(name=tiny_dir, gradient_checkpointing=ckpt), device="cpu")
+        pol.model.train()
+        (-torch.cat(pol.score(prompts[:2], [prompts[3][:7], prompts[1][:4]], token_budget=4096)).sum()).backward()
+        grads.append({n: p.grad for n, p in pol.model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+# --- LoRA: the reference policy is the same model with the adapter disabled --------------------
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # raised inside peft, not by us
+def test_lora_disabled_equals_base_and_saves_for_plain_peft(tiny_dir, prompts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    pol = P.load_policy(ModelConfig(name=tiny_dir), device="cpu")
+    with torch.no_grad():  # fresh LoRA has B = 0 (a no-op); make it change the outputs
+        for n, p in pol.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    x = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        adapted = pol.model(x).logits
+        with pol.model.disable_adapter():
+            disabled = pol.model(x).logits
+        plain = base(x).logits
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    assert torch.allclose(disabled, plain, atol=1e-5)
+
+    responses = [prompts[0][:6], prompts[2]]
+    ref = pol.score(prompts[1:3], responses, token_budget=4096, reference=True)
+    assert not any(r.requires_grad for r in ref)
+    base_pol = P.Policy(base, pol.tokenizer, "cpu")
+    with torch.no_grad():
+        expect = base_pol.score(prompts[1:3], responses, token_budget=4096)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, expect))
+
+    pol.save(str(tmp_path / "adapter"))  # a plain transformers + peft user loads it back
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x).logits, adapted, atol=1e-5)
+
+
+# --- rollouts on the embedded environment ------------------------------------------------------
+
+def test_rollout_on_embedded_env(pol):
+    envs_lib = pytest.importorskip("envs")
+    envs = envs_lib.EnvManager(envs_lib.EnvConfig(max_steps=3))
+    try:
+        tasks = envs.task_ids("train")[:2]
+        cfg = SamplingConfig(max_new_tokens=12)
+        stats = {}
+        trajs = P.rollout(pol, envs, tasks, 2, cfg, seed=7, stats=stats)
+        assert [t.task_id for t in trajs] == [tasks[0], tasks[0], tasks[1], tasks[1]]  # group-contiguous
+        assert [t.index for t in trajs] == [0, 1, 0, 1]
+        assert trajs[0].group == trajs[1].group != trajs[2].group
+        for t in trajs:
+            assert t.task_type == envs.task_type(t.task_id) and t.skill_id is None
+            assert 1 <= len(t.steps) <= 3 and t.steps[-1].done and not any(s.done for s in t.steps[:-1])
+            assert t.won == t.steps[-1].won and t.return_ == sum(s.reward for s in t.steps)
+            for s in t.steps:
+                assert len(s.logprobs) == len(s.response_ids) <= 12 and s.prompt_ids and s.plain_prompt_ids is None
+                assert isinstance(s.text, str) and isinstance(s.anchor, str) and isinstance(s.obs, str)
+                assert s.valid == (s.action is not None)  # a random model is (almost) always invalid
+        assert trajs[0].steps[0].prompt_ids == trajs[1].steps[0].prompt_ids  # same task, same state
+        assert stats["steps"] == sum(len(t.steps) for t in trajs) and stats["generate_s"] > 0 and stats["env_s"] > 0
+
+        again = P.rollout(pol, envs, tasks, 2, cfg, seed=7)
+        assert [[s.response_ids for s in t.steps] for t in again] == [[s.response_ids for s in t.steps] for t in trajs]
+
+        ttype = trajs[0].task_type
+        guided = P.rollout(pol, envs, tasks[:1], 2, cfg, skill={ttype: "- go to the fridge first"}, seed=7)
+        for t in guided:
+            assert t.skill_id == P.skill_id("- go to the fridge first")
+            for s in t.steps:
+                assert s.plain_prompt_ids and s.plain_prompt_ids != s.prompt_ids
+    finally:
+        envs.close()
+
+
+# --- bench.py decode runs (tiny sizes; no timing is checked) -----------------------------------
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    import json
+
+    import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["decode", "--threads", "1", "--repeats", "1", "--batch", "2", "--prompt-len", "40",
+                "--new-tokens", "4", "--models", "base", "--out", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("ratio decode ") and lines[-1].startswith("ratio group ")
+    float(lines[-2].split()[-1]), float(lines[-1].split()[-1])
+    report = json.loads(out.read_text())
+    assert set(report["results"]["base"]) == {"a", "b", "c"} and report["info"]["torch_threads"] == 1

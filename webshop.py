@@ -1,0 +1,758 @@
+"""WebShop (Yao et al., NeurIPS 2022, arXiv 2207.01206) behind the env manager's backend API.
+
+SIRI reports WebShop next to ALFWorld. The real WebShop needs its own product dump, search
+index (Lucene/pyserini) and spaCy model, which cannot be downloaded on CI machines, so the
+default is an *embedded* shop built from a catalogue our own code generates:
+
+* five categories as in WebShop (beauty, electronics, fashion, food, furniture), 30 product
+  types, products with title, attributes, options (size/color/flavor/...), price,
+  description, features and reviews;
+* instructions generated from a target product, phrased like WebShop's synthetic goals
+  ("i need ... with color: x, and size: y, and price lower than 40.00 dollars");
+* WebShop's pages and actions: ``search[query]``; results (10 a page, top 50, BM25 ranking
+  from the rank_bm25 package) with ``click[<item id>]``, ``click[next >]``, ``click[< prev]``,
+  ``click[back to search]``; item page with ``click[<option>]``, ``click[description]``,
+  ``click[features]``, ``click[reviews]``, ``click[buy now]``; ``click[< prev]`` goes back;
+* WebShop's reward (``webshop_reward``), with success = reward 1.
+
+Episodes are capped by the manager (EnvConfig.max_steps; 15 in GiGPO's WebShop setting).
+``source == "real"`` drives a local WebShop checkout in-process (``_RealWebShop``); without
+one, ``WebShopNotInstalled`` says what to install. Run ``python webshop.py bench`` for the
+catalogue size, step latency and a scripted buyer's score / success rate.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+
+import numpy as np
+from rank_bm25 import BM25Okapi
+
+
+@dataclass
+class WebShopSettings:
+    """WebShop knobs, read from the env config with ``getattr`` (the defaults live here only)."""
+
+    seed: int = 0
+    """Seed of the embedded catalogue and goals (same seed -> same shop, goals, pages)."""
+    num_products: int = 1000
+    """Embedded: catalogue size. Real: WebShop's product subset (100, 1000, 100000 or None = all),
+    1000 matches its ``setup.sh -d small`` data."""
+    num_train_goals: int = 2000
+    """Goals in the train split (real WebShop: at most all goals after the eval ones)."""
+    num_eval_goals: int = 500
+    """Goals in the fixed eval split: goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]."""
+    webshop_path: str | None = None
+    """Root of a WebShop checkout (princeton-nlp/WebShop, after its setup.sh) for source == "real"."""
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "WebShopSettings":
+        return cls(**{k: getattr(cfg, k, v) for k, v in cls().__dict__.items()})
+
+
+class WebShopNotInstalled(RuntimeError):
+    """source == "real" was asked for but no usable WebShop checkout was found."""
+
+
+# ---------------------------------------------------------------------------------------
+# Catalogue: product types per category. Columns: query (what instructions ask for),
+# product_category breadcrumb, title heads, nouns of those heads (our stand-in for spaCy's
+# noun tags, see title_nouns), attribute pool, option groups, price range in dollars.
+# ---------------------------------------------------------------------------------------
+BEAUTY, ELEC, FASH, FOOD, FURN = ("Beauty & Personal Care", "Electronics", "Clothing, Shoes & Jewelry",
+                                  "Grocery & Gourmet Food", "Home & Kitchen › Furniture")
+SIZES = ["small", "medium", "large", "x-large"]
+TYPES = {
+    "beauty": [
+        ("lipstick", f"{BEAUTY} › Makeup › Lips › Lipstick",
+         ["Matte Lipstick", "Liquid Lipstick", "Lipstick Set"], "lipstick set",
+         ["long lasting", "cruelty free", "highly pigmented", "paraben free", "moisturizing formula"],
+         {"color": ["ruby red", "nude", "pink", "berry", "coral", "plum"]}, (6, 28)),
+        ("eyeshadow palette", f"{BEAUTY} › Makeup › Eyes › Eyeshadow",
+         ["Eyeshadow Palette", "Shimmer Eyeshadow Palette", "Eyeshadow Kit"], "eyeshadow palette kit",
+         ["long lasting", "cruelty free", "easy to blend", "highly pigmented", "travel size"],
+         {"color": ["warm neutrals", "smoky", "rose gold", "sunset"]}, (8, 40)),
+        ("shampoo", f"{BEAUTY} › Hair Care › Shampoo & Conditioner › Shampoo",
+         ["Shampoo", "Volumizing Shampoo", "Repair Shampoo"], "shampoo",
+         ["sulfate free", "paraben free", "natural ingredients", "dry hair", "color safe"],
+         {"scent": ["coconut", "lavender", "unscented", "tea tree"], "size": ["8 fl oz", "16 fl oz", "32 fl oz"]}, (7, 35)),
+        ("hair extensions", f"{BEAUTY} › Hair Care › Hair Extensions, Wigs & Accessories › Extensions",
+         ["Clip In Hair Extensions", "Hair Extensions", "Tape In Hair Extensions"], "hair extensions",
+         ["natural looking", "heat resistant", "high quality", "easy to apply", "human hair"],
+         {"color": ["jet black", "dark brown", "honey blonde", "auburn"], "size": ["16 inch", "20 inch", "24 inch"]}, (15, 90)),
+        ("face moisturizer", f"{BEAUTY} › Skin Care › Face › Moisturizers",
+         ["Face Moisturizer", "Night Moisturizer Cream", "Daily Face Moisturizer"], "face moisturizer cream",
+         ["fragrance free", "sensitive skin", "hyaluronic acid", "non greasy", "dermatologist tested"],
+         {"size": ["1.7 oz", "3.4 oz"]}, (10, 60)),
+        ("nail polish", f"{BEAUTY} › Foot, Hand & Nail Care › Nail Art & Polish › Nail Polish",
+         ["Nail Polish", "Gel Nail Polish", "Nail Polish Set"], "nail polish set",
+         ["quick dry", "long lasting", "non toxic", "chip resistant", "cruelty free"],
+         {"color": ["classic red", "baby pink", "navy", "nude beige", "glitter silver"]}, (4, 25)),
+    ],
+    "electronics": [
+        ("wireless earbuds", f"{ELEC} › Headphones, Earbuds & Accessories › Headphones & Earbuds › Earbud Headphones",
+         ["Wireless Earbuds", "Sport Earbuds", "True Wireless Earbuds"], "earbuds",
+         ["noise cancelling", "water resistant", "long battery life", "fast charging", "built in microphone"],
+         {"color": ["black", "white", "navy blue", "rose gold"]}, (15, 120)),
+        ("portable speaker", f"{ELEC} › Portable Audio & Video › Portable Speakers & Docks › Portable Wireless Speakers",
+         ["Portable Speaker", "Wireless Speaker", "Outdoor Speaker"], "speaker",
+         ["water resistant", "long battery life", "high fidelity", "easy to carry", "built in microphone"],
+         {"color": ["black", "blue", "red", "gray"]}, (20, 150)),
+        ("phone case", f"{ELEC} › Cell Phones & Accessories › Cases, Holsters & Sleeves › Basic Cases",
+         ["Phone Case", "Slim Phone Case", "Rugged Phone Case"], "phone case",
+         ["shock absorbing", "slim fit", "wireless charging compatible", "scratch resistant", "easy to install"],
+         {"color": ["clear", "black", "pink", "midnight green"], "size": ["iphone 13", "iphone 14", "iphone 15"]}, (6, 30)),
+        ("hdmi cable", f"{ELEC} › Computers & Accessories › Cables & Accessories › Cables & Interconnects › HDMI Cables",
+         ["HDMI Cable", "High Speed HDMI Cable", "Braided HDMI Cable"], "hdmi cable",
+         ["high speed", "gold plated", "braided cord", "ultra hd", "easy to install"],
+         {"size": ["3 ft", "6 ft", "10 ft", "15 ft"]}, (5, 25)),
+        ("usb c charger", f"{ELEC} › Computers & Accessories › Laptop Accessories › Chargers & Adapters",
+         ["USB C Charger", "Fast Wall Charger", "Wall Charger"], "usb charger wall",
+         ["fast charging", "compact design", "overheat protection", "dual port", "travel size"],
+         {"color": ["white", "black"], "style": ["20w", "45w", "65w"]}, (10, 50)),
+        ("tv wall mount",
+         f"{ELEC} › Television & Video › Accessories › TV Mounts, Stands & Turntables › TV Wall & Ceiling Mounts",
+         ["TV Wall Mount", "Full Motion TV Mount", "Tilting TV Wall Mount"], "tv wall mount motion",
+         ["heavy duty", "easy to install", "full motion", "space saving", "cable management"],
+         {"size": ["32 to 55 inch", "42 to 70 inch", "55 to 85 inch"]}, (20, 90)),
+    ],
+    "fashion": [
+        ("running shoes", f"{FASH} › Men › Shoes › Athletic › Running",
+         ["Running Shoes", "Trail Running Shoes", "Road Running Shoes"], "shoes trail road",
+         ["non slip", "lightweight", "breathable mesh", "arch support", "rubber sole"],
+         {"color": ["black white", "gray", "navy", "red"], "size": ["7", "8", "9", "10", "11", "12"]}, (30, 140)),
+        ("t-shirt", f"{FASH} › Men › Clothing › Shirts › T-Shirts",
+         ["Crew Neck T-Shirt", "Graphic T-Shirt", "Pocket T-Shirt"], "shirt neck pocket",
+         ["machine wash", "short sleeve", "cotton spandex", "classic fit", "moisture wicking"],
+         {"color": ["black", "white", "heather gray", "navy"], "size": SIZES}, (8, 35)),
+        ("jeans", f"{FASH} › Women › Clothing › Jeans",
+         ["Skinny Jeans", "High Waist Jeans", "Bootcut Jeans"], "jeans waist",
+         ["stretch fabric", "machine wash", "button closure", "slim fit", "high waist"],
+         {"color": ["light wash", "dark wash", "black"], "size": ["26", "28", "30", "32"]}, (20, 70)),
+        ("winter jacket", f"{FASH} › Women › Clothing › Coats, Jackets & Vests › Down Jackets & Parkas",
+         ["Puffer Jacket", "Winter Jacket", "Hooded Winter Jacket"], "jacket winter",
+         ["water resistant", "warm and cozy", "detachable hood", "zipper closure", "machine wash"],
+         {"color": ["black", "olive green", "burgundy", "camel"], "size": SIZES}, (40, 180)),
+        ("dress", f"{FASH} › Women › Clothing › Dresses › Casual",
+         ["Summer Dress", "Maxi Dress", "Wrap Dress"], "dress summer",
+         ["floral print", "short sleeve", "v neck", "machine wash", "loose fit"],
+         {"color": ["floral blue", "black", "dusty pink", "white"], "size": SIZES[:3]}, (18, 60)),
+        ("backpack", f"{FASH} › Luggage & Travel Gear › Backpacks › Casual Daypacks",
+         ["Laptop Backpack", "Travel Backpack", "Hiking Backpack"], "backpack laptop travel",
+         ["water resistant", "large capacity", "padded straps", "usb charging port", "anti theft"],
+         {"color": ["black", "gray", "navy", "green"]}, (20, 80)),
+    ],
+    "food": [
+        ("protein bars", f"{FOOD} › Snacks & Sweets › Snack Foods › Bars › Protein Bars",
+         ["Protein Bars", "Protein Snack Bars", "Keto Protein Bars"], "protein bars snack",
+         ["gluten free", "low sugar", "high protein", "non gmo", "keto friendly"],
+         {"flavor": ["chocolate peanut butter", "cookie dough", "salted caramel", "birthday cake"],
+          "size": ["12 count", "24 count"]}, (15, 45)),
+        ("coffee beans", f"{FOOD} › Beverages › Coffee, Tea & Cocoa › Coffee › Whole Coffee Beans",
+         ["Whole Bean Coffee", "Coffee Beans", "Espresso Coffee Beans"], "bean coffee beans espresso",
+         ["medium roast", "dark roast", "fair trade", "single origin", "usda organic"],
+         {"size": ["12 ounce", "2 pound", "5 pound"]}, (9, 60)),
+        ("green tea", f"{FOOD} › Beverages › Coffee, Tea & Cocoa › Tea › Green",
+         ["Green Tea Bags", "Matcha Green Tea", "Loose Leaf Green Tea"], "tea bags matcha leaf",
+         ["usda organic", "non gmo", "individually wrapped", "natural ingredients", "gluten free"],
+         {"flavor": ["jasmine", "mint", "lemon ginger", "original"], "size": ["20 count", "50 count", "100 count"]}, (5, 25)),
+        ("trail mix", f"{FOOD} › Snacks & Sweets › Snack Foods › Trail Mix",
+         ["Trail Mix", "Nut Trail Mix", "Snack Mix"], "trail mix nut snack",
+         ["gluten free", "resealable bag", "non gmo", "high protein", "no added sugar"],
+         {"flavor": ["classic", "tropical", "dark chocolate", "honey roasted"], "size": ["8 ounce", "26 ounce"]}, (6, 30)),
+        ("olive oil", f"{FOOD} › Pantry Staples › Cooking & Baking › Oils, Vinegars & Salad Dressings › Oils › Olive",
+         ["Extra Virgin Olive Oil", "Olive Oil", "Cold Pressed Olive Oil"], "olive oil",
+         ["cold pressed", "usda organic", "non gmo", "single origin", "glass bottle"],
+         {"size": ["500 ml", "1 liter", "3 liter"]}, (8, 55)),
+        ("dark chocolate", f"{FOOD} › Snacks & Sweets › Candy & Chocolate › Chocolate Bars",
+         ["Dark Chocolate Bar", "Dark Chocolate Squares", "Chocolate Bar"], "chocolate bar squares",
+         ["fair trade", "low sugar", "dairy free", "usda organic", "individually wrapped"],
+         {"flavor": ["sea salt", "almond", "orange", "mint"], "size": ["3 pack", "12 pack"]}, (5, 40)),
+    ],
+    "furniture": [
+        ("office chair", f"{FURN} › Home Office Furniture › Home Office Chairs › Desk Chairs",
+         ["Office Chair", "Ergonomic Desk Chair", "Mesh Office Chair"], "office chair desk mesh",
+         ["lumbar support", "height adjustable", "easy assemble", "breathable mesh", "heavy duty"],
+         {"color": ["black", "gray", "white"]}, (60, 300)),
+        ("bookshelf", f"{FURN} › Living Room Furniture › Bookcases",
+         ["Bookshelf", "Ladder Bookshelf", "Storage Bookshelf"], "bookshelf ladder storage",
+         ["easy assemble", "space saving", "solid wood", "storage space", "living room"],
+         {"color": ["walnut", "white", "black oak", "gray"], "size": ["3 tier", "5 tier"]}, (40, 200)),
+        ("coffee table", f"{FURN} › Living Room Furniture › Tables › Coffee Tables",
+         ["Coffee Table", "Lift Top Coffee Table", "Round Coffee Table"], "coffee table top",
+         ["living room", "storage space", "easy assemble", "solid wood", "mid century"],
+         {"color": ["rustic brown", "white", "black", "natural"]}, (50, 250)),
+        ("bed frame", f"{FURN} › Bedroom Furniture › Beds, Frames & Bases › Bed Frames",
+         ["Platform Bed Frame", "Metal Bed Frame", "Upholstered Bed Frame"], "platform bed frame metal",
+         ["heavy duty", "noise free", "easy assemble", "under bed storage", "no box spring needed"],
+         {"color": ["black", "white", "gray"], "size": ["twin", "full", "queen", "king"]}, (90, 400)),
+        ("bar stools", f"{FURN} › Game & Recreation Room Furniture › Home Bar Furniture › Barstools",
+         ["Bar Stools", "Counter Height Bar Stools", "Swivel Bar Stools"], "bar stools counter height",
+         ["height adjustable", "set of two", "easy assemble", "faux leather", "footrest"],
+         {"color": ["black", "brown", "white", "gray"]}, (50, 220)),
+        ("nightstand", f"{FURN} › Bedroom Furniture › Nightstands",
+         ["Nightstand", "Bedside Nightstand", "Nightstand with Drawers"], "nightstand drawers",
+         ["charging station", "space saving", "easy assemble", "solid wood", "storage space"],
+         {"color": ["white", "walnut", "black", "gray"]}, (30, 150)),
+    ],
+}
+BRANDS = {
+    "beauty": ["Lumina", "Verella", "Rosalie", "Glowra", "Amberly", "Purelle", "Maisonne", "Cherisa"],
+    "electronics": ["Voltix", "Sonaro", "Kinetra", "Zentec", "Orbix", "Pulsewave", "Nexora", "Aerotek"],
+    "fashion": ["Northpeak", "Urbanly", "Calder", "Mavrik", "Solstice", "Driftwood", "Ravello", "Kestrel"],
+    "food": ["Harvestly", "Goldleaf", "Terraverde", "Nutrisa", "Orchardia", "Bramble", "Saltmarsh", "Mapleton"],
+    "furniture": ["Oakhaven", "Linwood", "Nordvik", "Hearthly", "Casamora", "Elmstead", "Brookline", "Tidewell"],
+}
+ADJECTIVES = ["Premium", "Classic", "Essential", "Modern", "Everyday", "Deluxe", "Original", "Signature"]
+FILLER = ["A thoughtful choice for everyday use.", "Backed by our friendly customer service.",
+          "Makes a great gift for family and friends.", "Designed with care by our team."]
+REVIEWS = ["Works as described.", "Good value for the money.", "Arrived quickly and well packed.",
+           "Not bad, but expected a bit more.", "Would buy again."]
+# Proper nouns (brands) and the head nouns of every type: the words title_nouns keeps.
+NOUNS = frozenset(w.lower() for c in BRANDS.values() for w in c) | frozenset(
+    w for types in TYPES.values() for t in types for w in t[3].split())
+# normalize_color: WebShop maps every option value to the first colour of an alphabetical
+# list that occurs in it. Our list covers the colour words our catalogue uses.
+COLOR_SET = ["auburn", "beige", "berry", "black", "blonde", "blue", "brown", "burgundy", "camel", "caramel",
+             "chocolate", "clear", "coral", "dark", "gold", "gray", "green", "light", "mint", "natural", "navy",
+             "nude", "orange", "pink", "plum", "red", "rose", "silver", "walnut", "white"]
+EXACT_MATCH_OPTS = ["size"]          # WebShop: option names matched exactly, not fuzzily
+PRICE_RANGE = [10.0 * i for i in range(1, 100)]   # WebShop's price_upper grid
+SEARCH_RETURN_N, PRODUCT_WINDOW = 50, 10           # WebShop: top 50 results, 10 per page
+STOPWORDS = frozenset("a an and are as at be by for from i in is it looking me need of on or that the to want "
+                      "which with find buy am".split())
+
+
+@dataclass
+class Product:
+    """One catalogue item; field meanings as in WebShop's product records."""
+    asin: str                      # item id, lower-case (what click[...] takes)
+    title: str
+    category: str                  # beauty | electronics | fashion | food | furniture
+    query: str                     # the product type (WebShop: the search query it was scraped with)
+    product_category: str          # breadcrumb "A › B › C"
+    attributes: list[str]
+    options: dict[str, list[str]]  # option name -> values
+    price: float
+    description: str = ""
+    features: list[str] = field(default_factory=list)    # WebShop's BulletPoints
+    reviews: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class Goal:
+    """One instruction; fields as WebShop's goal dicts (``name`` = the target product's title)."""
+    asin: str
+    category: str
+    query: str
+    name: str
+    product_category: str
+    instruction: str
+    attributes: list[str]
+    goal_options: dict[str, str]
+    price_upper: float
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def generate_catalogue(seed: int, num_products: int) -> list[Product]:
+    """Products spread round-robin over the 30 types, so every type has ~num_products/30
+    near-duplicates (same type, other attributes/prices): the agent must read and compare."""
+    rng = random.Random(f"catalogue-{seed}")
+    kinds = [(cat, t) for cat, types in TYPES.items() for t in types]
+    products, asins = [], set()
+    for i in range(num_products):
+        cat, (query, crumbs, heads, _nouns, attr_pool, options, (lo, hi)) = kinds[i % len(kinds)]
+        asin = "b0" + "".join(rng.choices("0123456789abcdefghijklmnopqrstuvwxyz", k=8))
+        while asin in asins:
+            asin = "b0" + "".join(rng.choices("0123456789abcdefghijklmnopqrstuvwxyz", k=8))
+        asins.add(asin)
+        brand, head = rng.choice(BRANDS[cat]), rng.choice(heads)
+        attrs = sorted(rng.sample(attr_pool, rng.randint(2, 3)))
+        # our choice: a third of titles carry one of their attributes, as real listings often do
+        # ("Long Lasting Matte Lipstick"), so the title alone can satisfy an attribute.
+        flair = attrs[0].title() if rng.random() < 0.33 else rng.choice(ADJECTIVES)
+        title = f"{brand} {flair} {head}"
+        # our choice: each item offers a random part of its type's option values, and prices are
+        # log-uniform over a wide range, so the first search hit often lacks the asked colour or
+        # breaks the budget: the agent has to compare prices and check options, as in WebShop.
+        opts = {name: sorted(rng.sample(vals, rng.randint(min(2, len(vals)), len(vals))))
+                for name, vals in options.items()}
+        # our choice: the description names one attribute and the features list all of them;
+        # WebShop's index sees title, description, the first feature and the options only, so a
+        # search cannot see every attribute and the agent has to open Features to check.
+        desc = f"This {head.lower()} by {brand} is {rng.choice(attrs)}. {rng.choice(FILLER)}"
+        feats = [rng.choice(FILLER)] + [f"{a.upper()}: one of the reasons customers choose this {query}." for a in attrs]
+        reviews = [(rng.randint(3, 5), rng.choice(REVIEWS)) for _ in range(rng.randint(1, 3))]
+        price = round(int(lo * (2 * hi / lo) ** rng.random()) + 0.99, 2)
+        products.append(Product(asin, title, cat, query, crumbs, attrs, opts, price, desc, feats, reviews))
+    return products
+
+
+def generate_goals(products: list[Product], n: int, seed: int) -> list[Goal]:
+    """n goals with distinct instruction texts. The price bound follows WebShop's get_goals:
+    of the first four multiples of 10 above the target's price, sample two, keep the larger."""
+    rng = random.Random(f"goals-{seed}")
+    heads = ["i am looking for {a} {q}", "i need {q} that is {a}", "find me {a} {q}", "i want {q}, {a}"]
+    goals, seen = [], set()
+    while len(goals) < n:
+        p = rng.choice(products)
+        attrs = sorted(rng.sample(p.attributes, rng.randint(1, 2)))
+        opts = {k: rng.choice(v) for k, v in sorted(p.options.items())}
+        grid = [x for x in PRICE_RANGE if x > p.price][:4]
+        price_upper = max(rng.sample(grid, 2)) if len(grid) >= 2 else 1e6   # WebShop: no bound past $980
+        text = rng.choice(heads).format(a=" and ".join(attrs), q=p.query)
+        if opts:   # WebShop synthetic goals: " with name: value, and name: value"
+            text += " with " + ", and ".join(f"{k}: {v}" for k, v in opts.items())
+        text += f", and price lower than {price_upper:.2f} dollars" if price_upper < 1e6 else ""
+        if text not in seen:
+            seen.add(text)
+            goals.append(Goal(p.asin, p.category, p.query, p.title, p.product_category, text, attrs, opts, price_upper))
+    return goals
+
+
+# ---------------------------------------------------------------------------------------
+# ALGO LOGIC: WebShop's reward (web_agent_site/engine/goal.py::get_reward, read for facts).
+# ---------------------------------------------------------------------------------------
+def token_set_ratio(a: str, b: str) -> int:
+    """thefuzz's ``fuzz.token_set_ratio`` (0-100): split both strings into token sets, and
+    return the best similarity among (common, common+rest_a), (common, common+rest_b),
+    (common+rest_a, common+rest_b); one token set inside the other scores 100.
+    Our choice: difflib's ratio (stdlib) as the string similarity instead of thefuzz's
+    Levenshtein-based one, to avoid a dependency; on short phrases they differ by a few points."""
+    ta, tb = set(_tokens(a)), set(_tokens(b))
+    common = " ".join(sorted(ta & tb))
+    ca = f"{common} {' '.join(sorted(ta - tb))}".strip()
+    cb = f"{common} {' '.join(sorted(tb - ta))}".strip()
+    pairs = [(ca, cb)] + ([(common, ca), (common, cb)] if common else [])
+    return max(round(100 * SequenceMatcher(None, x, y).ratio()) if x and y else 0 for x, y in pairs)
+
+
+def title_nouns(title: str) -> list[str]:
+    """Nouns and proper nouns of a title, in order. WebShop tags them with spaCy
+    en_core_web_lg (not available offline); our choice: the titles come from our own word
+    lists, so a word is a noun iff it is a brand or a head noun of a product type (NOUNS)."""
+    return [w for w in _tokens(title) if w in NOUNS]
+
+
+def type_reward(product: Product, goal: Goal) -> float:
+    """r_type (WebShop get_type_reward). query_match: same type query; category_match: the
+    breadcrumbs share >= 2 levels; title_score = |nouns(bought) ∩ nouns(goal)| / |nouns(goal)|
+    (0.2 if the goal title has none). r_type = 1, or 0.5 if none of query_match,
+    category_match, title_score > 0.2 holds; then 0.1 if title_score < 0.1; 0 if title_score == 0."""
+    query_match = product.query == goal.query
+    crumbs = lambda s: {x.strip() for x in s.split("›")}
+    category_match = len(crumbs(product.product_category) & crumbs(goal.product_category)) >= 2
+    want, got = title_nouns(goal.name), title_nouns(product.title)
+    title_score = len(set(want) & set(got)) / len(want) if want else 0.2   # WebShop: list length below
+    r_type = 1.0 if (query_match or category_match or title_score > 0.2) else 0.5
+    if title_score < 0.1:
+        r_type = 0.1
+    if title_score == 0.0:
+        r_type = 0.0
+    return r_type
+
+
+def _in_text(value: str, product: Product) -> bool:
+    """WebShop's fallback: the phrase occurs (as a substring) in title, features or description."""
+    return any(value in t.lower() for t in (product.title, " ".join(product.features), product.description))
+
+
+def attribute_matches(product: Product, goal: Goal) -> int:
+    """Goal attributes found: fuzzy match (token_set_ratio > 85) to a product attribute, or a substring of its texts."""
+    return sum(any(token_set_ratio(p, g) > 85 for p in product.attributes) or _in_text(g, product)
+               for g in goal.attributes)
+
+
+def normalize_color(value: str) -> str:
+    """WebShop's normalize_color: the first colour of COLOR_SET occurring in the value, else the value."""
+    return next((c for c in COLOR_SET if c in value), value)
+
+
+def option_matches(product: Product, goal: Goal, chosen: dict[str, str]) -> int:
+    """Chosen options that match a goal option (WebShop counts over the *chosen* options):
+    names in EXACT_MATCH_OPTS ("size") need the exact value, others token_set_ratio > 85,
+    both after normalize_color; else a substring of the product's texts."""
+    wanted = [normalize_color(v) for v in goal.goal_options.values()]
+    n = 0
+    for name, value in chosen.items():
+        v = normalize_color(value)
+        if name.lower() in EXACT_MATCH_OPTS:
+            hit = v in wanted
+        else:
+            hit = any(token_set_ratio(g, v) > 85 for g in wanted)
+        n += hit or _in_text(v, product)
+    return n
+
+
+def webshop_reward(product: Product, goal: Goal, price: float, chosen: dict[str, str]) -> tuple[float, dict]:
+    """WebShop reward (Yao et al. 2022, Sec. 3.1; goal.py get_reward):
+        r = r_type · (n_att + n_opt + 1[price <= u]) / (|U_att| + |U_opt| + 1)
+    with n_att / n_opt the matched goal attributes / chosen options, U_att / U_opt those the
+    goal asks for, u the price bound. Success = (r == 1).
+    Our choice: the result is clipped at 1, because WebShop counts matches over the chosen
+    options, so a product with more option groups than the goal asks for could exceed 1."""
+    n_att, n_opt = attribute_matches(product, goal), option_matches(product, goal, chosen)
+    r_price = float(price <= goal.price_upper)
+    r_type = type_reward(product, goal)
+    r = r_type * (n_att + n_opt + r_price) / (len(goal.attributes) + len(goal.goal_options) + 1)
+    return min(1.0, r), dict(r_type=r_type, n_att=n_att, n_opt=n_opt, r_price=r_price)
+
+
+def summarize(rewards: list[float]) -> dict[str, float]:
+    """WebShop's two metrics: score = 100 × mean reward, success rate = fraction with reward 1."""
+    n = max(1, len(rewards))
+    return dict(score=100.0 * sum(rewards) / n, success_rate=sum(r == 1.0 for r in rewards) / n)
+
+
+# ---------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: search engine, pages and actions.
+# ---------------------------------------------------------------------------------------
+class SearchEngine:
+    """BM25 (rank_bm25.BM25Okapi) over the text WebShop indexes per product: title,
+    description, first feature and "name: values" of the options. Returns the top 50 items
+    with a positive score, ties in catalogue order. Results are cached per query, since the
+    rollouts of a group repeat the same searches."""
+
+    def __init__(self, products: list[Product]):
+        self.asins = [p.asin for p in products]
+        docs = [" ".join([p.title, p.description, p.features[0] if p.features else "",
+                          ", and ".join(f"{k}: {', '.join(vs)}" for k, vs in p.options.items())]) for p in products]
+        self.bm25 = BM25Okapi([self._terms(d) for d in docs])
+        self.cache: dict[tuple[str, ...], list[str]] = {}
+
+    @staticmethod
+    def _terms(text: str) -> list[str]:
+        return [t for t in _tokens(text) if t not in STOPWORDS]
+
+    def search(self, query: str) -> list[str]:
+        terms = tuple(self._terms(query))
+        if terms not in self.cache:
+            scores = self.bm25.get_scores(list(terms)) if terms else np.zeros(len(self.asins))
+            order = np.argsort(-scores, kind="stable")[:SEARCH_RETURN_N]
+            self.cache[terms] = [self.asins[i] for i in order if scores[i] > 0]
+        return self.cache[terms]
+
+
+SEARCH_TEMPLATE = "search[<your query>]"   # shown as admissible where the page has a search bar
+SUBPAGES = ("description", "features", "reviews")
+
+
+def parse_action(action: str) -> tuple[str, str]:
+    """'search[x]' / 'click[x]' -> (kind, argument), lower-cased, spaces collapsed; ('', '') if malformed."""
+    m = re.fullmatch(r"(search|click)\[(.+)\]", " ".join(action.lower().split()))
+    return (m.group(1), m.group(2).strip()) if m else ("", "")
+
+
+def is_admissible(action: str, admissible: list[str]) -> bool:
+    """For the manager: an action is admissible if listed, or if it is a non-empty
+    search[...] and the page offers SEARCH_TEMPLATE (any query may be typed)."""
+    kind, arg = parse_action(action)
+    if kind == "search":
+        return bool(arg) and SEARCH_TEMPLATE in admissible
+    return bool(kind) and f"click[{arg}]" in admissible
+
+
+@dataclass
+class _Session:
+    """Browser state of one episode."""
+    goal: Goal
+    page: str = "search"            # search | results | item | description | features | reviews | done
+    query: str = ""
+    results: list[str] = field(default_factory=list)
+    page_num: int = 1
+    asin: str | None = None
+    chosen: dict[str, str] = field(default_factory=dict)   # option name -> clicked value
+
+
+@functools.lru_cache(maxsize=4)
+def _build_shop(seed: int, num_products: int, num_goals: int) -> tuple[list[Product], list[Goal], SearchEngine]:
+    """Our choice: backends with the same settings share one catalogue, goal list and index
+    (read-only after building), so a manager with many env slots builds the shop once."""
+    products = generate_catalogue(seed, num_products)
+    return products, generate_goals(products, num_goals, seed), SearchEngine(products)
+
+
+class WebShopBackend:
+    """One WebShop browser for envs.EnvManager (one instance per env slot)."""
+
+    def __init__(self, cfg, products: list[Product] | None = None, goals: list[Goal] | None = None):
+        """products/goals: hand-made shop for tests (goals[:num_eval_goals] = eval, rest = train)."""
+        self.s = WebShopSettings.from_cfg(cfg)
+        self.real = _RealWebShop(self.s) if getattr(cfg, "source", "embedded") == "real" else None
+        if self.real:
+            return
+        if products is None:
+            products, goals, self.engine = _build_shop(self.s.seed, self.s.num_products,
+                                                       self.s.num_eval_goals + self.s.num_train_goals)
+        else:
+            self.engine = SearchEngine(products)
+        self.products, self.goals = products, goals
+        self.by_asin = {p.asin: p for p in self.products}
+        self.session: _Session | None = None
+
+    # --- task bookkeeping ---------------------------------------------------------------
+    def task_ids(self, split: str) -> list[str]:
+        """Eval = goals 0..num_eval_goals-1 (fixed, as WebShop's test split), train = the rest."""
+        if self.real:
+            return self.real.task_ids(split)
+        n_eval = min(self.s.num_eval_goals, len(self.goals))
+        idx = range(n_eval) if split == "eval" else range(n_eval, len(self.goals))
+        return [f"webshop:{i}" for i in idx]
+
+    def _goal(self, task_id: str) -> Goal:
+        return self.goals[int(task_id.split(":")[1])]
+
+    def task_type(self, task_id: str) -> str:
+        return self.real.task_type(task_id) if self.real else self._goal(task_id).category
+
+    # --- browser ------------------------------------------------------------------------
+    def _render(self) -> tuple[str, list[str]]:
+        """Page text in WebShop's simple text mode ('[SEP]' between elements) and its actions.
+        Our choice: the instruction is left out of the page (the prompt shows it once) and
+        the item page starts with 'You have clicked <option>.' (WebShop's rich text mode),
+        so the chosen options are visible and distinguish the anchor states."""
+        s = self.session
+        if s.page == "search":
+            return "WebShop [SEP] Search", [SEARCH_TEMPLATE]
+        if s.page == "results":
+            shown = s.results[(s.page_num - 1) * PRODUCT_WINDOW: s.page_num * PRODUCT_WINDOW]
+            more = s.page_num * PRODUCT_WINDOW < len(s.results)
+            nav = (["< Prev"] if s.page_num > 1 else []) + (["Next >"] if more else [])
+            parts = ["Back to Search", f"Page {s.page_num} (Total results: {len(s.results)})", *nav]
+            for a in shown:
+                parts += [a, self.by_asin[a].title, f"${self.by_asin[a].price:.2f}"]
+            return " [SEP] ".join(parts), [f"click[{x.lower()}]" for x in ["Back to Search", *nav, *shown]]
+        p = self.by_asin[s.asin]
+        if s.page == "item":
+            parts = [f"You have clicked {v}." for v in s.chosen.values()] + ["Back to Search", "< Prev"]
+            for name, values in p.options.items():
+                parts += [name, *values]
+            rating = sum(r for r, _ in p.reviews) / max(1, len(p.reviews))
+            parts += [p.title, f"Price: ${p.price:.2f}", f"Rating: {rating:.1f}",
+                      "Description", "Features", "Reviews", "Buy Now"]
+            acts = ["back to search", "< prev", *(v for vs in p.options.values() for v in vs), *SUBPAGES, "buy now"]
+            return " [SEP] ".join(parts), [f"click[{a}]" for a in acts]
+        if s.page in SUBPAGES:
+            body = {"description": [p.description], "features": p.features,
+                    "reviews": [f"{r} stars: {t}" for r, t in p.reviews]}[s.page]
+            return " [SEP] ".join(["Back to Search", "< Prev", *body]), ["click[back to search]", "click[< prev]"]
+        return self._done_text, []
+
+    def _info(self, admissible: list[str], score: float = 0.0, invalid: bool = False, **extra) -> dict:
+        g = self.session.goal
+        return dict(admissible=admissible, won=score == 1.0, task=g.instruction, task_type=g.category,
+                    score=score, invalid=invalid, **extra)
+
+    def reset(self, task_id: str) -> tuple[str, dict]:
+        if self.real:
+            return self.real.reset(task_id)
+        self.session = _Session(self._goal(task_id))
+        obs, adm = self._render()
+        return obs, self._info(adm)
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        """One browser action. Buying ends the episode with reward = webshop_reward; every
+        other step has reward 0. An inadmissible action leaves the page unchanged and sets
+        info["invalid"] = True (never raises)."""
+        if self.real:
+            return self.real.step(action)
+        s = self.session
+        obs, adm = self._render()
+        if not is_admissible(action, adm):
+            return obs, 0.0, s.page == "done", self._info(adm, invalid=True)
+        kind, arg = parse_action(action)
+        reward, extra = 0.0, {}
+        if kind == "search":
+            s.page, s.query, s.results, s.page_num = "results", arg, self.engine.search(arg), 1
+        elif arg == "back to search":
+            s.page, s.asin, s.chosen = "search", None, {}
+        elif arg == "next >":
+            s.page_num += 1
+        elif arg == "< prev":   # results: previous page; item: back to results; sub-page: back to item
+            if s.page == "results":
+                s.page_num -= 1
+            elif s.page == "item":
+                s.page, s.asin, s.chosen = "results", None, {}
+            else:
+                s.page = "item"
+        elif arg in SUBPAGES and s.page == "item":
+            s.page = arg
+        elif arg == "buy now":
+            p = self.by_asin[s.asin]
+            reward, parts = webshop_reward(p, s.goal, p.price, s.chosen)
+            extra = dict(reward_info=parts, purchased=p.asin, chosen=dict(s.chosen))
+            s.page = "done"
+            self._done_text = (f"Thank you for shopping with us! [SEP] Purchased [SEP] {p.asin} [SEP] {p.title} "
+                               f"[SEP] Your score (min 0.0, max 1.0) [SEP] {reward:.4f}")
+        elif s.page == "results":
+            s.page, s.asin, s.chosen = "item", arg, {}
+        else:   # an option value on the item page
+            p = self.by_asin[s.asin]
+            s.chosen[next(k for k, vs in p.options.items() if arg in vs)] = arg
+        obs, adm = self._render()
+        return obs, reward, s.page == "done", self._info(adm, score=reward, **extra)
+
+    # --- expert -------------------------------------------------------------------------
+    def walkthrough(self, task_id: str) -> list[str]:
+        """Expert actions that earn reward 1: search the instruction without its price clause,
+        page to the first result that can score 1 (choosing the goal's option values), click
+        its options, buy. Falls back to searching the target's title (always in the top 50)."""
+        if self.real:
+            raise NotImplementedError("walkthrough: real WebShop has human demonstrations, not an expert per goal")
+        g = self._goal(task_id)
+        for query in (g.instruction.split(", and price lower than")[0], g.name.lower()):
+            for rank, asin in enumerate(self.engine.search(query)):
+                p = self.by_asin[asin]
+                chosen = {k: (g.goal_options[k] if g.goal_options.get(k) in vs else vs[0])
+                          for k, vs in p.options.items()}
+                if webshop_reward(p, g, p.price, chosen)[0] == 1.0:
+                    return ([f"search[{query}]"] + ["click[next >]"] * (rank // PRODUCT_WINDOW) + [f"click[{asin}]"]
+                            + [f"click[{v}]" for v in chosen.values()] + ["click[buy now]"])
+        raise RuntimeError(f"no winning product found for {task_id}")
+
+
+# ---------------------------------------------------------------------------------------
+# Real WebShop (princeton-nlp/WebShop checkout), same backend API.
+# ---------------------------------------------------------------------------------------
+INSTALL_HINT = ("source='real' needs a local WebShop: git clone https://github.com/princeton-nlp/WebShop, "
+                "run its `./setup.sh -d small` (product data, search index, spaCy model), then set "
+                "env.webshop_path to the checkout in config.yaml.")
+
+
+_SLOTS = itertools.count()
+
+
+@functools.lru_cache(maxsize=2)
+def _real_server(path: str, num_products: int | None):
+    """Load WebShop's SimServer once per (checkout, product subset): it holds the products,
+    search index and goals (goal order fixed by WebShop's own seed 233)."""
+    sys.path.insert(0, path)
+    from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
+    return WebAgentTextEnv(observation_mode="text", num_products=num_products, human_goals=True).server
+
+
+class _RealWebShop:
+    """Drives ``web_agent_site.envs.WebAgentTextEnv`` in-process (its SimServer, no Flask).
+    Goal i is WebShop session i; eval = goals[:num_eval_goals] as WebShop's test split."""
+
+    def __init__(self, s: WebShopSettings):
+        path = s.webshop_path
+        if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
+            raise WebShopNotInstalled(f"{INSTALL_HINT} (webshop_path={path!r} has no web_agent_site/)")
+        try:
+            server = _real_server(os.path.abspath(path), s.num_products)
+            from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
+        except Exception as e:   # missing packages, data or index
+            raise WebShopNotInstalled(f"{INSTALL_HINT} (loading it failed: {e!r})") from e
+        # one server (products, index, goals) for all slots; a session prefix per slot, because
+        # WebShop keys its browser state by session id and group rollouts share a goal index
+        self.env = WebAgentTextEnv(observation_mode="text", server=server, session_prefix=f"slot{next(_SLOTS)}-")
+        self.s, self.goals = s, self.env.server.goals
+        self.instruction, self.task_type_ = "", ""
+
+    def task_ids(self, split: str) -> list[str]:
+        n_eval = min(self.s.num_eval_goals, len(self.goals))
+        idx = range(n_eval) if split == "eval" else range(n_eval, min(len(self.goals), n_eval + self.s.num_train_goals))
+        return [f"webshop:{i}" for i in idx]
+
+    def task_type(self, task_id: str) -> str:
+        return self.goals[int(task_id.split(":")[1])]["category"]
+
+    def _admissible(self) -> list[str]:
+        avail = self.env.get_available_actions()
+        clicks = [f"click[{c}]" for c in avail["clickables"] if c != "search"]
+        return [SEARCH_TEMPLATE] * avail["has_search_bar"] + clicks
+
+    def _obs(self, obs: str) -> str:
+        return obs.replace(f"Instruction: [SEP] {self.instruction} [SEP] ", "")   # the prompt shows it
+
+    def _info(self, score=0.0, invalid=False) -> dict:
+        return dict(admissible=self._admissible(), won=score == 1.0, task=self.instruction,
+                    task_type=self.task_type_, score=score, invalid=invalid)
+
+    def reset(self, task_id: str) -> tuple[str, dict]:
+        obs, _ = self.env.reset(session=int(task_id.split(":")[1]))
+        self.instruction, self.task_type_ = self.env.instruction_text, self.task_type(task_id)
+        self.last = self._obs(obs)
+        return self.last, self._info()
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        if not is_admissible(action, self._admissible()):
+            return self.last, 0.0, False, self._info(invalid=True)
+        obs, reward, done, _ = self.env.step(" ".join(action.lower().split()))
+        self.last = self._obs(obs)
+        return self.last, float(reward), bool(done), self._info(score=float(reward))
+
+
+# ---------------------------------------------------------------------------------------
+# Scripted buyer and bench.
+# ---------------------------------------------------------------------------------------
+def scripted_buyer(backend: WebShopBackend, task_id: str) -> float:
+    """A naive baseline (embedded shop): search the whole instruction, open the first result,
+    click every option value the instruction names that the item offers, buy. Returns the reward."""
+    _, info = backend.reset(task_id)
+    _, _, _, info = backend.step(f"search[{info['task']}]")
+    items = [a for a in info["admissible"] if a not in ("click[back to search]", "click[next >]", "click[< prev]")]
+    if not items:
+        return 0.0
+    _, _, _, info = backend.step(items[0])
+    for value in backend.session.goal.goal_options.values():
+        if f"click[{value}]" in info["admissible"]:
+            backend.step(f"click[{value}]")
+    return backend.step("click[buy now]")[1]
+
+
+def bench(seed: int = 0) -> None:
+    from types import SimpleNamespace
+    t0 = time.perf_counter()
+    ws = WebShopBackend(SimpleNamespace(seed=seed))
+    t_build = time.perf_counter() - t0
+    eval_ids = ws.task_ids("eval")
+    print(f"catalogue: {len(ws.products)} products, {len(ws.goals)} goals "
+          f"({len(eval_ids)} eval / {len(ws.task_ids('train'))} train), built in {t_build:.2f} s")
+    rng, n_steps, t0 = random.Random(seed), 0, time.perf_counter()
+    for tid in eval_ids[:100]:             # random walks: mixed search / click / page steps
+        _, info = ws.reset(tid)
+        for _ in range(15):
+            act = rng.choice(info["admissible"]) if info["admissible"] else "click[buy now]"
+            act = act.replace("<your query>", info["task"]) if act == SEARCH_TEMPLATE else act
+            _, _, done, info = ws.step(act)
+            n_steps += 1
+            if done:
+                break
+    print(f"step latency: {1000 * (time.perf_counter() - t0) / n_steps:.2f} ms/step over {n_steps} steps")
+    queries, t0 = [g.instruction for g in ws.goals[-200:]], time.perf_counter()
+    for q in queries:                     # goals not used above: BM25 search without the cache
+        ws.engine.search(q)
+    print(f"search latency (uncached BM25 over {len(ws.products)} items): "
+          f"{1000 * (time.perf_counter() - t0) / len(queries):.2f} ms/query")
+    t0 = time.perf_counter()
+    m = summarize([scripted_buyer(ws, tid) for tid in eval_ids])
+    print(f"scripted buyer on {len(eval_ids)} eval goals: score {m['score']:.1f}, success rate "
+          f"{m['success_rate']:.3f} ({time.perf_counter() - t0:.1f} s)")
+    rewards, lengths = [], []
+    for tid in eval_ids:
+        ws.reset(tid)
+        acts = ws.walkthrough(tid)
+        rewards.append([ws.step(a)[1] for a in acts][-1])
+        lengths.append(len(acts))
+    m = summarize(rewards)
+    print(f"walkthrough (expert): score {m['score']:.1f}, success rate {m['success_rate']:.3f}, "
+          f"mean length {sum(lengths) / len(lengths):.1f}, max {max(lengths)}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        bench()
+    else:
+        print("usage: python webshop.py bench")
