@@ -1,4 +1,5 @@
 """Benchmarks. `python bench.py decode`: our KV-cached decoder against HF `generate`.
+`python bench.py rollout`: the environment's share of rollout wall time (see `cmd_rollout`).
 
 Both engines run the same tiny Qwen2 (2 layers, 128 wide, fp32, built on the fly in a temp dir) on
 the same prompts, at temperature 1 (rollout sampling). Workloads:
@@ -12,11 +13,12 @@ Reported per engine (best of --repeats runs, engines interleaved; see `best_time
 the process's CPU clock, see --clock):
 prefill time (call -> end of the prompt's forward, found with a forward hook on the model),
 decode-phase tokens/s (B x (N-1) tokens / time after the prefill), end-to-end tokens/s (B x N /
-total time). "raw forward" is the prefill plus N-1 single-token forwards through the KV cache with
-no sampling or bookkeeping: the limit a decoder can approach. Our decoder passes a ready (B, 1, 1, L)
-boolean mask to its decode steps (see `Policy.__init__`); "raw forward, 2D mask" is the same loop
-with the 2D padding mask that HF `generate` passes, which transformers turns into a 4D mask at
-every step.
+total time). "raw forward" is the prefill plus N-1 single-token forwards through our decoder's KV
+cache (`Policy.new_cache`, preallocated) with no sampling or bookkeeping: the limit a decoder can
+approach. Our decoder passes a ready (B, 1, 1, L) boolean mask to its decode steps (see
+`Policy.__init__`); "raw forward, 2D mask" is the same loop with the 2D padding mask that HF
+`generate` passes, which transformers turns into a 4D mask at every step; "raw fwd, DynamicCache"
+is the same loop over HF's default cache, which grows by concatenation (what `generate` uses).
 
 The HF engine is timed on `Policy.hf_generate_ids` alone (no log-probs, no truncation), our decoder
 on the full `Policy.generate` (ids, log-probs, text): the ratios favour HF, if anything.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -75,11 +78,13 @@ def timed(fn, lm: torch.nn.Module, clock: str) -> dict:
 
 
 @torch.inference_mode()
-def raw_forward(pol: P.Policy, prompts: list[list[int]], n_tokens: int, ready_mask: bool) -> None:
-    """Prefill + (n_tokens - 1) single-token forwards through the KV cache: no sampling, no stops."""
+def raw_forward(pol: P.Policy, prompts: list[list[int]], n_tokens: int, ready_mask: bool,
+                dynamic: bool = False) -> None:
+    """Prefill + (n_tokens - 1) single-token forwards through the KV cache: no sampling, no stops.
+    The cache is our decoder's (`Policy.new_cache`), or HF's DynamicCache with dynamic=True."""
     ids, mask = pol._left_pad(prompts)  # (B, P)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = P.DynamicCache(config=pol._lm_config)
+    cache = P.DynamicCache(config=pol._lm_config) if dynamic else pol.new_cache(ids.shape[1] + n_tokens)
     pol.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
               logits_to_keep=1)
     B, L = ids.shape
@@ -118,11 +123,14 @@ def bench_model(pol: P.Policy, args) -> dict:
 
     # (a) distinct prompts: decode speed
     prompts = make_prompts(pol, B, args.prompt_len, seed=1)
+    dyn = dataclasses.replace(sample, kv_cache="dynamic")
     t = best_times({
         "custom": lambda: pol.generate(prompts, sample, gen),
+        "custom_dyn": lambda: pol.generate(prompts, dyn, gen),
         "hf": lambda: pol.hf_generate_ids(prompts, sample),
         "raw": lambda: raw_forward(pol, prompts, N, ready_mask=True),
         "raw_2d": lambda: raw_forward(pol, prompts, N, ready_mask=False),
+        "raw_dyn": lambda: raw_forward(pol, prompts, N, ready_mask=True, dynamic=True),
     }, lm, args)
     rows = {name: dict(**x, step_ms=1e3 * x["decode_s"] / (N - 1), decode_tok_s=B * (N - 1) / x["decode_s"],
                        e2e_tok_s=B * N / x["total_s"]) for name, x in t.items()}
@@ -181,8 +189,9 @@ def cmd_decode(args) -> dict:
     for name, r in results.items():
         a, b, c = r["a"], r["b"], r["c"]
         wa = f"a: {a['batch']} x {min(a['prompt_tokens'])}-{max(a['prompt_tokens'])} tok, {a['new_tokens']} new"
-        for eng, label in (("custom", "custom"), ("hf", "hf generate"), ("raw", "raw forward"),
-                           ("raw_2d", "raw forward, 2D mask")):
+        for eng, label in (("custom", "custom"), ("custom_dyn", "custom, DynamicCache"),
+                           ("hf", "hf generate"), ("raw", "raw forward"),
+                           ("raw_2d", "raw forward, 2D mask"), ("raw_dyn", "raw fwd, DynamicCache")):
             x = a[eng]
             print(f"{name:6} {wa:34} {label:22} {x['prefill_s']:9.3f} {x['step_ms']:8.2f} "
                   f"{x['decode_tok_s']:12.0f} {x['e2e_tok_s']:10.0f}")
@@ -211,6 +220,77 @@ def cmd_decode(args) -> dict:
     return report
 
 
+# ---------------------------------------------------------------------------------------------
+# rollout
+# ---------------------------------------------------------------------------------------------
+class AdmissibleActions:
+    """The env manager, except that a response which is not a valid action is mapped to an
+    admissible one (picked by a hash of the response text, so runs repeat).
+
+    The random tiny model (almost) never writes a valid `<think>..</think><action>..</action>`;
+    invalid actions never reach the env, which would then sit idle and its share look like zero.
+    A trained policy's actions are valid and executed, which is the case measured here. The
+    original `parse_action` still runs on every response, so its cost is counted."""
+
+    def __init__(self, envs):
+        self.envs, self.cfg = envs, envs.cfg
+
+    def __getattr__(self, name):  # reset, step, build_prompt, ... of the wrapped manager
+        return getattr(self.envs, name)
+
+    def parse_action(self, text: str, admissible: list[str]) -> tuple[str | None, bool]:
+        action, valid = self.envs.parse_action(text, admissible)
+        if valid or not admissible:
+            return action, valid
+        pick = int(hashlib.sha1(text.encode()).hexdigest(), 16) % len(admissible)
+        return admissible[pick], True
+
+
+def cmd_rollout(args) -> dict:
+    """Environment share of rollout wall time: `policy.rollout` with the tiny model on the
+    embedded ALFWorld env, N = tasks x G slots, env stepped in-process or in worker processes."""
+    import envs as E
+
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    pol = P.load_policy(P.ModelConfig(name="tiny", dtype="float32"), device="cpu")
+    sample = P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+    rows = []
+    for n in args.slots:
+        for w in args.workers:
+            cfg = E.EnvConfig(max_steps=args.max_steps, num_workers=w)
+            with E.EnvManager(cfg) as manager:  # worker start-up is not timed
+                envs = manager if args.model_actions else AdmissibleActions(manager)
+                tasks = manager.task_ids("train")[:n // args.group_size]
+                stats: dict = {}
+                t0 = time.perf_counter()
+                trajs = P.rollout(pol, envs, tasks, args.group_size, sample, seed=0, stats=stats)
+                wall = time.perf_counter() - t0
+            rows.append(dict(slots=n, workers=w, wall_s=wall, **stats,
+                             env_share=(stats["reset_s"] + stats["env_s"]) / wall,
+                             env_steps_s=stats["env_steps"] / stats["env_s"], won=sum(t.won for t in trajs)))
+    info = dict(model="tiny Qwen2 (ModelConfig name=tiny), fp32", torch_threads=torch.get_num_threads(),
+                env=f"embedded ALFWorld, EnvConfig defaults, max_steps {args.max_steps}",
+                actions="the model's own" if args.model_actions else "invalid responses mapped to admissible actions",
+                sampling=f"temperature 1, max_new_tokens {args.new_tokens}, stop </action>", clock="wall",
+                torch=torch.__version__)
+    print(f"bench rollout | {info['model']} | torch threads {info['torch_threads']} | {info['env']} | "
+          f"G={args.group_size} | actions: {info['actions']} | {info['sampling']} | wall clock")
+    print("env s = reset + steps; env share = env s / wall s; env steps/s = executed actions / step seconds")
+    print(f"{'N':>4} {'workers':>7} {'wall s':>7} {'generate s':>10} {'env s':>6} {'(reset':>7} {'steps)':>7} "
+          f"{'env share':>9} {'env steps':>9} {'env steps/s':>11} {'tokens':>7}")
+    for r in rows:
+        print(f"{r['slots']:4d} {r['workers']:7d} {r['wall_s']:7.2f} {r['generate_s']:10.2f} "
+              f"{r['reset_s'] + r['env_s']:6.2f} {r['reset_s']:7.2f} {r['env_s']:7.2f} {100 * r['env_share']:8.1f}% "
+              f"{r['env_steps']:9d} {r['env_steps_s']:11.0f} {r['tokens']:7d}")
+    report = dict(info=info, args=vars(args) | {"func": None}, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"json: {args.out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +311,18 @@ def main(argv: list[str] | None = None) -> dict:
                    help="tiny model bare and/or wrapped in LoRA (the ratio lines use the first)")
     d.add_argument("--out", default="runs/bench_decode.json", help="JSON report path")
     d.set_defaults(func=cmd_decode)
+    r = sub.add_parser("rollout", help="environment share of rollout wall time (tiny model, embedded ALFWorld)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads")
+    r.add_argument("--slots", type=int, nargs="+", default=[16, 64], help="N = tasks x G parallel episodes")
+    r.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="EnvConfig.num_workers values")
+    r.add_argument("--group-size", type=int, default=8, help="G rollouts per task")
+    r.add_argument("--max-steps", type=int, default=20, help="episode cap (EnvConfig.max_steps)")
+    r.add_argument("--new-tokens", type=int, default=64,
+                   help="max_new_tokens per response (the random model rarely stops before it)")
+    r.add_argument("--model-actions", action="store_true",
+                   help="keep the model's own (invalid) actions: the env then only resets")
+    r.add_argument("--out", default="runs/bench_rollout.json", help="JSON report path")
+    r.set_defaults(func=cmd_rollout)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,5 @@
 """Environments for SIRI: ALFWorld (embedded or real), prompts, action parsing, batched manager.
+WebShop (embedded or real) lives in webshop.py and plugs in as a backend when EnvConfig.name == "webshop".
 
 Reading order:
   1. Config and per-slot state (`EnvConfig`, `EnvState`).
@@ -57,7 +58,8 @@ class EnvConfig:
     name: str = "alfworld"
     """environment family: "alfworld" | "webshop" (webshop.py plugs in a `WebShopBackend`)"""
     source: str = "embedded"
-    """ALFWorld games: "embedded" (generated offline by this file) | "real" (official, `alfworld-download`)"""
+    """"embedded" (generated offline by our code) | "real" (ALFWorld: official games from `alfworld-download`;
+    WebShop: a princeton-nlp/WebShop checkout at `webshop_path`)"""
     max_steps: int = 50
     """episode cap in env steps, invalid steps included (GiGPO's ALFWorld script: 50; WebShop preset: 15)"""
     history_len: int = 2
@@ -75,7 +77,7 @@ class EnvConfig:
     eval_per_type: int = 20
     """embedded: evaluation games per task type (6 x this; real valid_unseen has 134 games)"""
     seed: int = 0
-    """selects the embedded task set (train and eval seeds are disjoint for every value)"""
+    """selects the embedded task set: ALFWorld games (train and eval seeds disjoint for every value), WebShop catalogue and goals"""
     cache_dir: str = ".cache/alfworld_embedded"
     """where generated games are cached, one file per seed; a relative path is taken from envs.py's folder"""
     data_path: str = ""
@@ -84,6 +86,15 @@ class EnvConfig:
     """real: the evaluation split, "valid_unseen" (out of distribution) or "valid_seen" """
     real_max_tasks: int = 0
     """real: cap on games per split (0 = all), a fixed random subset chosen by `seed`"""
+    num_products: int = 1000
+    """WebShop: catalogue size (embedded: products generated; real: WebShop's product subset, 1000 = the
+    data of its `setup.sh -d small`, 0 = all)"""
+    num_train_goals: int = 2000
+    """WebShop: goals in the train split (the goals after the eval ones; real: capped by what WebShop has)"""
+    num_eval_goals: int = 500
+    """WebShop: goals in the fixed eval split, goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]"""
+    webshop_path: str = ""
+    """WebShop, real: root of a princeton-nlp/WebShop checkout after its setup.sh ("" = none)"""
 
 
 @dataclass
@@ -94,11 +105,13 @@ class EnvState:
     task: str          # instruction text, e.g. "put a apple in fridge."
     obs: str           # current observation text (the env's feedback)
     admissible: list[str]
-    reward: float      # reward of the last transition (ALFWorld: 10.0 on the winning step, else 0)
+    reward: float      # reward of the last transition: 10.0 on the winning step, else 0 (both envs)
     done: bool
     won: bool
     anchor: str        # GiGPO anchor-state key: hash of the normalised current observation
     steps: int         # env steps taken so far in this episode (invalid ones included)
+    score: float | None = None  # WebShop: its own reward in [0, 1] of the purchase (0.0 before buying),
+    #                             reported as score = 100 x mean and success = (score == 1); ALFWorld: None
 
 
 class AlfworldDataNotFound(FileNotFoundError):
@@ -109,7 +122,8 @@ class AlfworldDataNotFound(FileNotFoundError):
 # 2. Prompts and action parsing
 # --------------------------------------------------------------------------------------------
 # Every template lives here. Our own wording; kept short because a tiny CPU model reads them
-# in the tests. "{skill}" and "{history}" are blocks that are either empty or end in "\n".
+# in the tests. "{skill}", "{history}" and "{search_hint}" are blocks that are either empty or
+# end in "\n". One template per environment (cfg.name), sharing the history and answer blocks.
 PROMPTS = {
     "alfworld": (
         "You are a household robot. You act in a text-based house by typing commands.\n"
@@ -120,20 +134,24 @@ PROMPTS = {
         "{answer}"
     ),
     "webshop": (
-        "You are shopping in a web store by typing commands.\n"
-        "Instruction: {task}\n"
+        "You are a shopping assistant in an online store. You move between its pages one command "
+        "at a time; buying an item ends the episode.\n"
+        "The customer asks: {task}\n"
         "{skill}{history}"
-        "Current page: {obs}\n"
-        "Admissible actions: {actions}\n"
+        "Page you are on (parts separated by [SEP]): {obs}\n"
+        "Commands you can use on this page, one per line:\n{actions}\n"
+        "{search_hint}"
         "{answer}"
     ),
     "skill": "A skill that helped with tasks like this before:\n{skill}\n",
+    "webshop_skill": "Shopping advice that worked for requests like this before:\n{skill}\n",
+    "webshop_search": "In search[<your query>], put your own search words in place of <your query>.\n",
     "history": "Your recent steps, oldest first:\n{steps}\n",
     "history_step": "- you saw: {obs}\n  you did: {action}",
     "answer": ("Think briefly inside <think></think>, then give exactly one admissible action "
                "inside <action></action>."),
 }
-ACTION_SEPARATOR = " | "
+ACTION_SEPARATOR = " | "  # ALFWorld lists its actions on one line; WebShop one per line
 
 
 def _collapse(text: str) -> str:
@@ -146,18 +164,21 @@ def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str |
     """The user message for one step (the policy applies the chat template).
 
     task, the last `cfg.history_len` (observation, action) pairs, the current observation, the
-    admissible actions and the answer format. `skill` (text) adds one block; with skill=None
-    the prompt contains no skill text at all, so plain and skill prompts differ only by it.
+    admissible actions and the answer format, in the template of cfg.name. `skill` (text) adds
+    one block; with skill=None the prompt contains no skill text at all, so plain and skill
+    prompts differ only by that block.
     """
+    web = cfg.name == "webshop"
     recent = history[-cfg.history_len:] if cfg.history_len > 0 else []
     steps = "\n".join(PROMPTS["history_step"].format(obs=_collapse(o), action=a if a else "(invalid)")
                       for o, a in recent)
-    return PROMPTS["webshop" if cfg.name == "webshop" else "alfworld"].format(
+    return PROMPTS[cfg.name].format(
         task=state.task,
-        skill=PROMPTS["skill"].format(skill=skill.strip()) if skill else "",
+        skill=PROMPTS["webshop_skill" if web else "skill"].format(skill=skill.strip()) if skill else "",
         history=PROMPTS["history"].format(steps=steps) if recent else "",
         obs=_collapse(state.obs),
-        actions=ACTION_SEPARATOR.join(state.admissible),
+        actions=("\n" if web else ACTION_SEPARATOR).join(state.admissible),
+        search_hint=PROMPTS["webshop_search"] if any(a.startswith("search[") for a in state.admissible) else "",
         answer=PROMPTS["answer"],
     )
 
@@ -166,18 +187,17 @@ _THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.S | re.I)
 
 
-_TEMPLATE_RE = re.compile(r"(\w+)\[(\.\.\.|<[^\]]*>)\]")  # "search[...]" or "search[<your query>]"
-
-
-def parse_action(text: str, admissible: list[str]) -> tuple[str | None, bool]:
+def parse_action(text: str, admissible: list[str], env: str = "alfworld") -> tuple[str | None, bool]:
     """(action, valid) from a model response. Never raises.
 
     Valid only if the response has a <think>...</think> block and an <action>...</action> block
     (the verl-agent rule). The last <action> block counts; it is lower-cased and its whitespace
-    collapsed, then matched against the admissible actions normalised the same way. The returned
-    action is the admissible string itself. Anything else -> (None, False).
-    Our choice (for WebShop's free-text search): an admissible entry written as a template,
-    "verb[...]" or "verb[<placeholder>]", accepts any "verb[<non-empty text>]".
+    collapsed. Anything that fails below -> (None, False), which the manager plays as an invalid step.
+    ALFWorld (env="alfworld"): the action must equal an admissible action normalised the same way;
+      the admissible string itself is returned.
+    WebShop (env="webshop"): `webshop.is_admissible` decides: a listed click[...], or any
+      non-empty search[...] where the page offers the "search[<your query>]" template (our choice:
+      the literal placeholder is not a query). Returned as "kind[argument]", lower-cased.
     """
     if not isinstance(text, str):
         return None, False
@@ -187,13 +207,15 @@ def parse_action(text: str, admissible: list[str]) -> tuple[str | None, bool]:
     action = _collapse(blocks[-1]).lower()
     if not action:
         return None, False
+    if env == "webshop":
+        import webshop
+        if not webshop.is_admissible(action, admissible):
+            return None, False
+        kind, arg = webshop.parse_action(action)
+        return f"{kind}[{arg}]", True
     for cand in admissible:
-        norm = _collapse(cand).lower()
-        if action == norm:
+        if action == _collapse(cand).lower():
             return cand, True
-        template = _TEMPLATE_RE.fullmatch(norm)
-        if template and re.fullmatch(re.escape(template.group(1)) + r"\[[^\]]*\S[^\]]*\]", action):
-            return action, True
     return None, False
 
 
@@ -210,7 +232,9 @@ class GameBackend(Protocol):
 
     The manager builds one backend per slot with `Backend(cfg)` (plus one more in the main
     process that only answers task_ids / task_type / walkthrough). `info` always carries
-    "admissible" (list[str]), "won" (bool), "task" (str) and "task_type" (str).
+    "admissible" (list[str]), "won" (bool), "task" (str) and "task_type" (str); optionally
+    "score" (float, copied to EnvState.score) and "invalid" (bool, counted in invalid_steps).
+    The reward a backend returns is the training reward (10 x won for both families).
     Optional: a `loaded_task` attribute (the task id whose game is loaded) lets the manager
     route a returning task to the backend that already has it, and `close()` is called at shutdown.
     """
@@ -825,7 +849,10 @@ class EnvManager:
     which is how a GiGPO group of G rollouts replays one task); step(actions) advances them all.
     A done slot ignores its action and returns its state unchanged. Action None is an invalid
     step: observation "Nothing happens.", reward 0, the env is not touched, and it counts toward
-    max_steps (and in `invalid_steps`). Reaching max_steps ends the episode (done, not won).
+    max_steps (and in `invalid_steps`, as does a WebShop action the page does not offer, reported
+    by the backend as info["invalid"]). Reaching max_steps ends the episode (done, not won).
+    Rewards are 10 x won for both environments (DESIGN); WebShop's own reward in [0, 1] travels
+    separately as EnvState.score.
 
     With cfg.num_workers > 0 the backends live in worker processes (multiprocessing Pipes, slot
     i on worker i % num_workers, round-robin so that the G copies of a task are spread out).
@@ -891,20 +918,23 @@ class EnvManager:
                 self.invalid_steps[i] += 1
                 new[i] = self._state(state.task_id, INVALID_OBS, 0.0, False,
                                      {"admissible": state.admissible, "won": False, "task": state.task,
-                                      "task_type": state.task_type}, state.steps + 1)
+                                      "task_type": state.task_type, "score": state.score}, state.steps + 1)
             else:
                 to_env.append((i, action))
         for (i, _), (obs, reward, done, info) in zip(to_env, self._run("step", to_env)):
+            self.invalid_steps[i] += bool(info.get("invalid"))  # WebShop: an unlisted action reached the env
             new[i] = self._state(self._states[i].task_id, obs, reward, done, info, self._states[i].steps + 1)
         self._states = new
         return [dataclasses.replace(s) for s in new]
 
     def _state(self, task_id, obs, reward, done, info, steps) -> EnvState:
+        """`info` may carry "score" (WebShop's own reward of the purchase); ALFWorld's has none -> None."""
         won = bool(info["won"])
+        score = info.get("score")
         return EnvState(task_id=task_id, task_type=info["task_type"], task=info["task"], obs=obs,
                         admissible=list(info["admissible"]), reward=float(reward),
                         done=bool(done) or won or steps >= self.cfg.max_steps, won=won,
-                        anchor=anchor_key(obs), steps=steps)
+                        anchor=anchor_key(obs), steps=steps, score=None if score is None else float(score))
 
     def _run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
         """Run reset/step items [(slot, arg)] on whoever owns the slots; results in item order."""
@@ -935,7 +965,8 @@ class EnvManager:
         return build_prompt(self.cfg, state, history, skill)
 
     def parse_action(self, text: str, admissible: list[str]) -> tuple[str | None, bool]:
-        return parse_action(text, admissible)
+        """parse_action with the rules of cfg.name (WebShop: free-text search[...])."""
+        return parse_action(text, admissible, self.cfg.name)
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+import distributed
+
 
 @dataclass
 class GiGPOConfig:
@@ -320,6 +322,12 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
         L = agg(L_clip + β·KL − c_ent·H)[pg tokens] + λ · agg(L_distill)[distill tokens]
     A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
     Returns metrics averaged over optimiser steps.
+
+    Data-parallel (torchrun, see distributed.py): each rank passes its own samples; mini-batch
+    k is the union of every rank's k-th mini-batch. The token / response totals that ``aggregate``
+    divides by are summed over ranks and so are the gradients, so the step equals one process's
+    step on the union. Every rank takes the same number of steps (a rank with fewer mini-batches
+    pads with empty ones) and a non-finite loss on any rank skips the step on all.
     """
     from distill import distill_token_loss  # Phase 2 term; imported here to keep the import graph flat
 
@@ -331,11 +339,17 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
         order = list(samples)
         rng.shuffle(order)
         size = math.ceil(len(order) / max(cfg.minibatches, 1)) or 1
-        for start in range(0, len(order), size):
-            mini = order[start:start + size]
+        minis = [order[start:start + size] for start in range(0, len(order), size)]
+        if distributed.world_size() > 1:  # same step count on every rank (len(minis) <= minibatches)
+            minis += [[] for _ in range(max(cfg.minibatches, 1) - len(minis))]
+        for mini in minis:
             pg = [s for s in mini if s.kind == "pg"]
             dist = [s for s in mini if s.kind == "distill"]
             n_pg, n_dist = sum(len(s.response_ids) for s in pg), sum(len(s.response_ids) for s in dist)
+            n_pg, n_dist, n_pg_seqs, n_dist_seqs = distributed.all_reduce_sum(  # totals over ranks
+                [n_pg, n_dist, len(pg), len(dist)])
+            if n_pg_seqs + n_dist_seqs == 0:
+                continue  # empty on every rank (only when distributed): no step
             optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = defaultdict(float)
             finite = True
@@ -368,9 +382,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                         loss_t = distill_token_loss(logp, old, adv, distill_cfg.clip_eps)
                         stats["distill_loss"] += loss_t.detach().sum().item()
                         dist_terms.append(loss_t)
-                loss = aggregate(pg_terms, cfg.loss_agg, n_pg, len(pg)) if pg_terms else 0.0
+                loss = aggregate(pg_terms, cfg.loss_agg, n_pg, n_pg_seqs) if pg_terms else 0.0
                 if dist_terms:
-                    loss = loss + distill_cfg.lam * aggregate(dist_terms, cfg.loss_agg, n_dist, len(dist))
+                    loss = loss + distill_cfg.lam * aggregate(dist_terms, cfg.loss_agg, n_dist, n_dist_seqs)
                 if not torch.is_tensor(loss):
                     continue
                 if not torch.isfinite(loss):
@@ -378,10 +392,15 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                     break
                 loss.backward()
                 stats["loss"] += loss.item()
+            keys = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "distill_loss")
+            reduced = distributed.all_reduce_sum([float(not finite)] + [stats[k] for k in keys])
+            finite = reduced[0] == 0  # a non-finite loss on any rank skips the step on every rank
+            stats.update(zip(keys, reduced[1:]))
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
+            distributed.all_reduce_grads(params)  # Σ over ranks (the losses are already / global totals)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
@@ -397,7 +416,8 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             if progress is not None:
                 progress.update(1)
     out = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    pg_tokens, distill_tokens = distributed.all_reduce_sum(
+        [sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("pg", "distill")])
     out.update(optimizer_steps=n_steps, skipped_nonfinite=skipped,
-               pg_tokens=sum(len(s.response_ids) for s in samples if s.kind == "pg"),
-               distill_tokens=sum(len(s.response_ids) for s in samples if s.kind == "distill"))
+               pg_tokens=int(pg_tokens), distill_tokens=int(distill_tokens))
     return out

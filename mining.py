@@ -487,19 +487,35 @@ def pair_outcomes(skill_id: str, with_trajs: list, without_trajs: list) -> Paire
     return PairedResult(skill_id, keys, [w[k] for k in keys], [wo[k] for k in keys], without_trajs)
 
 
+def pool_pairs(result: PairedResult) -> PairedResult:
+    """Data-parallel validation (torchrun): every rank's pairs, pooled and sorted by key as one
+    process would hold them, so Δg and its interval are computed on all M×G pairs. `baseline`
+    stays this rank's own plain trajectories (they are reused only by this rank's next call).
+    One process: `result` itself."""
+    import distributed  # lazy: the pure parts of this module need no torch
+    if distributed.world_size() == 1:
+        return result
+    rows = sorted(distributed.gather_objects(list(zip(result.keys, result.with_success, result.without_success))))
+    return PairedResult(result.skill_id, [tuple(r[0]) for r in rows], [r[1] for r in rows],
+                        [r[2] for r in rows], result.baseline)
+
+
 def validate(policy, envs, skill: Skill, task_ids: list[str], group_size: int, sampling_cfg,
              seed: int, baseline: list | None = None) -> PairedResult:
     """Paired rollouts: the same tasks and the same seed, once with the skill in the prompt and
     once plain. `baseline`: plain trajectories of an earlier call with the same tasks and seed
-    (they are the same episodes, so we skip re-playing them)."""
+    (they are the same episodes, so we skip re-playing them). Under torchrun each rank plays its
+    shard of `task_ids` (with its own seed, shared by both arms) and the pairs are pooled."""
+    import distributed
     import policy as policy_lib  # lazy: the pure parts of this module need no torch
+    task_ids, seed = distributed.shard(task_ids), distributed.rank_seed(seed)
     with_trajs = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
                                     skill={skill.task_type: skill.text()}, seed=seed,
                                     desc=f"mining {skill.id} +skill")
     if baseline is None:
         baseline = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
                                       skill=None, seed=seed, desc=f"mining {skill.id} plain")
-    return pair_outcomes(skill.id, with_trajs, baseline)
+    return pool_pairs(pair_outcomes(skill.id, with_trajs, baseline))
 
 
 def record_utility(skill: Skill, result: PairedResult, round_idx: int, cfg: MiningConfig,
@@ -597,11 +613,15 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
             by_type[t.task_type].append(t)
     jobs = [(tt, pick_trajectories(by_type[tt], cfg.trajectories_per_skill, _seed(seed, round_idx, tt, c)))
             for tt in sorted(by_type) for c in range(cfg.candidates_per_type)]
-    if cfg.summariser.startswith("model:") and jobs and summariser_policy is None:
-        summariser_policy = load_summariser(cfg.summariser, policy)
-    tasks_text = task_texts(envs, [t for _, trajs in jobs for t in trajs])
-    texts = summarise(cfg.summariser, jobs, cfg, _seed(seed, round_idx, "summarise"),
-                      summariser_policy or policy, sampling_cfg, tasks_text) if jobs else []
+    import distributed  # lazy: the pure parts of this module need no torch
+    texts = []
+    if jobs and distributed.is_main():  # torchrun: rank 0 summarises, every rank gets its texts
+        if cfg.summariser.startswith("model:") and summariser_policy is None:
+            summariser_policy = load_summariser(cfg.summariser, policy)
+        tasks_text = task_texts(envs, [t for _, trajs in jobs for t in trajs])
+        texts = summarise(cfg.summariser, jobs, cfg, _seed(seed, round_idx, "summarise"),
+                          summariser_policy or policy, sampling_cfg, tasks_text)
+    texts = distributed.broadcast_object(texts)
     new: list[Skill] = []
     for (tt, trajs), text in zip(jobs, texts):
         fields, err = parse_skill(text, cfg.max_skill_steps)
@@ -623,7 +643,7 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
         if measure(skill) == "validated":
             m["accepted"] += 1
 
-    path = bank.save(round_idx)
+    path = bank.save(round_idx) if distributed.is_main() else "(saved by rank 0)"
     out = {f"mining/{k}": float(m[k]) for k in ("malformed", "duplicates", "accepted", "retired")}
     out.update({f"mining/{k}": float(v) for k, v in m.items() if k.startswith("malformed_") or k == "no_tasks"})
     out["mining/candidates"] = float(len(new))

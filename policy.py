@@ -35,12 +35,14 @@ import peft  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    Cache,
     DynamicCache,
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.cache_utils import CacheLayerMixin  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +109,9 @@ class SamplingConfig:
     """identical prompts in a batch are prefilled once and their KV cache rows copied (custom engine)"""
     drop_finished: bool = True
     """finished rows leave the batch and the KV cache (custom engine); `bench.py decode` measures it"""
+    kv_cache: str = "preallocated"
+    """custom engine's KV cache: "preallocated" (allocated once per call, written in place) |
+    "dynamic" (HF's DynamicCache, grown by concatenation); same outputs, `bench.py decode` times both"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +376,10 @@ class Trajectory:
     skill_id: str | None    # `skill_id(text)` of the skill in the prompt, None for plain rollouts
     steps: list[Step]
     won: bool
+    task: str = ""          # the task instruction text (EnvState.task at reset)
+    # the final state's `score` if the env provides one (WebShop: its [0, 1] purchase reward), else
+    # None (ALFWorld, where success is `won`)
+    score: float | None = None
 
     @property
     def return_(self) -> float:
@@ -413,7 +422,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | Non
     # Inverse-CDF sampling: pick the first token whose cumulative probability exceeds u. Same
     # distribution as torch.multinomial, ~8x cheaper on CPU (one random number per row, not per
     # vocabulary entry). float64 keeps 1e-8-probability tokens of a 152k vocabulary.
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1); right=True skips p=0 tokens
     return idx.squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (B,)
 
@@ -450,6 +459,64 @@ class _StopRule:
         return None
 
 
+class _PreallocatedLayer(CacheLayerMixin):
+    """One layer's KV cache, allocated once for the whole generation: (B, kv, max_len, hd) buffers
+    that every step writes into, handing attention a view of the first `length` positions.
+
+    our choice: HF's default `DynamicLayer` grows by `torch.cat`, which allocates and copies the
+    whole cache at every step; `StaticCache` preallocates too but attends over all max_len
+    positions (the unused ones masked out). This layer does neither: same keys and values as
+    DynamicLayer, bit for bit (tested), and the decode step costs about a quarter less here
+    (`bench.py decode`, "raw forward, dynamic cache").
+    """
+
+    is_sliding = False
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.length = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, kv, _, hd = key_states.shape
+        self.k_buf = key_states.new_empty((b, kv, self.max_len, hd))  # (B, kv, max_len, hd)
+        self.v_buf = value_states.new_empty((b, kv, self.max_len, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.length, key_states.shape[-2]
+        if n + m > self.max_len:
+            raise ValueError(f"KV cache full: {n} + {m} tokens > max_len {self.max_len}")
+        self.k_buf[:, :, n:n + m] = key_states  # (B, kv, m, hd) written in place
+        self.v_buf[:, :, n:n + m] = value_states
+        self.length = n + m
+        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]  # views
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0  # as DynamicLayer: (kv_length, kv_offset)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) batch rows: (B, kv, max_len, hd) -> (len(indices), kv, max_len, hd);
+        only the filled positions are copied."""
+        if not self.is_initialized:
+            return
+        bufs = []
+        for buf in (self.k_buf, self.v_buf):
+            new = buf.new_empty((len(indices), *buf.shape[1:]))
+            torch.index_select(buf[:, :, :self.length], 0, indices, out=new[:, :, :self.length])
+            bufs.append(new)
+        self.k_buf, self.v_buf = bufs
+        self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+
 # ---------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +543,19 @@ class Policy:
         # model uses SDPA over full attention: for a single query token the causal+padding mask IS the
         # padding mask, and it skips transformers' per-step mask construction (measured by bench.py).
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
-        self._ready_mask = (lm.config._attn_implementation == "sdpa"
-                            and all(t == "full_attention" for t in layer_types))
+        self._full_attention = all(t == "full_attention" for t in layer_types)
+        self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
+
+    def new_cache(self, max_len: int, kind: str = "preallocated") -> Cache:
+        """An empty KV cache for sequences of up to max_len tokens (prompt + response): preallocated
+        layers (`_PreallocatedLayer`) when every layer attends to the full sequence, else (or with
+        kind="dynamic") HF's `DynamicCache` (what sliding-window / hybrid models need)."""
+        if kind not in ("preallocated", "dynamic"):
+            raise ValueError(f"sampling.kv_cache must be 'preallocated' or 'dynamic', got {kind!r}")
+        if kind == "dynamic" or not self._full_attention:
+            return DynamicCache(config=self._lm_config)
+        n_layers = self._lm_config.get_text_config(decoder=True).num_hidden_layers
+        return Cache(layers=[_PreallocatedLayer(max_len) for _ in range(n_layers)])
 
     # -- prompts --------------------------------------------------------------------------------
     def chat_ids(self, user_text: str) -> list[int]:
@@ -529,11 +607,11 @@ class Policy:
         uniq, inverse = _dedupe(prompts) if cfg.share_prefix else (prompts, list(range(B)))
         ids, mask = self._left_pad(uniq)  # (U, P)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P) position 0 = first real token
-        cache = DynamicCache(config=self._lm_config)
+        P = ids.shape[1]
+        cache = self.new_cache(P + cfg.max_new_tokens, cfg.kv_cache)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (U, V) next-token logits
-        P = ids.shape[1]
         if len(uniq) < B:
             expand = torch.tensor(inverse, device=self.device)  # (B,) row -> its unique prompt
             cache.batch_select_indices(expand)  # every layer's K, V: (U, kv, P, hd) -> (B, kv, P, hd)
@@ -549,18 +627,19 @@ class Policy:
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         reasons = ["length"] * B
+        uniforms = None if cfg.temperature == 0 else torch.rand(  # drawn at once: one call, not one per step
+            (cfg.max_new_tokens, B), generator=generator, device=self.device, dtype=torch.float64)  # (T, B)
         for t in range(cfg.max_new_tokens):
             # log pi of the token we are about to pick, under the (raw) policy
             lp_logits = logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature
-            lse = torch.logsumexp(lp_logits, -1)  # (b,)
+            logp = lp_logits.log_softmax(-1)  # (b, V)
             if t < cfg.min_new_tokens:
                 logits = logits.index_fill(1, eos, float("-inf"))  # EOS not allowed yet
             # one uniform per *original* row and step: a row's samples do not depend on which other
             # rows are still in the batch (dropping finished rows changes no output)
-            u = None if cfg.temperature == 0 else torch.rand(
-                (B, 1), generator=generator, device=self.device, dtype=torch.float64)[rows_t]  # (b, 1)
+            u = None if uniforms is None else uniforms[t, rows_t, None]  # (b, 1)
             tok = sample_next(logits, cfg, u)  # (b,)
-            tok_lp = lp_logits.gather(1, tok[:, None]).squeeze(1) - lse  # (b,)
+            tok_lp = logp.gather(1, tok[:, None]).squeeze(1)  # (b,)
 
             finished_now = False
             for r, k, lp in zip(rows, tok.tolist(), tok_lp.tolist()):
@@ -587,8 +666,9 @@ class Policy:
                              cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (b, V)
             next_pos = next_pos + 1
-        return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i],
-                           text=self.tokenizer.decode(out_ids[i], skip_special_tokens=True)) for i in range(B)]
+        texts = self.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
+        return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i], text=texts[i])
+                for i in range(B)]
 
     def hf_generate_ids(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
         """HF `generate` on left-padded prompts; returns the raw new tokens per row (rows that ended
@@ -738,19 +818,22 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
     states), so a group's prompts coincide at the first step and share one prefill.
     skill: task_type -> skill text put in the prompt (None = plain prompts). Then every Step also
     carries plain_prompt_ids, the same prompt without the skill (Phase 2 re-scores actions on it).
-    stats: if given, accumulates wall seconds "prompt_s" (build + tokenize), "generate_s", "env_s",
-    and counts "steps" (agent decisions) and "tokens" (generated).
+    stats: if given, accumulates wall seconds "reset_s" (env reset), "prompt_s" (build + tokenize),
+    "generate_s", "env_s" (env steps), and counts "steps" (agent decisions), "env_steps" (valid actions the env
+    executed; invalid ones never reach it) and "tokens" (generated).
     """
     slot_tasks = [t for t in task_ids for _ in range(group_size)]
+    t_reset = time.perf_counter()
     states = envs.reset(slot_tasks)
+    t_reset = time.perf_counter() - t_reset
     n = len(slot_tasks)
     skills = [(skill or {}).get(s.task_type) for s in states]
     trajs = [Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % group_size,
-                        skill_id=skill_id(sk) if sk else None, steps=[], won=False)
+                        skill_id=skill_id(sk) if sk else None, steps=[], won=False, task=s.task)
              for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
     history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    timing = dict(prompt_s=0.0, generate_s=0.0, env_s=0.0, steps=0, tokens=0)
+    timing = dict(reset_s=t_reset, prompt_s=0.0, generate_s=0.0, env_s=0.0, steps=0, env_steps=0, tokens=0)
     bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
     while active := [i for i in range(n) if not states[i].done]:
         t0 = time.perf_counter()
@@ -778,12 +861,14 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
         timing["generate_s"] += t2 - t1
         timing["env_s"] += t3 - t2
         timing["steps"] += len(active)
+        timing["env_steps"] += sum(valid for _, valid in parsed)
         timing["tokens"] += sum(len(g.ids) for g in gens)
         bar.set_postfix(active=len(active))
         bar.update(1)
     bar.close()
     for traj, s in zip(trajs, states):
         traj.won = s.won
+        traj.score = getattr(s, "score", None)  # WebShop's final reward; ALFWorld states have none
     if stats is not None:
         for k, v in timing.items():
             stats[k] = stats.get(k, 0) + v

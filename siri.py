@@ -37,6 +37,7 @@ import yaml
 from tqdm import tqdm
 
 import distill
+import distributed
 import gigpo
 import mining
 from envs import EnvConfig, make_envs
@@ -271,6 +272,53 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     return cfg
 
 
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source with ``ast``)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_reference() -> str:
+    """config.yaml as shipped: every key, its default and its meaning, commented out.
+
+    The defaults live in the dataclasses only; this text is generated from them (and a test
+    checks that config.yaml equals it), so the file can never drift from the code.
+    """
+    import textwrap
+
+    lines = ["# SIRI configuration. Every key is listed with its default and meaning; all are commented",
+             "# out, so this file changes nothing until you uncomment a line. Order of precedence:",
+             "# dataclass defaults < preset < this file < command line (python siri.py key.sub=value).",
+             "# Regenerate after changing a default: python siri.py --write-config",
+             "#", "# Presets (preset=NAME on the command line or here):"]
+    for name, values in PRESETS.items():
+        body = ", ".join(f"{k}={v}" for k, v in values.items())
+        lines += textwrap.wrap(f"{name}: {body}", 88, initial_indent="#   ", subsequent_indent="#     ")
+    lines += ["", "# preset: cpu", ""]
+    for section in dataclasses.fields(Config):
+        if section.name == "preset":
+            continue
+        obj = getattr(Config(), section.name)
+        docs = field_docs(type(obj))
+        lines.append(f"# {section.name}:")
+        for f in dataclasses.fields(obj):
+            for doc_line in textwrap.wrap(docs.get(f.name, ""), 84):
+                lines.append(f"#   # {doc_line}")
+            value = yaml.safe_dump({f.name: getattr(obj, f.name)}, default_flow_style=True, width=1000).strip()
+            lines.append(f"#   {value[1:-1]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------
 # Plumbing: atomic files, checkpoints, metrics, plots
 # ---------------------------------------------------------------------------------------
@@ -292,16 +340,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl (always), TensorBoard (opt-in). Keys are namespaced by phase."""
+    """metrics.jsonl (always), TensorBoard (opt-in). Keys are namespaced by phase.
+    Under torchrun only rank 0 writes; on the other ranks log/truncate do nothing."""
 
     def __init__(self, run_dir: Path, tensorboard: bool):
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
-        if tensorboard:
+        self.writer = distributed.is_main()
+        if tensorboard and self.writer:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def log(self, unit: int, phase: str, values: dict) -> None:
+        if not self.writer:
+            return
         row = {"unit": unit, "phase": phase, "time": time.time(), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -309,6 +361,13 @@ class Metrics:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, unit)
+
+    def truncate(self, units_done: int) -> None:
+        """On resume: drop rows of units that were logged but not checkpointed (they run again)."""
+        if not self.writer:
+            return
+        kept = [r for r in self.rows() if r["unit"] < units_done]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -414,16 +473,34 @@ def success_stats(trajs, prefix: str) -> dict:
            f"{prefix}/return": sum(t.return_ for t in trajs) / max(len(trajs), 1),
            f"{prefix}/steps": len(steps) / max(len(trajs), 1),
            f"{prefix}/invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1)}
+    scores = [t.score for t in trajs if getattr(t, "score", None) is not None]
+    if scores:  # WebShop: mean purchase reward × 100, as the paper's table reports it
+        out[f"{prefix}/score"] = 100.0 * sum(scores) / len(scores)
     return out
 
 
+def pooled(trajs: list) -> list:
+    """Under torchrun: every rank's trajectories, in rank order (= task order, see
+    distributed.shard), without their token ids (statistics and mining read only actions,
+    observations and outcomes; this keeps the exchange small). One process: ``trajs`` itself."""
+    if distributed.world_size() == 1:
+        return trajs
+    slim = [dataclasses.replace(t, steps=[dataclasses.replace(s, prompt_ids=[], response_ids=[], logprobs=[],
+                                                              plain_prompt_ids=None) for s in t.steps])
+            for t in trajs]
+    return distributed.gather_objects(slim)
+
+
 def evaluate(policy, envs, cfg: Config, seed: int) -> dict:
-    """Plain-prompt evaluation on the fixed eval set: success per task type and overall."""
+    """Plain-prompt evaluation on the fixed eval set: success per task type and overall.
+    Under torchrun each rank plays its shard of the eval tasks; the statistics are pooled."""
     ids = envs.task_ids("eval")
     if cfg.eval.max_tasks:
         ids = ids[:cfg.eval.max_tasks]
     sampling = dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature)
-    trajs = rollout(policy, envs, ids, cfg.eval.episodes_per_task, sampling, skill=None, seed=seed, desc="eval")
+    trajs = rollout(policy, envs, distributed.shard(ids), cfg.eval.episodes_per_task, sampling, skill=None,
+                    seed=distributed.rank_seed(seed), desc="eval")
+    trajs = pooled(trajs)
     out = success_stats(trajs, "eval")
     by_type: dict[str, list[bool]] = defaultdict(list)
     for t in trajs:
@@ -457,6 +534,11 @@ def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int)
     Our choice: train the base model (LoRA disabled), so that the cold-started model is also
     the KL reference of the RL phases (the usual SFT → RL setup) and the adapter starts at
     zero. Loss: mean negative log-likelihood of the target tokens.
+
+    Under torchrun only rank 0 runs this and ``main`` broadcasts the trained base weights.
+    Our choice: every rank could run the same seeded SFT, but on GPUs non-deterministic kernels
+    would let the copies drift apart, and the ranks must hold identical weights; the SFT set is
+    small, so the other ranks' wait costs no more than running it themselves would.
     """
     pool = envs.task_ids("train")[:cfg.coldstart.tasks]
     samples = coldstart_samples(policy, envs, pool, cfg.coldstart.think)
@@ -505,11 +587,17 @@ def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
 
 
 def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
-    """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update."""
+    """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update.
+
+    Under torchrun every rank draws the same B task ids and plays its shard of them (whole
+    groups, so Eq. 3-9 see every rollout of a group); the update sums gradients over ranks and
+    the successful trajectories of all ranks go into every rank's buffer.
+    """
     rng = random.Random(seed)
     ids = train_task_ids(envs, cfg, rng, cfg.warmup.tasks_per_iter)
     t0 = time.perf_counter()
-    trajs = rollout(policy, envs, ids, cfg.gigpo.group_size, cfg.rollout, skill=None, seed=seed, desc="warmup rollout")
+    trajs = rollout(policy, envs, distributed.shard(ids), cfg.gigpo.group_size, cfg.rollout, skill=None,
+                    seed=distributed.rank_seed(seed), desc="warmup rollout")
     t1 = time.perf_counter()
     adv = gigpo.compute_advantages(trajs, cfg.gigpo)  # Eq. 3, 6-9
     samples = gigpo.samples_from(trajs, adv)
@@ -517,6 +605,7 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     t2 = time.perf_counter()
     timing["rollout"] += t1 - t0
     timing["update"] += t2 - t1
+    trajs = pooled(trajs)
     buffer = state["buffer"]
     buffer.extend(t for t in trajs if t.won)
     del buffer[:-cfg.warmup.buffer_size]
@@ -527,20 +616,23 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
 
 
 def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, timing: dict) -> dict:
-    """Phase 2, one iteration: paired rollouts (skill / plain, same tasks and seeds) → GiGPO + λ·L_distill."""
+    """Phase 2, one iteration: paired rollouts (skill / plain, same tasks and seeds) → GiGPO + λ·L_distill.
+    Under torchrun each rank plays its shard of the tasks (as in the warmup); statistics are pooled."""
     rng = random.Random(seed)
     skills = {s.task_type: s for s in (bank.best(tt) for tt in bank.task_types()) if s is not None}
     pool = [tid for tid in envs.task_ids("train")[:cfg.warmup.task_pool or None] if envs.task_type(tid) in skills]
+    task_ids = (rng.sample(pool, min(cfg.distill.tasks_per_iter, len(pool))) if pool else
+                train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter))
+    seed_r = distributed.rank_seed(seed)  # plain and skill-guided rollouts of a rank share it (paired)
     t0 = time.perf_counter()
-    plain = rollout(policy, envs, rng.sample(pool, min(cfg.distill.tasks_per_iter, len(pool))) if pool else
-                    train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter),
-                    cfg.gigpo.group_size, cfg.rollout, skill=None, seed=seed, desc="distill plain")
+    plain = rollout(policy, envs, distributed.shard(task_ids), cfg.gigpo.group_size, cfg.rollout, skill=None,
+                    seed=seed_r, desc="distill plain")
     ids = sorted({t.task_id for t in plain}, key=[t.task_id for t in plain].index)
     with_skill_ids = [tid for tid in ids if envs.task_type(tid) in skills]
     guided = []
     if with_skill_ids:
         guided = rollout(policy, envs, with_skill_ids, cfg.gigpo.group_size, cfg.rollout,
-                         skill={tt: s.text() for tt, s in skills.items()}, seed=seed, desc="distill skill")
+                         skill={tt: s.text() for tt, s in skills.items()}, seed=seed_r, desc="distill skill")
     t1 = time.perf_counter()
     samples = gigpo.samples_from(plain, gigpo.compute_advantages(plain, cfg.gigpo))
     dsamples, dmetrics = distill.distill_samples(guided, [t for t in plain if t.task_id in with_skill_ids],
@@ -549,7 +641,14 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, tim
     t2 = time.perf_counter()
     timing["rollout"] += t1 - t0
     timing["update"] += t2 - t1
-    out = success_stats(plain, "distill")
+    out = success_stats(pooled(plain), "distill")
+    guided = pooled(guided)
+    if distributed.world_size() > 1:  # counts summed over ranks
+        totals: dict = defaultdict(int)
+        for d in distributed.gather_objects([dmetrics]):
+            for k, v in d.items():
+                totals[k] += v
+        dmetrics = dict(totals)
     out.update(dmetrics)
     if guided:
         out["distill/skill_success"] = success_stats(guided, "x")["x/success"]
@@ -606,30 +705,46 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="config.yaml", help="YAML overrides (default: config.yaml)")
+    parser.add_argument("--config", default=None, help="YAML overrides (default: config.yaml next to siri.py)")
     parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
+    parser.add_argument("--write-config", action="store_true", help="regenerate config.yaml from the defaults and exit")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. warmup.iterations=5")
     args = parser.parse_args(argv)
-    config_path = args.config if Path(args.config).exists() or args.config != "config.yaml" else None
+    if args.write_config:
+        atomic_write_text(Path(__file__).with_name("config.yaml"), config_reference())
+        raise SystemExit(0)
+    config_path = args.config or str(Path(__file__).with_name("config.yaml"))
+    if args.config is None and not Path(config_path).exists():
+        config_path = None
     try:
         cfg = load_config(config_path, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
+    started_group = distributed.init(cfg.run.device)
+    is_main = distributed.is_main()
 
     run_dir = Path(cfg.run.out_dir)
     if run_dir.exists() and (run_dir / "checkpoint").exists() and not args.resume:
         raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose run.out_dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
 
+    if not is_main:
+        distributed.barrier()  # rank 0 first: it fills the game and tiny-model caches the others read
     envs = make_envs(cfg.env)
-    policy = load_policy(cfg.model, device=cfg.run.device,
+    for split in ("train", "eval"):
+        envs.task_ids(split)  # embedded ALFWorld: generates and caches the games on first call
+    policy = load_policy(cfg.model, device=distributed.device(cfg.run.device),
                          corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
+    if is_main:
+        distributed.barrier()
     coldstart_dir = run_dir / "coldstart_model"
     metrics = Metrics(run_dir, cfg.run.tensorboard)
     units = build_units(cfg)
@@ -639,13 +754,20 @@ def main(argv: list[str] | None = None) -> dict:
             policy.load_base_weights(coldstart_dir)
         optimizer = make_optimizer(policy, cfg)
         loaded = load_checkpoint(run_dir, policy, optimizer)
+        seen = distributed.all_reduce_sum([loaded is not None])[0]
+        if 0 < seen < distributed.world_size():
+            raise SystemExit(f"--resume: only {seen:.0f} of {distributed.world_size()} ranks can read "
+                             f"{run_dir}/checkpoint; put run.out_dir on a filesystem every node shares")
         if loaded is None:
             print(f"--resume: no checkpoint in {run_dir}, starting from the beginning")
         else:
             state = loaded
+            metrics.truncate(state["done"])
             print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
     else:
         optimizer = make_optimizer(policy, cfg)
+        metrics.truncate(0)  # a fresh run starts a fresh metrics file
+        distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
     bank = mining.SkillBank.load_latest(run_dir / "skills")
 
     interrupted = {"flag": False}
@@ -667,9 +789,11 @@ def main(argv: list[str] | None = None) -> dict:
                 values = evaluate(policy, envs, cfg, seed=cfg.run.seed + 17)
                 state["timing"]["eval"] += time.perf_counter() - t0
                 state["evals"][phase[5:]] = values
-            elif phase == "coldstart":
-                values = coldstart(policy, envs, cfg, seed, metrics, state["done"])
-                policy.save_base_weights(coldstart_dir)
+            elif phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
+                if is_main:
+                    values = coldstart(policy, envs, cfg, seed, metrics, state["done"])
+                    policy.save_base_weights(coldstart_dir)
+                distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
             elif phase == "warmup":
                 values = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
                 if cfg.warmup.eval_every and (idx + 1) % cfg.warmup.eval_every == 0 and idx + 1 < cfg.warmup.iterations:
@@ -685,9 +809,10 @@ def main(argv: list[str] | None = None) -> dict:
             state["done"] += 1
             bar.update(1)
             phase_end = state["done"] == len(units) or units[state["done"]][0] != phase
-            if state["done"] % cfg.run.checkpoint_every == 0 or phase_end or interrupted["flag"]:
+            stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
+            if is_main and (state["done"] % cfg.run.checkpoint_every == 0 or phase_end or stop):
                 save_checkpoint(run_dir, policy, optimizer, state)
-            if interrupted["flag"]:
+            if stop:
                 print(f"saved checkpoint at unit {state['done']}; continue with --resume")
                 break
     finally:
@@ -696,6 +821,11 @@ def main(argv: list[str] | None = None) -> dict:
         envs.close()
 
     state["timing"]["total_this_session"] = time.perf_counter() - t_start
+    result = {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"])}
+    if not is_main:  # rank 0 writes the report
+        if started_group:
+            distributed.destroy()
+        return result
     rows = metrics.rows()
     plot_curves(rows, run_dir / "curves.png")
     table = results_table(state["evals"])
@@ -705,7 +835,9 @@ def main(argv: list[str] | None = None) -> dict:
         report += "\n## Skill bank (last round)\n\n" + bank.markdown() + "\n"
     atomic_write_text(run_dir / "results.md", report)
     print(report)
-    return {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"])}
+    if started_group:
+        distributed.destroy()
+    return result
 
 
 def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:

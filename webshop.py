@@ -15,7 +15,12 @@ default is an *embedded* shop built from a catalogue our own code generates:
   ``click[features]``, ``click[reviews]``, ``click[buy now]``; ``click[< prev]`` goes back;
 * WebShop's reward (``webshop_reward``), with success = reward 1.
 
-Episodes are capped by the manager (EnvConfig.max_steps; 15 in GiGPO's WebShop setting).
+Rewards, as for ALFWorld (DESIGN): the backend pays 10 x won on the buying step (won = WebShop
+reward 1) and reports WebShop's own reward in [0, 1] as info["score"] (EnvState.score), from
+which evaluation reports WebShop's two numbers (``summarize``: score = 100 x mean, success rate).
+The knobs (num_products, num_train_goals, num_eval_goals, webshop_path, seed) are fields of
+envs.EnvConfig, defined there only. Episodes are capped by the manager (EnvConfig.max_steps;
+15 in GiGPO's WebShop setting, ``python siri.py env=webshop``).
 ``source == "real"`` drives a local WebShop checkout in-process (``_RealWebShop``); without
 one, ``WebShopNotInstalled`` says what to install. Run ``python webshop.py bench`` for the
 catalogue size, step latency and a scripted buyer's score / success rate.
@@ -35,26 +40,7 @@ from difflib import SequenceMatcher
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-
-@dataclass
-class WebShopSettings:
-    """WebShop knobs, read from the env config with ``getattr`` (the defaults live here only)."""
-
-    seed: int = 0
-    """Seed of the embedded catalogue and goals (same seed -> same shop, goals, pages)."""
-    num_products: int = 1000
-    """Embedded: catalogue size. Real: WebShop's product subset (100, 1000, 100000 or None = all),
-    1000 matches its ``setup.sh -d small`` data."""
-    num_train_goals: int = 2000
-    """Goals in the train split (real WebShop: at most all goals after the eval ones)."""
-    num_eval_goals: int = 500
-    """Goals in the fixed eval split: goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]."""
-    webshop_path: str | None = None
-    """Root of a WebShop checkout (princeton-nlp/WebShop, after its setup.sh) for source == "real"."""
-
-    @classmethod
-    def from_cfg(cls, cfg) -> "WebShopSettings":
-        return cls(**{k: getattr(cfg, k, v) for k, v in cls().__dict__.items()})
+from envs import WIN_REWARD, EnvConfig   # envs imports this module only lazily (backend_class)
 
 
 class WebShopNotInstalled(RuntimeError):
@@ -455,10 +441,11 @@ def parse_action(action: str) -> tuple[str, str]:
 
 def is_admissible(action: str, admissible: list[str]) -> bool:
     """For the manager: an action is admissible if listed, or if it is a non-empty
-    search[...] and the page offers SEARCH_TEMPLATE (any query may be typed)."""
+    search[...] and the page offers SEARCH_TEMPLATE (any query may be typed). Our choice: the
+    template copied as is ("search[<your query>]") is not a query, so it is not admissible."""
     kind, arg = parse_action(action)
     if kind == "search":
-        return bool(arg) and SEARCH_TEMPLATE in admissible
+        return bool(arg) and arg != "<your query>" and SEARCH_TEMPLATE in admissible
     return bool(kind) and f"click[{arg}]" in admissible
 
 
@@ -472,6 +459,7 @@ class _Session:
     page_num: int = 1
     asin: str | None = None
     chosen: dict[str, str] = field(default_factory=dict)   # option name -> clicked value
+    score: float = 0.0              # WebShop reward of the purchase (0 until bought)
 
 
 @functools.lru_cache(maxsize=4)
@@ -485,15 +473,16 @@ def _build_shop(seed: int, num_products: int, num_goals: int) -> tuple[list[Prod
 class WebShopBackend:
     """One WebShop browser for envs.EnvManager (one instance per env slot)."""
 
-    def __init__(self, cfg, products: list[Product] | None = None, goals: list[Goal] | None = None):
-        """products/goals: hand-made shop for tests (goals[:num_eval_goals] = eval, rest = train)."""
-        self.s = WebShopSettings.from_cfg(cfg)
-        self.real = _RealWebShop(self.s) if getattr(cfg, "source", "embedded") == "real" else None
+    def __init__(self, cfg: EnvConfig, products: list[Product] | None = None, goals: list[Goal] | None = None):
+        """cfg: seed, num_products, num_train_goals, num_eval_goals, source, webshop_path are read.
+        products/goals: hand-made shop for tests (goals[:num_eval_goals] = eval, rest = train)."""
+        self.cfg = cfg
+        self.real = _RealWebShop(cfg) if cfg.source == "real" else None
         if self.real:
             return
         if products is None:
-            products, goals, self.engine = _build_shop(self.s.seed, self.s.num_products,
-                                                       self.s.num_eval_goals + self.s.num_train_goals)
+            products, goals, self.engine = _build_shop(cfg.seed, cfg.num_products,
+                                                       cfg.num_eval_goals + cfg.num_train_goals)
         else:
             self.engine = SearchEngine(products)
         self.products, self.goals = products, goals
@@ -505,7 +494,7 @@ class WebShopBackend:
         """Eval = goals 0..num_eval_goals-1 (fixed, as WebShop's test split), train = the rest."""
         if self.real:
             return self.real.task_ids(split)
-        n_eval = min(self.s.num_eval_goals, len(self.goals))
+        n_eval = min(self.cfg.num_eval_goals, len(self.goals))
         idx = range(n_eval) if split == "eval" else range(n_eval, len(self.goals))
         return [f"webshop:{i}" for i in idx]
 
@@ -548,10 +537,10 @@ class WebShopBackend:
             return " [SEP] ".join(["Back to Search", "< Prev", *body]), ["click[back to search]", "click[< prev]"]
         return self._done_text, []
 
-    def _info(self, admissible: list[str], score: float = 0.0, invalid: bool = False, **extra) -> dict:
-        g = self.session.goal
-        return dict(admissible=admissible, won=score == 1.0, task=g.instruction, task_type=g.category,
-                    score=score, invalid=invalid, **extra)
+    def _info(self, admissible: list[str], invalid: bool = False, **extra) -> dict:
+        s = self.session
+        return dict(admissible=admissible, won=s.score == 1.0, task=s.goal.instruction, task_type=s.goal.category,
+                    score=s.score, invalid=invalid, **extra)
 
     def reset(self, task_id: str) -> tuple[str, dict]:
         if self.real:
@@ -561,8 +550,9 @@ class WebShopBackend:
         return obs, self._info(adm)
 
     def step(self, action: str) -> tuple[str, float, bool, dict]:
-        """One browser action. Buying ends the episode with reward = webshop_reward; every
-        other step has reward 0. An inadmissible action leaves the page unchanged and sets
+        """One browser action. Buying ends the episode: info["score"] = webshop_reward (kept
+        after the episode ends), reward = 10 x won with won = (score == 1); every other step
+        has reward 0 and score 0. An inadmissible action leaves the page unchanged and sets
         info["invalid"] = True (never raises)."""
         if self.real:
             return self.real.step(action)
@@ -589,18 +579,19 @@ class WebShopBackend:
             s.page = arg
         elif arg == "buy now":
             p = self.by_asin[s.asin]
-            reward, parts = webshop_reward(p, s.goal, p.price, s.chosen)
+            s.score, parts = webshop_reward(p, s.goal, p.price, s.chosen)
+            reward = WIN_REWARD if s.score == 1.0 else 0.0
             extra = dict(reward_info=parts, purchased=p.asin, chosen=dict(s.chosen))
             s.page = "done"
             self._done_text = (f"Thank you for shopping with us! [SEP] Purchased [SEP] {p.asin} [SEP] {p.title} "
-                               f"[SEP] Your score (min 0.0, max 1.0) [SEP] {reward:.4f}")
+                               f"[SEP] Your score (min 0.0, max 1.0) [SEP] {s.score:.4f}")
         elif s.page == "results":
             s.page, s.asin, s.chosen = "item", arg, {}
         else:   # an option value on the item page
             p = self.by_asin[s.asin]
             s.chosen[next(k for k, vs in p.options.items() if arg in vs)] = arg
         obs, adm = self._render()
-        return obs, reward, s.page == "done", self._info(adm, score=reward, **extra)
+        return obs, reward, s.page == "done", self._info(adm, **extra)
 
     # --- expert -------------------------------------------------------------------------
     def walkthrough(self, task_id: str) -> list[str]:
@@ -645,24 +636,24 @@ class _RealWebShop:
     """Drives ``web_agent_site.envs.WebAgentTextEnv`` in-process (its SimServer, no Flask).
     Goal i is WebShop session i; eval = goals[:num_eval_goals] as WebShop's test split."""
 
-    def __init__(self, s: WebShopSettings):
-        path = s.webshop_path
+    def __init__(self, cfg: EnvConfig):
+        path = cfg.webshop_path
         if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
             raise WebShopNotInstalled(f"{INSTALL_HINT} (webshop_path={path!r} has no web_agent_site/)")
         try:
-            server = _real_server(os.path.abspath(path), s.num_products)
+            server = _real_server(os.path.abspath(path), cfg.num_products or None)
             from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
         except Exception as e:   # missing packages, data or index
             raise WebShopNotInstalled(f"{INSTALL_HINT} (loading it failed: {e!r})") from e
         # one server (products, index, goals) for all slots; a session prefix per slot, because
         # WebShop keys its browser state by session id and group rollouts share a goal index
         self.env = WebAgentTextEnv(observation_mode="text", server=server, session_prefix=f"slot{next(_SLOTS)}-")
-        self.s, self.goals = s, self.env.server.goals
-        self.instruction, self.task_type_ = "", ""
+        self.cfg, self.goals = cfg, self.env.server.goals
+        self.instruction, self.task_type_, self.score = "", "", 0.0
 
     def task_ids(self, split: str) -> list[str]:
-        n_eval = min(self.s.num_eval_goals, len(self.goals))
-        idx = range(n_eval) if split == "eval" else range(n_eval, min(len(self.goals), n_eval + self.s.num_train_goals))
+        n_eval = min(self.cfg.num_eval_goals, len(self.goals))
+        idx = range(n_eval) if split == "eval" else range(n_eval, min(len(self.goals), n_eval + self.cfg.num_train_goals))
         return [f"webshop:{i}" for i in idx]
 
     def task_type(self, task_id: str) -> str:
@@ -676,22 +667,25 @@ class _RealWebShop:
     def _obs(self, obs: str) -> str:
         return obs.replace(f"Instruction: [SEP] {self.instruction} [SEP] ", "")   # the prompt shows it
 
-    def _info(self, score=0.0, invalid=False) -> dict:
-        return dict(admissible=self._admissible(), won=score == 1.0, task=self.instruction,
-                    task_type=self.task_type_, score=score, invalid=invalid)
+    def _info(self, invalid=False) -> dict:
+        return dict(admissible=self._admissible(), won=self.score == 1.0, task=self.instruction,
+                    task_type=self.task_type_, score=self.score, invalid=invalid)
 
     def reset(self, task_id: str) -> tuple[str, dict]:
         obs, _ = self.env.reset(session=int(task_id.split(":")[1]))
         self.instruction, self.task_type_ = self.env.instruction_text, self.task_type(task_id)
-        self.last = self._obs(obs)
+        self.last, self.score = self._obs(obs), 0.0
         return self.last, self._info()
 
     def step(self, action: str) -> tuple[str, float, bool, dict]:
+        """As WebShopBackend.step: WebShop's reward (paid when buying) -> info["score"], reward 10 x won."""
         if not is_admissible(action, self._admissible()):
             return self.last, 0.0, False, self._info(invalid=True)
         obs, reward, done, _ = self.env.step(" ".join(action.lower().split()))
         self.last = self._obs(obs)
-        return self.last, float(reward), bool(done), self._info(score=float(reward))
+        if done:
+            self.score = float(reward)
+        return self.last, WIN_REWARD if self.score == 1.0 else 0.0, bool(done), self._info()
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,7 +693,8 @@ class _RealWebShop:
 # ---------------------------------------------------------------------------------------
 def scripted_buyer(backend: WebShopBackend, task_id: str) -> float:
     """A naive baseline (embedded shop): search the whole instruction, open the first result,
-    click every option value the instruction names that the item offers, buy. Returns the reward."""
+    click every option value the instruction names that the item offers, buy. Returns WebShop's
+    reward of the purchase (info["score"])."""
     _, info = backend.reset(task_id)
     _, _, _, info = backend.step(f"search[{info['task']}]")
     items = [a for a in info["admissible"] if a not in ("click[back to search]", "click[next >]", "click[< prev]")]
@@ -709,13 +704,12 @@ def scripted_buyer(backend: WebShopBackend, task_id: str) -> float:
     for value in backend.session.goal.goal_options.values():
         if f"click[{value}]" in info["admissible"]:
             backend.step(f"click[{value}]")
-    return backend.step("click[buy now]")[1]
+    return backend.step("click[buy now]")[3]["score"]
 
 
 def bench(seed: int = 0) -> None:
-    from types import SimpleNamespace
     t0 = time.perf_counter()
-    ws = WebShopBackend(SimpleNamespace(seed=seed))
+    ws = WebShopBackend(EnvConfig(name="webshop", seed=seed))
     t_build = time.perf_counter() - t0
     eval_ids = ws.task_ids("eval")
     print(f"catalogue: {len(ws.products)} products, {len(ws.goals)} goals "
@@ -744,7 +738,7 @@ def bench(seed: int = 0) -> None:
     for tid in eval_ids:
         ws.reset(tid)
         acts = ws.walkthrough(tid)
-        rewards.append([ws.step(a)[1] for a in acts][-1])
+        rewards.append([ws.step(a)[3]["score"] for a in acts][-1])
         lengths.append(len(acts))
     m = summarize(rewards)
     print(f"walkthrough (expert): score {m['score']:.1f}, success rate {m['success_rate']:.3f}, "

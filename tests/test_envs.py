@@ -221,15 +221,19 @@ def test_parse_action(text, expected):
     assert parse_action(text, ADM) == expected
 
 
-def test_parse_action_never_raises_and_accepts_bracket_templates():
+def test_parse_action_never_raises_and_dispatches_on_the_env_name():
     for junk in (None, 3, "<think></think><action>\x00</action>", "<" * 1000):
         assert parse_action(junk, ADM) == (None, False)
-    for search in ("search[...]", "search[<your query>]"):  # WebShop's free-text search
-        web = [search, "click[Buy Now]"]
-        assert parse_action("<think>t</think><action>Search[Red  shoes]</action>", web) == ("search[red shoes]", True)
-        assert parse_action("<think>t</think><action>click[buy now]</action>", web) == ("click[Buy Now]", True)
-        for bad in ("search[]", "search[ ]", "search red shoes", "click[red shoes]"):
-            assert parse_action(f"<think>t</think><action>{bad}</action>", web) == (None, False)
+        assert parse_action(junk, ["search[<your query>]"], "webshop") == (None, False)
+    web = ["search[<your query>]", "click[buy now]"]
+    # ALFWorld: exact match only, a bracket template is just another string
+    assert parse_action("<think>t</think><action>Search[Red  shoes]</action>", web) == (None, False)
+    # WebShop: any non-empty query where the page offers the search template (webshop.is_admissible)
+    assert parse_action("<think>t</think><action>Search[Red  shoes]</action>", web, "webshop") == ("search[red shoes]", True)
+    assert parse_action("<think>t</think><action>click[Buy Now]</action>", web, "webshop") == ("click[buy now]", True)
+    for bad in ("search[]", "search[ ]", "search[<your query>]", "search red shoes", "click[red shoes]"):
+        assert parse_action(f"<think>t</think><action>{bad}</action>", web, "webshop") == (None, False)
+    assert parse_action("<think>t</think><action>search[shoes]</action>", ["click[buy now]"], "webshop") == (None, False)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -247,6 +251,7 @@ def test_prompt_plain_and_with_skill(manager):
     assert with_skill.replace(envs.PROMPTS["skill"].format(skill=skill), "") == plain
     assert manager.build_prompt(state, [], skill=None) == manager.build_prompt(state, [], skill="")
     assert "steps" not in manager.build_prompt(state, [])
+    assert envs.PROMPTS["webshop_search"] not in plain and "\n".join(state.admissible) not in plain
 
 
 # ------------------------------------------------------------------------------ manager
@@ -257,6 +262,7 @@ def test_group_copies_share_the_initial_state(manager):
     assert sys.argv == argv  # fast-downward's translator overwrites sys.argv; envs.py restores it
     assert len({(s.obs, s.task, tuple(s.admissible), s.anchor) for s in states}) == 1
     assert all(s.steps == 0 and not s.done and s.reward == 0.0 and s.task_id == tid for s in states)
+    assert all(s.score is None for s in states)  # only WebShop reports a score
     assert states[0].anchor == envs.anchor_key(states[0].obs) and len(states[0].anchor) == 16
 
 
@@ -265,7 +271,7 @@ def test_invalid_action_is_a_counted_noop(manager):
     start = manager.reset([tid, tid])
     after = manager.step([None, start[1].admissible[0]])
     assert after[0].obs == "Nothing happens." and after[0].reward == 0.0 and after[0].steps == 1
-    assert after[0].admissible == start[0].admissible and not after[0].done
+    assert after[0].admissible == start[0].admissible and not after[0].done and after[0].score is None
     assert after[1].steps == 1 and after[1].obs != "Nothing happens."
     assert manager.invalid_steps == [1, 0]
     again = manager.step([start[1].admissible[0], None])  # the env was untouched by the None

@@ -197,6 +197,23 @@ def test_dropping_finished_rows_changes_nothing(pol, prompts):
             assert dropped[0].finish_reason == "eos" and len(dropped[0].ids) < 12
 
 
+def test_preallocated_kv_cache_equals_dynamic_cache(pol, prompts):
+    """Our preallocated cache against HF's DynamicCache, with rows copied (shared prefix) and rows
+    dropped (finished early) along the way."""
+    batch = [prompts[1]] * 3 + prompts
+    early = with_extra_eos(pol, batch, greedy())
+    for cfg in (greedy(), SamplingConfig(temperature=1.0, max_new_tokens=12, stop=())):
+        ours = early.generate(batch, cfg, torch.Generator().manual_seed(6))
+        hf_cache = early.generate(batch, dataclasses.replace(cfg, kv_cache="dynamic"), torch.Generator().manual_seed(6))
+        same(ours, hf_cache)
+        for a, b in zip(ours, hf_cache):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-6)
+        if cfg.temperature == 0:  # some rows left the batch early, others ran to the end
+            assert {g.finish_reason for g in ours} == {"eos", "length"}
+    with pytest.raises(ValueError, match="kv_cache"):
+        pol.generate(batch, greedy(kv_cache="static"))
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(pol, prompts):
     cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=10, stop=())
     a = pol.generate(prompts, cfg, torch.Generator().manual_seed(1))
@@ -296,8 +313,11 @@ def test_rollout_on_embedded_env(pol):
         assert [t.task_id for t in trajs] == [tasks[0], tasks[0], tasks[1], tasks[1]]  # group-contiguous
         assert [t.index for t in trajs] == [0, 1, 0, 1]
         assert trajs[0].group == trajs[1].group != trajs[2].group
+        first = envs.reset(tasks)
         for t in trajs:
             assert t.task_type == envs.task_type(t.task_id) and t.skill_id is None
+            assert t.task == first[tasks.index(t.task_id)].task and t.task  # the instruction text
+            assert t.score is None  # ALFWorld states carry no `score`
             assert 1 <= len(t.steps) <= 3 and t.steps[-1].done and not any(s.done for s in t.steps[:-1])
             assert t.won == t.steps[-1].won and t.return_ == sum(s.reward for s in t.steps)
             for s in t.steps:
@@ -311,13 +331,52 @@ def test_rollout_on_embedded_env(pol):
         assert [[s.response_ids for s in t.steps] for t in again] == [[s.response_ids for s in t.steps] for t in trajs]
 
         ttype = trajs[0].task_type
-        guided = P.rollout(pol, envs, tasks[:1], 2, cfg, skill={ttype: "- go to the fridge first"}, seed=7)
+        skill = "- go to the fridge first"
+        guided = P.rollout(pol, envs, tasks[:1], 2, cfg, skill={ttype: skill}, seed=7)
         for t in guided:
-            assert t.skill_id == P.skill_id("- go to the fridge first")
-            for s in t.steps:
+            assert t.skill_id == P.skill_id(skill)
+            for s in t.steps:  # the plain prompt is the skill prompt minus the skill
                 assert s.plain_prompt_ids and s.plain_prompt_ids != s.prompt_ids
+                assert skill in pol.tokenizer.decode(s.prompt_ids)
+                assert skill not in pol.tokenizer.decode(s.plain_prompt_ids)
+        # the plain prompt of a guided rollout's first step is the plain rollout's own first prompt
+        assert guided[0].steps[0].plain_prompt_ids == trajs[0].steps[0].prompt_ids
     finally:
         envs.close()
+
+
+def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
+    """WebShop-like envs put their final reward in `state.score`; the trajectory keeps it."""
+
+    @dataclasses.dataclass
+    class State:  # an EnvState plus `score`, as WebShop returns it
+        task_id: str = "t0"
+        task_type: str = "shop"
+        task: str = "buy a red mug"
+        obs: str = "search page"
+        admissible: list = dataclasses.field(default_factory=lambda: ["search[mug]"])
+        reward: float = 0.0
+        done: bool = False
+        won: bool = False
+        anchor: str = "a0"
+        steps: int = 0
+        score: float = 0.0
+
+    class OneStepEnv:  # every episode ends after one step with score 0.25
+        def reset(self, task_ids):
+            return [State(task_id=t) for t in task_ids]
+
+        def step(self, actions):
+            return [State(task_id="t0", done=True, reward=0.25, score=0.25, steps=1) for _ in actions]
+
+        def build_prompt(self, state, history, skill=None):
+            return f"{state.task}\n{skill or ''}{state.obs}"
+
+        def parse_action(self, text, admissible):
+            return None, False
+
+    trajs = P.rollout(pol, OneStepEnv(), ["t0"], 2, SamplingConfig(max_new_tokens=4))
+    assert [(t.task, t.score, len(t.steps)) for t in trajs] == [("buy a red mug", 0.25, 1)] * 2
 
 
 # --- bench.py decode runs (tiny sizes; no timing is checked) -----------------------------------

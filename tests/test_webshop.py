@@ -1,12 +1,16 @@
 """Embedded WebShop: the reward on hand-made goal/product pairs, pages and navigation,
-invalid actions, a scripted buyer with a hand-computed reward, determinism, splits."""
+invalid actions, a scripted buyer with a hand-computed reward, determinism, splits, and the
+shop through envs.EnvManager (parsing, prompts, rewards 10 x won with the score beside, workers)."""
+import dataclasses
+import random
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
+import envs
 import webshop
+from envs import EnvConfig, EnvManager
 from webshop import Goal, Product, WebShopBackend, webshop_reward
 
 LIP = "Beauty & Personal Care › Makeup › Lips › Lipstick"
@@ -15,7 +19,9 @@ EAR = "Electronics › Headphones, Earbuds & Accessories › Headphones & Earbud
 
 
 def cfg(**kw):
-    return SimpleNamespace(**{"seed": 0, "num_products": 300, "num_train_goals": 100, "num_eval_goals": 50, **kw})
+    """A small shop: every WebShop knob is an EnvConfig field (defaults defined there once)."""
+    return EnvConfig(**{"name": "webshop", "max_steps": 15, "num_products": 300, "num_train_goals": 100,
+                        "num_eval_goals": 50, **kw})
 
 
 def lipstick(**kw):
@@ -162,8 +168,9 @@ def test_after_buying_the_episode_is_over(shop):
     shop.reset(tid)
     for a in shop.walkthrough(tid):
         obs, r, done, info = shop.step(a)
-    assert done and r == 1.0 and info["won"] and info["score"] == 1.0 and info["admissible"] == []
-    assert shop.step("click[buy now]")[1:3] == (0.0, True)
+    assert done and r == envs.WIN_REWARD and info["won"] and info["score"] == 1.0 and info["admissible"] == []
+    obs, r, done, info = shop.step("click[buy now]")
+    assert (r, done, info["invalid"], info["score"]) == (0.0, True, True, 1.0)   # the score stays
 
 
 # --- scripted buyer with a hand-computed reward -----------------------------------------
@@ -188,7 +195,9 @@ def test_scripted_buyer_hand_computed():
     assert acts == ["search[i need lipstick that is long lasting and cruelty free with color: nude]",
                     "click[b0lip00001]", "click[nude]", "click[buy now]"]
     shop.reset("webshop:0")
-    assert [shop.step(a)[1] for a in acts] == [0.0, 0.0, 0.0, 1.0]
+    steps = [shop.step(a) for a in acts]
+    assert [r for _, r, _, _ in steps] == [0.0, 0.0, 0.0, envs.WIN_REWARD]   # training reward: 10 x won
+    assert [i["score"] for _, _, _, i in steps] == [0.0, 0.0, 0.0, 1.0]      # WebShop's reward
 
 
 # --- catalogue, goals, splits, determinism ----------------------------------------------
@@ -221,8 +230,9 @@ def test_walkthroughs_win_within_15_steps(shop):
         shop.reset(tid)
         acts = shop.walkthrough(tid)
         assert len(acts) <= 15
-        rewards = [shop.step(a)[1] for a in acts]
-        assert rewards[-1] == 1.0 and sum(rewards[:-1]) == 0.0
+        steps = [shop.step(a) for a in acts]
+        assert steps[-1][1] == envs.WIN_REWARD and steps[-1][3]["score"] == 1.0
+        assert all(r == 0.0 and i["score"] == 0.0 for _, r, _, i in steps[:-1])
 
 
 def test_splits_disjoint_fixed_and_deterministic():
@@ -244,7 +254,7 @@ def test_splits_disjoint_fixed_and_deterministic():
 
 
 def test_real_webshop_missing_gives_one_clear_error(tmp_path):
-    for path in (None, str(tmp_path)):
+    for path in ("", str(tmp_path)):
         with pytest.raises(webshop.WebShopNotInstalled, match="princeton-nlp/WebShop.*setup.sh"):
             WebShopBackend(cfg(source="real", webshop_path=path))
 
@@ -298,7 +308,7 @@ def test_real_source_drives_webshop_text_env(tmp_path, monkeypatch):
     assert obs == "Back to Search [SEP] b0fake0001"
     assert info["admissible"] == ["click[back to search]", "click[b0fake0001]"]
     obs, r, done, info = shop.step("click[b0fake0001]")
-    assert (r, done, info["won"], info["score"]) == (1.0, True, True, 1.0)
+    assert (r, done, info["won"], info["score"]) == (envs.WIN_REWARD, True, True, 1.0)
 
 
 def test_slots_share_the_shop_but_not_the_session():
@@ -309,3 +319,140 @@ def test_slots_share_the_shop_but_not_the_session():
     a.step("search[lipstick]")
     assert b.step("click[back to search]")[3]["invalid"] and b.session.goal is b.goals[1]
     assert b.reset("webshop:1")[0] == obs_b
+
+
+# --- through envs.EnvManager -------------------------------------------------------------
+
+def respond(action: str) -> str:
+    return f"<think>next step</think><action>{action}</action>"
+
+
+def test_config_fields_are_the_one_source_of_defaults():
+    c = EnvConfig(name="webshop")
+    assert (c.num_products, c.num_train_goals, c.num_eval_goals, c.webshop_path) == (1000, 2000, 500, "")
+    assert not hasattr(webshop, "WebShopSettings")
+
+
+def test_manager_group_copies_identical_and_walkthrough_wins():
+    with EnvManager(cfg()) as m:
+        tid = m.task_ids("train")[3]
+        states = m.reset([tid] * 3)
+        assert len({(s.obs, s.task, tuple(s.admissible), s.anchor) for s in states}) == 1
+        assert all(s.score == 0.0 and s.reward == 0.0 and not s.done and s.steps == 0 for s in states)
+        assert states[0].task_type in webshop.TYPES and states[0].obs == "WebShop [SEP] Search"
+        plan = m.walkthrough(tid)
+        for k, action in enumerate(plan):
+            # the policy's path: a model response -> manager.parse_action -> manager.step
+            parsed = [m.parse_action(respond(action.upper() if i == 1 else action), s.admissible)
+                      for i, s in enumerate(states)]
+            assert all(p == (action, True) for p in parsed)
+            states = m.step([p[0] for p in parsed])
+            if k < len(plan) - 1:
+                assert all(s.reward == 0.0 and s.score == 0.0 and not s.done for s in states)
+        assert all(s.won and s.done and s.reward == envs.WIN_REWARD and s.score == 1.0 for s in states)
+        assert all(s.steps == len(plan) for s in states) and m.invalid_steps == [0, 0, 0]
+        assert m.step(["click[buy now]"] * 3) == states          # done slots ignore their actions
+
+
+def test_manager_eval_ids_are_the_fixed_first_goals():
+    with EnvManager(cfg()) as m, EnvManager(cfg(num_train_goals=300)) as bigger:
+        ev = m.task_ids("eval")
+        assert ev == [f"webshop:{i}" for i in range(50)] == bigger.task_ids("eval")
+        assert len(m.task_ids("train")) == 100 and not set(ev) & set(m.task_ids("train"))
+        assert [s.task for s in m.reset(ev)] == [s.task for s in bigger.reset(ev)]   # same goals
+        assert [s.task for s in m.reset(ev[:3])] == [g.instruction for g in m._meta.goals[:3]]
+        assert m.task_type(ev[0]) == m._meta.goals[0].category
+
+
+def test_manager_parse_action_rules():
+    with EnvManager(cfg()) as m:
+        search_page = ["search[<your query>]"]
+        item_page = ["click[back to search]", "click[< prev]", "click[nude]", "click[buy now]"]
+        assert m.parse_action(respond("Search[ Red   Lipstick ]"), search_page) == ("search[red lipstick]", True)
+        assert m.parse_action(respond("CLICK[Buy Now]"), item_page) == ("click[buy now]", True)
+        for bad, page in [("search[]", search_page), ("search[ ]", search_page),
+                          ("search[<your query>]", search_page),      # the template copied as is
+                          ("search[red lipstick]", item_page),        # no search bar on this page
+                          ("click[b0nothere]", item_page), ("buy now", item_page), ("red lipstick", search_page)]:
+            assert m.parse_action(respond(bad), page) == (None, False), bad
+        assert m.parse_action("<action>click[buy now]</action>", item_page) == (None, False)   # no <think>
+    # ALFWorld keeps exact matching: a bracket template is just another string there
+    assert envs.parse_action(respond("search[red lipstick]"), search_page) == (None, False)
+
+
+def test_manager_invalid_click_is_an_invalid_step_not_a_crash():
+    with EnvManager(cfg()) as m:
+        tid = m.task_ids("eval")[0]
+        (start,) = m.reset([tid])
+        (results,) = m.step([m.parse_action(respond("search[lipstick]"), start.admissible)[0]])
+        action, valid = m.parse_action(respond("click[b0nothere]"), results.admissible)
+        assert (action, valid) == (None, False)
+        (after,) = m.step([action])
+        assert after.obs == envs.INVALID_OBS and after.reward == 0.0 and after.score == 0.0
+        assert after.admissible == results.admissible and after.steps == 2 and not after.done
+        assert m.invalid_steps == [1]
+        # an unlisted action handed straight to step (no parser): the page stays, counted invalid
+        (direct,) = m.step(["click[b0nothere]"])
+        assert direct.obs == results.obs and direct.steps == 3 and m.invalid_steps == [2]
+        (back,) = m.step(["click[back to search]"])
+        assert back.obs == start.obs and m.invalid_steps == [2]
+
+
+def test_manager_max_steps_15_ends_unbought_with_score_zero():
+    with EnvManager(cfg()) as m:
+        states = m.reset(m.task_ids("eval")[:1])
+        for _ in range(15):
+            states = m.step([None])
+        assert states[0].done and not states[0].won and states[0].steps == 15
+        assert (states[0].reward, states[0].score) == (0.0, 0.0)
+
+
+def test_manager_prompt_lists_actions_one_per_line():
+    with EnvManager(cfg(history_len=1)) as m:
+        (s0,) = m.reset(m.task_ids("eval")[:1])
+        plain = m.build_prompt(s0, [])
+        assert s0.task in plain and s0.obs in plain and "\nsearch[<your query>]\n" in plain
+        assert envs.PROMPTS["webshop_search"] in plain and "<think>" in plain and "<action>" in plain
+        (s1,) = m.step(["search[lipstick]"])
+        prompt = m.build_prompt(s1, [(s0.obs, "search[lipstick]")])
+        assert "\n".join(s1.admissible) in prompt and envs.ACTION_SEPARATOR not in prompt
+        assert envs.PROMPTS["webshop_search"] not in prompt            # no search bar on a results page
+        assert "you did: search[lipstick]" in prompt
+        skill = "Search the product type first, then open Features to check the attributes."
+        with_skill = m.build_prompt(s1, [(s0.obs, "search[lipstick]")], skill=skill)
+        assert with_skill.replace(envs.PROMPTS["webshop_skill"].format(skill=skill), "") == prompt
+        assert "household" not in plain and "advice" not in prompt
+
+
+def _scripted(m, task_ids, n_steps=9):
+    """Even slots follow their walkthrough, odd slots act at random (searching the task text); some Nones."""
+    rng = random.Random(0)
+    plans, pos = [m.walkthrough(t) for t in task_ids], [0] * len(task_ids)
+    trace = [m.reset(task_ids)]
+    for _ in range(n_steps):
+        actions = []
+        for i, s in enumerate(trace[-1]):
+            if i % 2 == 0 and pos[i] < len(plans[i]):
+                actions.append(plans[i][pos[i]])
+                pos[i] += 1
+            elif rng.random() < 0.2 or not s.admissible:
+                actions.append(None)
+            else:
+                a = rng.choice(s.admissible)
+                actions.append(f"search[{s.task}]" if a == webshop.SEARCH_TEMPLATE else a)
+        trace.append(m.step(actions))
+    return trace
+
+
+def test_manager_workers_match_in_process():
+    ids = [f"webshop:{i}" for i in (50, 51, 52) for _ in range(2)]   # three train goals, two copies each
+    with EnvManager(cfg()) as m0:
+        trace0 = _scripted(m0, ids)
+    with EnvManager(dataclasses.replace(cfg(), num_workers=2)) as m2:
+        trace2 = _scripted(m2, ids)
+        assert m2.walkthrough(ids[0]) == m0.walkthrough(ids[0])
+    assert trace0 == trace2
+    final = trace0[-1]
+    assert all(s.won and s.score == 1.0 and s.reward == envs.WIN_REWARD for s in final[::2])
+    assert all(s.score is not None for t in trace0 for s in t)
+
