@@ -918,7 +918,8 @@ class EnvManager:
                 self.invalid_steps[i] += 1
                 new[i] = self._state(state.task_id, INVALID_OBS, 0.0, False,
                                      {"admissible": state.admissible, "won": False, "task": state.task,
-                                      "task_type": state.task_type, "score": state.score}, state.steps + 1)
+                                      "task_type": state.task_type, "score": state.score}, state.steps + 1,
+                                     anchor=state.anchor)
             else:
                 to_env.append((i, action))
         for (i, _), (obs, reward, done, info) in zip(to_env, self._run("step", to_env)):
@@ -927,14 +928,22 @@ class EnvManager:
         self._states = new
         return [dataclasses.replace(s) for s in new]
 
-    def _state(self, task_id, obs, reward, done, info, steps) -> EnvState:
-        """`info` may carry "score" (WebShop's own reward of the purchase); ALFWorld's has none -> None."""
+    def _state(self, task_id, obs, reward, done, info, steps, anchor: str | None = None) -> EnvState:
+        """`info` may carry "score" (WebShop's own reward of the purchase); ALFWorld's has none -> None.
+
+        anchor: GiGPO's anchor-state key, by default `anchor_key(obs)`. After an invalid step the
+        caller passes the previous state's key. Our choice: the environment was not touched, so the
+        agent is in the state it was in; keying it by the text "Nothing happens." instead would put
+        the after-invalid steps of every state of a group into one step group, comparing returns of
+        unrelated states. With the old key, the retry lands in its state's group beside the valid
+        choices made there (GiGPO's repeated visits), which is the comparison Eq. 7-8 intend.
+        """
         won = bool(info["won"])
         score = info.get("score")
         return EnvState(task_id=task_id, task_type=info["task_type"], task=info["task"], obs=obs,
                         admissible=list(info["admissible"]), reward=float(reward),
                         done=bool(done) or won or steps >= self.cfg.max_steps, won=won,
-                        anchor=anchor_key(obs), steps=steps, score=None if score is None else float(score))
+                        anchor=anchor or anchor_key(obs), steps=steps, score=None if score is None else float(score))
 
     def _run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
         """Run reset/step items [(slot, arg)] on whoever owns the slots; results in item order."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -321,7 +322,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     Loss of a mini-batch (SIRI's total objective; the distill term only in Phase 2):
         L = agg(L_clip + β·KL − c_ent·H)[pg tokens] + λ · agg(L_distill)[distill tokens]
     A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
-    Returns metrics averaged over optimiser steps.
+    Returns metrics averaged over optimiser steps, and the seconds spent scoring with the policy
+    (forward with grad: ``score_s``), scoring with the reference (``ref_score_s``) and in backward
+    passes (``backward_s``); the rest of the update is bookkeeping and optimiser steps.
 
     Data-parallel (torchrun, see distributed.py): each rank passes its own samples; mini-batch
     k is the union of every rank's k-th mini-batch. The token / response totals that ``aggregate``
@@ -334,6 +337,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     params = [p for p in policy.model.parameters() if p.requires_grad]
     rng = random.Random(seed)
     sums: dict[str, float] = defaultdict(float)
+    seconds = {"score_s": 0.0, "ref_score_s": 0.0, "backward_s": 0.0}  # wall time, summed
     n_steps = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
         order = list(samples)
@@ -356,11 +360,15 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             for mb in micro_batches(mini, cfg.token_budget):
                 prompts = [s.prompt_ids for s in mb]
                 responses = [s.response_ids for s in mb]
+                t0 = time.perf_counter()
                 logps, ents = policy.score(prompts, responses, cfg.token_budget, with_entropy=True)
+                t1 = time.perf_counter()
                 ref = None
                 if cfg.beta_kl > 0 and any(s.kind == "pg" for s in mb):
                     with torch.no_grad():
                         ref = policy.score(prompts, responses, cfg.token_budget, reference=True)
+                seconds["score_s"] += t1 - t0
+                seconds["ref_score_s"] += time.perf_counter() - t1
                 pg_terms, dist_terms = [], []
                 for j, s in enumerate(mb):
                     logp = logps[j]
@@ -390,7 +398,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                 if not torch.isfinite(loss):
                     finite = False
                     break
+                t0 = time.perf_counter()
                 loss.backward()
+                seconds["backward_s"] += time.perf_counter() - t0
                 stats["loss"] += loss.item()
             keys = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "distill_loss")
             reduced = distributed.all_reduce_sum([float(not finite)] + [stats[k] for k in keys])
@@ -418,6 +428,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     out = {k: v / max(n_steps, 1) for k, v in sums.items()}
     pg_tokens, distill_tokens = distributed.all_reduce_sum(
         [sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("pg", "distill")])
+    out.update(seconds)
     out.update(optimizer_steps=n_steps, skipped_nonfinite=skipped,
                pg_tokens=int(pg_tokens), distill_tokens=int(distill_tokens))
     return out

@@ -586,6 +586,15 @@ def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
     return rng.sample(pool, min(n, len(pool)))
 
 
+def add_timing(timing: dict, rollout_s: float, update_s: float, update_stats: dict) -> None:
+    """Accumulate a phase's wall time: rollout, update, and inside the update the scoring
+    forwards (policy and reference, ``update_scoring``) and backward passes (``update_backward``)."""
+    timing["rollout"] += rollout_s
+    timing["update"] += update_s
+    timing["update_scoring"] += update_stats["score_s"] + update_stats["ref_score_s"]
+    timing["update_backward"] += update_stats["backward_s"]
+
+
 def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
     """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update.
 
@@ -603,8 +612,7 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     samples = gigpo.samples_from(trajs, adv)
     stats = gigpo.update(policy, optimizer, samples, cfg.gigpo, seed=seed)
     t2 = time.perf_counter()
-    timing["rollout"] += t1 - t0
-    timing["update"] += t2 - t1
+    add_timing(timing, t1 - t0, t2 - t1, stats)
     trajs = pooled(trajs)
     buffer = state["buffer"]
     buffer.extend(t for t in trajs if t.won)
@@ -639,8 +647,7 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, tim
                                                  cfg.gigpo, cfg.distill) if guided else ([], {})
     stats = gigpo.update(policy, optimizer, samples + dsamples, cfg.gigpo, cfg.distill, seed=seed)
     t2 = time.perf_counter()
-    timing["rollout"] += t1 - t0
-    timing["update"] += t2 - t1
+    add_timing(timing, t1 - t0, t2 - t1, stats)
     out = success_stats(pooled(plain), "distill")
     guided = pooled(guided)
     if distributed.world_size() > 1:  # counts summed over ranks

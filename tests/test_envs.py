@@ -274,7 +274,9 @@ def test_invalid_action_is_a_counted_noop(manager):
     assert after[0].admissible == start[0].admissible and not after[0].done and after[0].score is None
     assert after[1].steps == 1 and after[1].obs != "Nothing happens."
     assert manager.invalid_steps == [1, 0]
-    again = manager.step([start[1].admissible[0], None])  # the env was untouched by the None
+    assert after[0].anchor == start[0].anchor  # the env state is unchanged, so is its anchor key
+    assert manager.step([None, None])[1].anchor == after[1].anchor != start[0].anchor
+    again = manager.step([start[1].admissible[0], None])  # the env was untouched by the Nones
     assert again[0].obs == after[1].obs
 
 

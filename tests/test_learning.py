@@ -1,0 +1,59 @@
+"""GiGPO learns: after the cold start, a few warmup iterations raise training success.
+
+The setting (chosen by a sweep, see the README's "Does it learn?"): four small training games
+(4 receptacles, 2 distractors, 10 steps), a cold start that leaves the tiny model at about 30 %
+success when sampling at temperature 1 (it knows the format and most first moves, but picks
+inadmissible actions in later states), then GiGPO with G = 16. What it has to learn is which
+admissible action to take in each state of these games, which is what the step-level
+advantage of the anchor states rewards.
+
+Success is measured before and after on the same four games, 16 episodes each (64 episodes,
+the same seed both times), at temperature 1. Measured in the sweep: 0.30 after the cold start,
+0.55 after 5 iterations, 0.59 after 10 and 15 (then, at this learning rate, it starts to
+drift: 0.41 after 20, KL 0.23). The assertion asks for +15 points after 10 iterations: the
+binomial standard error of each measurement is at most 6.3 points, so +15 is 1.7 standard
+errors of the difference (8.9 points) above zero and the expected gain (~+30) is 3.4; a
+policy that did not learn passes with probability < 5 %.
+"""
+import json
+from collections import defaultdict
+
+import torch
+
+import siri
+from envs import make_envs
+from policy import load_policy, rollout
+
+SETTING = {
+    "env.receptacles": 4, "env.distractors": 2, "env.max_steps": 10,
+    "coldstart.tasks": 4, "coldstart.epochs": 60, "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
+    "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
+}
+ITERATIONS = 10
+EPISODES = 16
+
+
+def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("learn")
+    torch.manual_seed(0)
+    cfg = siri.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
+                           [f"env.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
+    with make_envs(cfg.env) as envs:
+        policy = load_policy(cfg.model, device="cpu",
+                             corpus=lambda: siri.corpus_for_tokenizer(envs, think=cfg.coldstart.think))
+        pool = envs.task_ids("train")[:cfg.warmup.task_pool]
+
+        def success() -> float:
+            trajs = rollout(policy, envs, pool, EPISODES, cfg.rollout, seed=1234, desc="measure")
+            return sum(t.won for t in trajs) / len(trajs)
+
+        siri.coldstart(policy, envs, cfg, seed=0, metrics=siri.Metrics(cache, False), unit=0)
+        before = success()
+        optimizer = siri.make_optimizer(policy, cfg)
+        state = {"buffer": [], "timing": defaultdict(float)}
+        train = [siri.warmup_iteration(policy, optimizer, envs, cfg, state, seed=1000 + i,
+                                       timing=state["timing"])["warmup/success"] for i in range(ITERATIONS)]
+        after = success()
+    report = json.dumps({"before": before, "after": after, "train": train})
+    assert 0.1 <= before <= 0.5, f"the cold start should leave room to learn: {report}"
+    assert after >= before + 0.15, report
