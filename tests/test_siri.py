@@ -29,7 +29,7 @@ def tiny_overrides(out_dir, cache_dir, **extra) -> list[str]:
         "model.tiny_dir": str(cache_dir / "tiny"),
         "rollout.max_new_tokens": 20, "eval.max_tasks": 6,
         "coldstart.tasks": 3, "coldstart.epochs": 2,
-        "warmup.iterations": 1, "warmup.tasks_per_iter": 2, "gigpo.group_size": 2,
+        "warmup.iterations": 1, "warmup.tasks_per_iter": 2, "gigpo.group_size": 2, "gigpo.minibatches": 1,
         "mining.validation_tasks": 1, "mining.validation_group": 2, "mining.trajectories_per_skill": 1,
         "distill.iterations": 1, "distill.tasks_per_iter": 1,
     }
