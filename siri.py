@@ -67,6 +67,11 @@ class RunConfig:
     """Also log metrics to TensorBoard (opt-in; needs the tensorboard package)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    ablation: str = "none"
+    """One switch per ablation of the paper: "none" | "no_mining" (GiGPO only: the rounds run their
+    distillation iterations as plain GiGPO, no skills) | "random_skills" (mining.summariser=random)
+    | "no_selection" (distil every skill-guided token: both distill filters off) |
+    "no_utility_filter" (distill.utility_filter=false)."""
 
 
 @dataclass
@@ -160,6 +165,15 @@ PRESETS: dict[str, dict] = {
         "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
         "distill.iterations": 20, "distill.tasks_per_iter": 8,
     },
+}
+
+# run.ablation -> the settings it stands for ("no_mining" also drops the mining units, see build_units)
+ABLATIONS: dict[str, dict] = {
+    "none": {},
+    "no_mining": {},
+    "random_skills": {"mining.summariser": "random"},
+    "no_selection": {"distill.utility_filter": False, "distill.advantage_filter": False},
+    "no_utility_filter": {"distill.utility_filter": False},
 }
 
 ENV_SHORTHANDS: dict[str, dict] = {
@@ -269,6 +283,10 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         else:
             _apply(cfg, key, value)
     cfg.preset = preset
+    if cfg.run.ablation not in ABLATIONS:
+        raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
+    for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings
+        _apply(cfg, key, value)
     for section in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
         value = getattr(cfg, section.name)
         if hasattr(value, "__post_init__"):
@@ -683,7 +701,9 @@ def build_units(cfg: Config) -> list[tuple[str, int]]:
     units += [("warmup", i) for i in range(cfg.warmup.iterations)]
     units += [("eval_warmup", 0)]
     for r in range(cfg.run.rounds):
-        units += [("mining", r)] + [("distill", r * cfg.distill.iterations + i) for i in range(cfg.distill.iterations)]
+        # no_mining: the same number of update iterations, with an empty skill bank = plain GiGPO
+        mining = [] if cfg.run.ablation == "no_mining" else [("mining", r)]
+        units += mining + [("distill", r * cfg.distill.iterations + i) for i in range(cfg.distill.iterations)]
     units += [("eval_final", 0)]
     return units
 

@@ -206,3 +206,17 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cache, tmp_path):
     def units(run):
         return [(r["unit"], r["phase"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
     assert units("b") == units("a")  # the rows of the unit cut short were dropped on resume, none doubled
+
+
+def test_ablation_switches():
+    assert siri.load_config(None, ["run.ablation=random_skills"]).mining.summariser == "random"
+    cfg = siri.load_config(None, ["run.ablation=no_selection"])
+    assert not cfg.distill.utility_filter and not cfg.distill.advantage_filter
+    cfg = siri.load_config(None, ["run.ablation=no_utility_filter"])
+    assert not cfg.distill.utility_filter and cfg.distill.advantage_filter
+    plain, ablated = (siri.build_units(siri.load_config(None, [f"run.ablation={a}", "run.rounds=2"]))
+                      for a in ("none", "no_mining"))
+    assert [u for u in plain if u[0] != "mining"] == ablated  # same update iterations, no mining
+    assert sum(u[0] == "mining" for u in plain) == 2
+    with pytest.raises(siri.ConfigError, match="run.ablation='no_skills': choose one of"):
+        siri.load_config(None, ["run.ablation=no_skills"])
