@@ -622,13 +622,14 @@ class Policy:
         full_mask[:, :P] = mask.bool()
 
         rows = list(range(B))  # batch row -> original prompt index (rows leave as they finish)
-        rows_t = torch.arange(B, device=self.device)
         done = [False] * B
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lp: list[list[float]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         uniforms = None if cfg.temperature == 0 else torch.rand(  # drawn at once: one call, not one per step
-            (cfg.max_new_tokens, B), generator=generator, device=self.device, dtype=torch.float64)  # (T, B)
+            (cfg.max_new_tokens, B, 1), generator=generator, device=self.device, dtype=torch.float64)  # (T, B, 1)
+        # the mask handed to the model at step t is a view of this buffer: (b, 1, 1, L) or (b, L)
+        mask_buf = full_mask[:, None, None, :] if self._ready_mask else full_mask.long()
         for t in range(cfg.max_new_tokens):
             # log pi of the token we are about to pick, under the (raw) policy
             lp_logits = logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature
@@ -637,7 +638,7 @@ class Policy:
                 logits = logits.index_fill(1, eos, float("-inf"))  # EOS not allowed yet
             # one uniform per *original* row and step: a row's samples do not depend on which other
             # rows are still in the batch (dropping finished rows changes no output)
-            u = None if uniforms is None else uniforms[t, rows_t, None]  # (b, 1)
+            u = None if uniforms is None else uniforms[t]  # (b, 1); rows gathered again when rows leave
             tok = sample_next(logits, cfg, u)  # (b,)
             tok_lp = logp.gather(1, tok[:, None]).squeeze(1)  # (b,)
 
@@ -656,12 +657,14 @@ class Policy:
                 keep = [i for i, r in enumerate(rows) if not done[r]]
                 keep_t = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(keep_t)  # K, V: (b, kv, L, hd) -> (b', kv, L, hd)
-                full_mask, next_pos, tok, rows_t = full_mask[keep_t], next_pos[keep_t], tok[keep_t], rows_t[keep_t]
+                mask_buf, next_pos, tok = mask_buf[keep_t], next_pos[keep_t], tok[keep_t]
+                if uniforms is not None:
+                    uniforms = uniforms[:, keep_t]  # (T, b', 1): each row keeps its own draws
                 rows = [rows[i] for i in keep]
 
             L = P + t + 1  # keys after this step: prompt + the t+1 tokens fed so far
-            step_mask = full_mask[:, :L]  # (b, L)
-            attn = {"full_attention": step_mask[:, None, None, :]} if self._ready_mask else step_mask.long()
+            step_mask = mask_buf[..., :L]  # (b, 1, 1, L) or (b, L)
+            attn = {"full_attention": step_mask} if self._ready_mask else step_mask
             out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                              cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (b, V)
