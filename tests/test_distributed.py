@@ -6,10 +6,14 @@ torchrun (2 ranks) end to end and checks that rank 1 never writes into the run f
 """
 import json
 import os
+import pickle
 import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,7 @@ from policy import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_siri import tiny_overrides  # noqa: E402
+from test_siri import run_cli, tiny_overrides  # noqa: E402
 
 WORLD = 2
 GCFG = gigpo.GiGPOConfig(lr=1e-2, beta_kl=0.01, grad_clip=1.0)
@@ -256,3 +260,31 @@ def test_siri_runs_end_to_end_on_two_ranks_and_only_rank_0_writes(tmp_path):
     assert "distill/skill_success" in dist_row and dist_row["distill/optimizer_steps"] == 1
     warm = next(r for r in rows if r["phase"] == "warmup")
     assert warm["warmup/pg_tokens"] > 0 and warm["warmup/optimizer_steps"] == 1
+
+
+def test_a_one_process_run_resumes_on_two_ranks(tmp_path):
+    """SIGKILL a single-process run mid-warmup, then --resume it under torchrun with 2 ranks:
+    a checkpoint holds no per-rank state, so the run continues at the next unit and finishes."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = tiny_overrides(out, cache, **{"warmup.iterations": 3, "run.rounds": 0, "coldstart.epochs": 2})
+    first = run_cli(args)
+    state = out / "checkpoint" / "state.pkl"
+    deadline = time.time() + 600
+    while time.time() < deadline and first.poll() is None:
+        rows = (out / "metrics.jsonl").read_text().splitlines() if state.exists() else []
+        if any('"phase": "warmup"' in r for r in rows):
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                           "--master_port", str(free_port()), str(ROOT / "siri.py"), "--resume", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = re.search(r"resumed at unit (\d+)/", proc.stdout)
+    assert resumed, proc.stdout[-2000:]
+    done_before = int(resumed.group(1))
+    final = pickle.loads(state.read_bytes())
+    assert final["done"] == len(siri.build_units(siri.load_config(None, args))) > done_before
+    assert (out / "checkpoint" / "COMPLETE").exists() and "final" in final["evals"]
