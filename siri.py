@@ -498,7 +498,7 @@ def success_stats(trajs, prefix: str) -> dict:
            f"{prefix}/return": sum(t.return_ for t in trajs) / max(len(trajs), 1),
            f"{prefix}/steps": len(steps) / max(len(trajs), 1),
            f"{prefix}/invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1)}
-    scores = [t.score for t in trajs if getattr(t, "score", None) is not None]
+    scores = [t.score for t in trajs if t.score is not None]
     if scores:  # WebShop: mean purchase reward × 100, as the paper's table reports it
         out[f"{prefix}/score"] = 100.0 * sum(scores) / len(scores)
     return out
@@ -604,10 +604,12 @@ def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int)
     return out
 
 
-def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
-    pool = envs.task_ids("train")
-    if cfg.warmup.task_pool:
-        pool = pool[:cfg.warmup.task_pool]
+def train_task_ids(envs, cfg: Config, rng: random.Random, n: int, task_types=None) -> list[str]:
+    """n training tasks drawn from the first warmup.task_pool ones (all if 0). task_types: draw
+    only tasks of these types, unless the pool has none of them (then any type)."""
+    pool = envs.task_ids("train")[:cfg.warmup.task_pool or None]
+    if task_types is not None:
+        pool = [tid for tid in pool if envs.task_type(tid) in task_types] or pool
     return rng.sample(pool, min(n, len(pool)))
 
 
@@ -653,9 +655,7 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, tim
     Under torchrun each rank plays its shard of the tasks (as in the warmup); statistics are pooled."""
     rng = random.Random(seed)
     skills = {s.task_type: s for s in (bank.best(tt) for tt in bank.task_types()) if s is not None}
-    pool = [tid for tid in envs.task_ids("train")[:cfg.warmup.task_pool or None] if envs.task_type(tid) in skills]
-    task_ids = (rng.sample(pool, min(cfg.distill.tasks_per_iter, len(pool))) if pool else
-                train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter))
+    task_ids = train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter, task_types=skills)
     seed_r = distributed.rank_seed(seed)  # plain and skill-guided rollouts of a rank share it (paired)
     t0 = time.perf_counter()
     plain = rollout(policy, envs, distributed.shard(task_ids), cfg.gigpo.group_size, cfg.rollout, skill=None,

@@ -9,11 +9,9 @@ import os
 import pickle
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from policy import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_siri import run_cli, tiny_overrides  # noqa: E402
+from test_siri import kill_after_first_warmup_row, run_cli, tiny_overrides  # noqa: E402
 
 WORLD = 2
 GCFG = gigpo.GiGPOConfig(lr=1e-2, beta_kl=0.01, grad_clip=1.0)
@@ -267,16 +265,8 @@ def test_a_one_process_run_resumes_on_two_ranks(tmp_path):
     a checkpoint holds no per-rank state, so the run continues at the next unit and finishes."""
     cache, out = tmp_path / "cache", tmp_path / "run"
     args = tiny_overrides(out, cache, **{"warmup.iterations": 3, "run.rounds": 0, "coldstart.epochs": 2})
-    first = run_cli(args)
+    kill_after_first_warmup_row(run_cli(args), out)
     state = out / "checkpoint" / "state.pkl"
-    deadline = time.time() + 600
-    while time.time() < deadline and first.poll() is None:
-        rows = (out / "metrics.jsonl").read_text().splitlines() if state.exists() else []
-        if any('"phase": "warmup"' in r for r in rows):
-            break
-        time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                            "--master_port", str(free_port()), str(ROOT / "siri.py"), "--resume", *args],

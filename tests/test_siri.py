@@ -181,22 +181,26 @@ def run_cli(args, **kw):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
+def kill_after_first_warmup_row(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL a siri.py run once a checkpoint exists and a warmup row is logged (mid-warmup)."""
+    state = out / "checkpoint" / "state.pkl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        rows = (out / "metrics.jsonl").read_text().splitlines() if state.exists() else []
+        if any('"phase": "warmup"' in r for r in rows):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(cache, tmp_path):
     """SIGKILL mid-warmup, --resume, and the final weights equal those of a run never killed."""
     extra = {"warmup.iterations": 3, "run.rounds": 0, "coldstart.epochs": 2}
     straight = run_cli(tiny_overrides(tmp_path / "a", cache, **extra))
     assert straight.wait(timeout=600) == 0, straight.stderr.read().decode()[-3000:]
 
-    killed = run_cli(tiny_overrides(tmp_path / "b", cache, **extra))
-    state = tmp_path / "b" / "checkpoint" / "state.pkl"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if state.exists() else []
-        if any('"phase": "warmup"' in r for r in rows):
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_after_first_warmup_row(run_cli(tiny_overrides(tmp_path / "b", cache, **extra)), tmp_path / "b")
     resumed = run_cli(["--resume", *tiny_overrides(tmp_path / "b", cache, **extra)])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
 
