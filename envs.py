@@ -72,6 +72,9 @@ class EnvConfig:
     """embedded difficulty: receptacles in a generated room (more = more searching; real ALFWorld: 15-35)"""
     distractors: int = 4
     """embedded difficulty: objects in the room besides the task's target object(s)"""
+    location_priors: bool = True
+    """embedded: objects start where their type usually is (envs.HOMES, ALFRED-like: food in the fridge,
+    cutlery in drawers), the regularity a skill can carry; false = uniform over the receptacles they fit"""
     num_train_tasks: int = 600
     """embedded: number of generated training games (the six task types in turn)"""
     eval_per_type: int = 20
@@ -317,7 +320,7 @@ def _alfred_files() -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 # 4b. Embedded ALFWorld: our own generator of PDDL problems for the `alfred` domain
 # --------------------------------------------------------------------------------------------
-GENERATOR_VERSION = 1  # bump when generated games change: it is part of the cache folder name
+GENERATOR_VERSION = 2  # bump when generated games change: it is part of the cache folder name
 
 # Our room catalogue, in the spirit of ALFRED's scenes. Types are ALFRED's (alfworld.gen.constants);
 # which object fits in which receptacle comes from constants.VAL_RECEPTACLE_OBJECTS.
@@ -363,6 +366,84 @@ TOOL = {"pick_clean_then_place_in_recep": "SinkBasin",   # CleanObject needs a S
 NEEDS = {"pick_clean_then_place_in_recep": "Cleanable",  # keys of constants.VAL_ACTION_OBJECTS
          "pick_heat_then_place_in_recep": "Heatable",
          "pick_cool_then_place_in_recep": "Coolable"}
+# Where each object type usually starts (our table, in the spirit of ALFRED's scene statistics:
+# mugs by the coffee machine or in a cabinet, food in the fridge, cutlery in drawers). A generated
+# object starts in a receptacle type drawn with these weights among the types in the room that it
+# fits; a fitting type not listed here gets OTHER_HOME_WEIGHT. Our choice of spread: the first
+# home holds the object about half of the time, so a policy that knows the table finds the object
+# at its first try far more often than one that searches in a random order, and still has to
+# search in the rest of the games. This is the knowledge a skill can carry (DESIGN.md, "What makes
+# a skill worth mining"); `env.location_priors=false` turns it off (uniform placement).
+HOMES: dict[str, dict[str, float]] = {
+    # kitchen
+    "Apple": {"Fridge": .5, "CounterTop": .3, "DiningTable": .2},
+    "Bread": {"CounterTop": .5, "DiningTable": .3, "Fridge": .2},
+    "Egg": {"Fridge": .6, "CounterTop": .25, "DiningTable": .15},
+    "Lettuce": {"Fridge": .6, "CounterTop": .25, "DiningTable": .15},
+    "Potato": {"Fridge": .5, "CounterTop": .3, "SinkBasin": .2},
+    "Tomato": {"Fridge": .5, "CounterTop": .3, "DiningTable": .2},
+    "WineBottle": {"Fridge": .5, "Cabinet": .3, "CounterTop": .2},
+    "Cup": {"Cabinet": .5, "CounterTop": .3, "SinkBasin": .2},
+    "Mug": {"CoffeeMachine": .4, "Cabinet": .25, "Desk": .2, "CounterTop": .15},
+    "Bowl": {"Cabinet": .5, "CounterTop": .2, "Shelf": .2, "DiningTable": .1},
+    "Plate": {"Cabinet": .5, "CounterTop": .2, "DiningTable": .2, "Shelf": .1},
+    "Pan": {"StoveBurner": .6, "Cabinet": .25, "CounterTop": .15},
+    "Pot": {"StoveBurner": .6, "Cabinet": .25, "CounterTop": .15},
+    "Kettle": {"StoveBurner": .6, "CounterTop": .25, "Cabinet": .15},
+    "ButterKnife": {"Drawer": .6, "CounterTop": .25, "DiningTable": .15},
+    "Fork": {"Drawer": .6, "CounterTop": .25, "DiningTable": .15},
+    "Knife": {"Drawer": .6, "CounterTop": .25, "DiningTable": .15},
+    "Spoon": {"Drawer": .6, "CounterTop": .25, "DiningTable": .15},
+    "Spatula": {"Drawer": .6, "CounterTop": .25, "SinkBasin": .15},
+    "Ladle": {"Drawer": .6, "CounterTop": .25, "Cabinet": .15},
+    "PepperShaker": {"Cabinet": .5, "CounterTop": .3, "Shelf": .2},
+    "SaltShaker": {"Cabinet": .5, "CounterTop": .3, "Shelf": .2},
+    "DishSponge": {"SinkBasin": .5, "CounterTop": .2, "Cabinet": .2, "Cart": .1},
+    "SoapBottle": {"CounterTop": .5, "Cabinet": .3, "Shelf": .2},
+    # bathroom
+    "SoapBar": {"SinkBasin": .4, "BathtubBasin": .3, "CounterTop": .3},
+    "HandTowel": {"HandTowelHolder": .7, "CounterTop": .2, "Cabinet": .1},
+    "Towel": {"TowelHolder": 1.0},
+    "ToiletPaper": {"ToiletPaperHanger": .6, "Cabinet": .2, "Toilet": .2},
+    "SprayBottle": {"Cabinet": .5, "Toilet": .3, "CounterTop": .2},
+    "Plunger": {"Cabinet": .7, "Cart": .3},
+    "PaperTowel": {"CounterTop": .6, "Shelf": .2, "Cart": .2},
+    "TissueBox": {"Toilet": .3, "Shelf": .3, "CoffeeTable": .2, "Cabinet": .2},
+    "Candle": {"Shelf": .5, "Cabinet": .3, "CoffeeTable": .2},
+    "Cloth": {"Cabinet": .4, "Drawer": .3, "LaundryHamper": .2, "BathtubBasin": .1},
+    # bedroom and living room
+    "AlarmClock": {"SideTable": .5, "Desk": .3, "Dresser": .2},
+    "BaseballBat": {"Bed": .7, "SideTable": .3},
+    "BasketBall": {"Bed": .5, "ArmChair": .3, "Desk": .2},
+    "TennisRacket": {"Bed": .5, "Desk": .3, "Dresser": .2},
+    "Book": {"Desk": .4, "Bed": .3, "Shelf": .2, "Sofa": .1},
+    "CD": {"Drawer": .4, "Shelf": .3, "Desk": .3},
+    "CellPhone": {"Bed": .4, "SideTable": .3, "Desk": .2, "Sofa": .1},
+    "CreditCard": {"Drawer": .4, "Desk": .3, "SideTable": .2, "CoffeeTable": .1},
+    "KeyChain": {"Drawer": .4, "SideTable": .3, "Dresser": .2, "CoffeeTable": .1},
+    "Laptop": {"Desk": .5, "Bed": .3, "Sofa": .2},
+    "Pen": {"Desk": .5, "Drawer": .3, "Shelf": .2},
+    "Pencil": {"Desk": .5, "Drawer": .3, "Shelf": .2},
+    "Pillow": {"Bed": .6, "Sofa": .3, "ArmChair": .1},
+    "Vase": {"Shelf": .5, "CoffeeTable": .2, "Dresser": .2, "SideTable": .1},
+    "Watch": {"Dresser": .4, "SideTable": .3, "Drawer": .3},
+    "Statue": {"Shelf": .5, "Dresser": .3, "CoffeeTable": .2},
+    "Newspaper": {"CoffeeTable": .4, "Sofa": .4, "Ottoman": .2},
+    "RemoteControl": {"CoffeeTable": .5, "Sofa": .3, "ArmChair": .2},
+    "WateringCan": {"Shelf": .5, "SideTable": .3, "CoffeeTable": .2},
+}
+OTHER_HOME_WEIGHT = 0.03
+
+
+def home_weights(obj: str, recep_types, priors: bool = True) -> list[float]:
+    """Weight of each receptacle type in `recep_types` as the starting place of an `obj`
+    (HOMES, OTHER_HOME_WEIGHT for fitting types it does not list; all 1 with priors=False)."""
+    if not priors:
+        return [1.0] * len(recep_types)
+    homes = HOMES.get(obj, {})
+    return [homes.get(r, OTHER_HOME_WEIGHT) for r in recep_types]
+
+
 LAMP, LAMP_HOLDERS = "DeskLamp", ("Desk", "SideTable", "Dresser")
 # Types the domain's actions name as constants; the problem must declare them.
 DOMAIN_RTYPES, DOMAIN_OTYPES = ("SinkBasin", "Microwave", "Fridge"), ("Knife", "ButterKnife")
@@ -387,12 +468,13 @@ def _entity(type_name: str, k: int) -> str:
 
 
 def generate_game(seed: int, task_type: str, receptacles: int = 8, distractors: int = 4,
-                  attempt: int = 0) -> dict:
+                  attempt: int = 0, priors: bool = True) -> dict:
     """One ALFWorld-style game (a `game.tw-pddl` dict), deterministic in its arguments. Unverified.
 
     Scene: a room of ALFRED receptacles (openable ones closed), the task's target object(s) in a
     receptacle that is not of the goal type (sometimes a closed one), a desk lamp for
-    look_at_obj_in_light, and `distractors` other objects wherever they fit.
+    look_at_obj_in_light, and `distractors` other objects wherever they fit. With `priors`, the
+    target's starting receptacle type is drawn from its HOMES weights (else uniformly).
     Goal: alfworld's goal_library PDDL for the task type ('#' there stands for PDDL's '-').
     Task text: one of goal_library's templates, put into alfworld's grammar by
     alfworld's own add_task_to_grammar.
@@ -422,7 +504,8 @@ def generate_game(seed: int, task_type: str, receptacles: int = 8, distractors: 
                  for r in recep_pool if r != tool and _fits(r, o) and sources(o, r)]
         target, goal_recep = rng.choice(pairs)
         required = [goal_recep] + ([tool] if tool else [])
-    source = rng.choice(sources(target, goal_recep))
+    source_types = sources(target, goal_recep)
+    source = rng.choices(source_types, home_weights(target, source_types, priors))[0]
     required = list(dict.fromkeys(required + [source]))  # unique, in order
 
     # -- 2. receptacle instances: the required ones, then random fill-ins up to `receptacles`
@@ -439,8 +522,12 @@ def generate_game(seed: int, task_type: str, receptacles: int = 8, distractors: 
     def place(obj, allowed):
         return obj, rng.choice([i for i, r in enumerate(rtypes) if r in allowed and _fits(r, obj)])
 
-    start_types = set(sources(target, goal_recep))
-    objects = [place(target, start_types) for _ in range(2 if task_type == "pick_two_obj_and_place" else 1)]
+    # the first target starts in the drawn `source` type; a second one (pick_two) in a type drawn
+    # the same way among the source types present in the room
+    present = [r for r in source_types if r in rtypes]
+    objects = [place(target, {source})]
+    if task_type == "pick_two_obj_and_place":
+        objects.append(place(target, {rng.choices(present, home_weights(target, present, priors))[0]}))
     if light:
         objects.append((LAMP, rng.choice([i for i, r in enumerate(rtypes) if r == holder])))
     # Distractors never share the target's type, so the goal cannot hold at the start.
@@ -468,7 +555,7 @@ def generate_game(seed: int, task_type: str, receptacles: int = 8, distractors: 
     return {"pddl_domain": domain, "grammar": grammar, "pddl_problem": problem,
             "solvable": False, "walkthrough": [],
             # our extra keys (TextWorld ignores them): provenance and ALFWorld-style traj data
-            "siri": {"seed": seed, "attempt": attempt, "room": room, "task": task_desc + ".",
+            "siri": {"seed": seed, "attempt": attempt, "room": room, "task": task_desc + ".", "priors": priors,
                      "generator_version": GENERATOR_VERSION, "traj_data": traj_data}}
 
 
@@ -532,11 +619,11 @@ def solve_game(engine, game: dict) -> list[str] | None:
 
 
 def make_verified_game(seed: int, task_type: str, receptacles: int, distractors: int,
-                       engine=None) -> dict:
+                       engine=None, priors: bool = True) -> dict:
     """generate_game + solve_game, retrying the seed with a new attempt number until solvable."""
     engine = engine or make_engine(plan=True)
     for attempt in range(MAX_ATTEMPTS):
-        game = generate_game(seed, task_type, receptacles, distractors, attempt)
+        game = generate_game(seed, task_type, receptacles, distractors, attempt, priors)
         walkthrough = solve_game(engine, game)
         if walkthrough:
             return dict(game, solvable=True, walkthrough=walkthrough)
@@ -560,11 +647,12 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 def embedded_cache_folder(cfg: EnvConfig) -> str:
-    """cache_dir/v{version}-rec{receptacles}-dis{distractors}: one file per seed inside."""
+    """cache_dir/v{version}-rec{receptacles}-dis{distractors}[-uniform]: one file per seed inside."""
     root = os.path.expanduser(cfg.cache_dir)
     if not os.path.isabs(root):
         root = os.path.join(os.path.dirname(os.path.abspath(__file__)), root)
-    return os.path.join(root, f"v{GENERATOR_VERSION}-rec{cfg.receptacles}-dis{cfg.distractors}")
+    uniform = "" if cfg.location_priors else "-uniform"
+    return os.path.join(root, f"v{GENERATOR_VERSION}-rec{cfg.receptacles}-dis{cfg.distractors}{uniform}")
 
 
 def embedded_task_ids(cfg: EnvConfig, split: str) -> list[str]:
@@ -598,7 +686,8 @@ def _generate_into_cache(args: tuple) -> int:
         path = os.path.join(folder, task_id + ".tw-pddl")
         if not os.path.exists(path):
             task_type, seed = _parse_embedded_id(task_id)
-            _atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine))
+            _atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine,
+                                                        cfg.location_priors))
     return len(task_ids)
 
 

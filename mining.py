@@ -76,9 +76,11 @@ task type "{task_type}" that you solved.
 
 {trajectories}
 
-Turn what worked into ONE reusable skill for new tasks of this type. Generalise: write <obj> and \
-<recep> instead of particular object names and numbers. Answer with one JSON object and nothing else:
+Turn what worked into ONE reusable skill for new tasks of this type. Generalise: write <obj> \
+instead of particular objects, keep receptacle types (fridge, drawer, ...) without their numbers, and \
+say where each kind of object was found. Answer with one JSON object and nothing else:
 {{"name": "<short title>", "task_type": "{task_type}", "when_to_use": "<one sentence>", \
+"where": {{"<object type>": ["<receptacle type where it was found>", ...]}}, \
 "steps": ["<first step>", "<next step>", ...], "pitfalls": ["<mistake to avoid>", ...]}}"""
 """The only summarisation prompt (our own words); filled by `summary_prompt`."""
 
@@ -175,60 +177,133 @@ def parse_skill(text: str, max_items: int = 12) -> tuple[dict | None, str | None
             continue
         return {"name": name.strip(), "when_to_use": when.strip(),
                 "steps": [s.strip() for s in steps][:max_items],
-                "pitfalls": [p.strip() for p in pitfalls][:max_items]}, None
+                "pitfalls": [p.strip() for p in pitfalls][:max_items],
+                "where": _parse_where(obj.get("where"), max_items)}, None
     return None, reason
+
+
+def _parse_where(raw, max_items: int) -> dict[str, dict[str, int]]:
+    """The optional "where" field: {object type: {receptacle type: times found}}. A summariser may
+    also write {object: [receptacle, ...]} (most likely first; each counts once). Anything else,
+    or ill-typed entries, are dropped: the field is optional, so it never makes a skill malformed."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for obj, places in list(raw.items())[:max_items]:
+        if isinstance(places, list):
+            places = {p: 1 for p in places if isinstance(p, str)}
+        if not isinstance(obj, str) or not isinstance(places, dict):
+            continue
+        counts = {type_name(p): int(n) for p, n in places.items()
+                  if isinstance(p, str) and p.strip() and isinstance(n, int) and not isinstance(n, bool) and n > 0}
+        if counts:
+            out[type_name(obj)] = counts
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Summarisers: each maps (task type, K trajectories) to text, which then goes through parse_skill
 # ---------------------------------------------------------------------------------------------
 
-_ACTION_PATTERNS = [  # ALFWorld command grammar (alfworld/data/alfred.twl2), old and new spellings
-    (r"go to (.+)", "go to <recep>"),
-    (r"(open|close) (.+)", r"\1 <recep>"),
-    (r"take (.+) from (.+)", "take <obj> from <recep>"),
-    (r"move (.+) to (.+)", "move <obj> to <recep>"),
-    (r"put (.+) (in|on|in/on) (.+)", r"put <obj> \2 <recep>"),
-    (r"(heat|cool|clean) (.+) with (.+)", r"\1 <obj> with <recep>"),
-    (r"slice (.+) with (.+)", "slice <obj> with <obj>"),
-    (r"(use|toggle) (.+)", r"\1 <obj>"),
-    (r"examine (.+)", "examine <thing>"),
+def type_name(name: str) -> str:
+    """"fridge 1" -> "fridge", "Sink Basin 2" -> "sinkbasin": an instance name's type, as the
+    observations spell it (lower case, no number, no spaces)."""
+    return re.sub(r"\s*\d+$", "", " ".join(name.lower().split())).replace(" ", "")
+
+
+_ACTION_PATTERNS = [  # ALFWorld command grammar (alfworld/data/alfred.twl2): (pattern, template)
+    (r"go to (?P<r>.+)", "go to {r}"),
+    (r"(?P<v>open|close) (?P<r>.+)", "{v} {r}"),
+    (r"take (?P<o>.+) from (?P<r>.+)", "take <obj> from {r}"),
+    (r"move (?P<o>.+) to (?P<r>.+)", "move <obj> to {r}"),
+    (r"put (?P<o>.+) (?P<p>in|on|in/on) (?P<r>.+)", "put <obj> {p} {r}"),
+    (r"(?P<v>heat|cool|clean) (?P<o>.+) with (?P<r>.+)", "{v} <obj> with {r}"),
+    (r"slice (?P<o>.+) with (?P<r>.+)", "slice <obj> with {r}"),
+    (r"(?P<v>use|toggle) (?P<r>.+)", "{v} {r}"),
+    (r"examine (?P<r>.+)", "examine {r}"),
     (r"search\[.*\]", "search[<query>]"),  # WebShop
     (r"click\[b0[0-9a-z]{8}\]", "click[<item>]"),
 ]
 
 
 def generalise_action(action: str) -> str:
-    """"go to fridge 1" -> "go to <recep>", "take apple 2 from countertop 1" -> "take <obj> from
-    <recep>". Unknown commands keep their verb; any "name N" left becomes <obj>."""
+    """"go to fridge 1" -> "go to fridge", "take apple 2 from countertop 1" -> "take <obj> from
+    countertop": instance numbers dropped, receptacle (and tool) *types* kept, the task's object
+    replaced by <obj>. Our choice: types are what transfers between homes (a mug is usually in
+    the coffee machine of *any* kitchen), numbers are not. Unknown commands keep their words."""
     a = " ".join(action.lower().split())
-    for pat, rep in _ACTION_PATTERNS:
-        if re.fullmatch(pat, a):
-            return re.sub(pat, rep, a)
-    return re.sub(r"\b[a-z]+ \d+\b", "<obj>", a)
+    for pat, template in _ACTION_PATTERNS:
+        m = re.fullmatch(pat, a)
+        if m:
+            parts = {k: (type_name(v) if k == "r" else v) for k, v in m.groupdict().items()}
+            return template.format(**parts)
+    return re.sub(r"\b([a-z]+) \d+\b", r"\1", a)
 
 
-def _plan(traj) -> list[str]:
-    """Generalised valid actions of one trajectory, runs of one action collapsed into one step."""
-    acts = [generalise_action(s.action) for s in traj.steps if s.valid and s.action]
-    out: list[str] = []
-    for i, a in enumerate(acts):
-        if i and a == acts[i - 1]:
-            if not out[-1].endswith("(repeat as needed)"):
-                out[-1] += " (repeat as needed)"
-        else:
-            out.append(a)
+_TAKE = re.compile(r"take (.+?) from (.+)")
+
+
+def found_where(traj) -> tuple[str, str] | None:
+    """(object type, receptacle type) of the first object the trajectory picked up, from its first
+    valid "take <obj> from <recep>" action; None if it never took anything."""
+    for s in traj.steps:
+        m = _TAKE.fullmatch(" ".join((s.action or "").lower().split())) if s.valid else None
+        if m:
+            return type_name(m.group(1)), type_name(m.group(2))
+    return None
+
+
+def _routine(traj) -> list[str]:
+    """The trajectory's valid actions from its first "take" on, generalised, with the receptacles
+    it went to, opened or put things in written <recep> (they differ from home to home) and the
+    tools kept ("heat <obj> with microwave"); the search before the first take is what `where`
+    records. Runs of one action are collapsed into one step."""
+    acts = [s.action for s in traj.steps if s.valid and s.action]
+    first = next((i for i, a in enumerate(acts) if a.lower().startswith("take ")), 0)
+    out: list[str] = ["go to <recep>"] if first else []
+    for a in acts[first:]:
+        g = generalise_action(a)
+        g = re.sub(r"^(go to|open|close) \S+$", r"\1 <recep>", g)
+        g = re.sub(r"^(take <obj> from|move <obj> to|put <obj> (?:in|on|in/on)) \S+$", r"\1 <recep>", g)
+        if not out or out[-1] != g:
+            out.append(g)
     return out
+
+
+def where_counts(trajs: list) -> dict[str, dict[str, int]]:
+    """{object type: {receptacle type: how many of `trajs` found it there}}, sorted by name."""
+    where: dict[str, Counter] = defaultdict(Counter)
+    for t in trajs:
+        hit = found_where(t)
+        if hit:
+            where[hit[0]][hit[1]] += 1
+    return {o: dict(sorted(c.items())) for o, c in sorted(where.items())}
+
+
+TASK_DESCRIPTIONS = {  # "when to use" of a template skill: the task type in words, no task's own text
+    "pick_and_place_simple": "the task asks you to put an object in or on a receptacle",
+    "look_at_obj_in_light": "the task asks you to examine an object under the desklamp",
+    "pick_clean_then_place_in_recep": "the task asks you to clean an object and put it somewhere",
+    "pick_heat_then_place_in_recep": "the task asks you to heat an object and put it somewhere",
+    "pick_cool_then_place_in_recep": "the task asks you to cool an object and put it somewhere",
+    "pick_two_obj_and_place": "the task asks you to put two objects of one kind somewhere",
+}
 
 
 def template_summary(trajs: list, task_type: str, max_items: int = 12,
                      tasks: dict[str, str] | None = None) -> str:
     """Deterministic skill without a language model (for CPU demos with the tiny model, which
-    cannot write prose; not the paper's method). Steps: the most frequent generalised action plan
-    among the K trajectories (ties: shorter, then alphabetical). Pitfalls: generalised actions
-    after which the environment answered "Nothing happens.", and invalid outputs if any. The
-    result does not depend on the order of `trajs`, so the same evidence gives the same skill id."""
-    plans = Counter(tuple(_plan(t)) for t in trajs)
+    cannot write prose; not the paper's method).
+
+    where: where the K trajectories found their objects (`where_counts`), the regularity of the
+    homes (envs.HOMES) that a plain policy does not know and must search for. steps: the most
+    frequent generalised routine after the object is found (ties: shorter, then alphabetical).
+    pitfalls: generalised actions after which the environment answered "Nothing happens.", and
+    invalid outputs if any. when_to_use: the task type in words (never another task's text, which
+    a copying model could follow by mistake). The result does not depend on the order of `trajs`,
+    so the same evidence gives the same skill id. `tasks` is unused (kept for the summariser
+    signature shared with `random_summary`)."""
+    plans = Counter(tuple(_routine(t)) for t in trajs)
     steps = min(plans, key=lambda p: (-plans[p], len(p), p))
     pitfalls = []
     for t in trajs:
@@ -241,29 +316,39 @@ def template_summary(trajs: list, task_type: str, max_items: int = 12,
                 continue
             if p not in pitfalls:
                 pitfalls.append(p)
+    where = dict(list(where_counts(trajs).items())[:max_items])
     return json.dumps({"name": f"{task_type} routine", "task_type": task_type,
-                       "when_to_use": f"tasks like: {min(_task_text(t, tasks) for t in trajs)}",
-                       "steps": list(steps)[:max_items] or ["look"],
+                       "when_to_use": TASK_DESCRIPTIONS.get(task_type, f"tasks of type {task_type}"),
+                       "where": where, "steps": list(steps)[:max_items] or ["look"],
                        "pitfalls": sorted(pitfalls)[:max_items]})
 
 
 def random_summary(trajs: list, task_type: str, seed: int, max_items: int = 12,
                    tasks: dict[str, str] | None = None) -> str:
-    """Falsification control (the paper's review): random spans of the same trajectories' raw
-    actions, presented in the same format and with as many steps as the template skill. A mining
-    method is only credible if its validated skills beat this control."""
+    """Falsification control (the paper's review): a skill in the template's format and of its
+    size whose content is drawn at random from the same trajectories. where: the template's
+    object types and counts, each place replaced by a receptacle type drawn uniformly from those
+    the trajectories went to; steps: random spans of their generalised actions. A mining method
+    is only credible if its validated skills beat this control."""
     rng = random.Random(seed)
-    n = len(json.loads(template_summary(trajs, task_type, max_items, tasks))["steps"])
-    pool = [[s.action for s in t.steps if s.valid and s.action] for t in trajs]
+    template = json.loads(template_summary(trajs, task_type, max_items, tasks))
+    places = sorted({type_name(s.action[6:]) for t in trajs for s in t.steps
+                     if s.valid and s.action and s.action.lower().startswith("go to ")}) or ["countertop"]
+    where: dict[str, dict[str, int]] = {}
+    for obj, counts in template["where"].items():
+        where[obj] = {}
+        for n in counts.values():
+            r = rng.choice(places)
+            where[obj][r] = where[obj].get(r, 0) + n
+    pool = [[generalise_action(s.action) for s in t.steps if s.valid and s.action] for t in trajs]
     pool = [p for p in pool if p] or [["look"]]
     steps: list[str] = []
-    while len(steps) < n:
+    while len(steps) < len(template["steps"]):
         acts = rng.choice(pool)
         start = rng.randrange(len(acts))
         steps += acts[start:start + rng.randint(1, 3)]
-    return json.dumps({"name": f"{task_type} routine", "task_type": task_type,
-                       "when_to_use": f"tasks like: {min(_task_text(t, tasks) for t in trajs)}",
-                       "steps": steps[:n], "pitfalls": []})
+    return json.dumps({**template, "where": where, "steps": steps[:len(template["steps"])],
+                       "pitfalls": []})
 
 
 def load_summariser(spec: str, policy, model_cfg=None):
@@ -281,6 +366,7 @@ def corpus_examples() -> list[str]:
     and a well-formed answer, so that `policy` summarisation is at least tokenised sensibly."""
     example = {"name": "put away routine", "task_type": "pick_and_place_simple",
                "when_to_use": "the task asks to put an object in or on a receptacle",
+               "where": {"mug": {"coffeemachine": 2, "cabinet": 1}, "apple": {"fridge": 1}},
                "steps": ["go to <recep>", "take <obj> from <recep>", "move <obj> to <recep>"],
                "pitfalls": ["'open <recep>' did nothing here"]}
     return [SUMMARY_PROMPT, json.dumps(example), Skill(**example).text()]
@@ -317,6 +403,8 @@ class Skill:
     when_to_use: str
     steps: list[str]
     pitfalls: list[str]
+    where: dict[str, dict[str, int]] = field(default_factory=dict)
+    """where the summarised trajectories found their objects: {object type: {receptacle type: count}}"""
     sources: list[str] = field(default_factory=list)
     """ids of the trajectories it was summarised from ("<group>/<index>")"""
     round: int = 0
@@ -332,9 +420,29 @@ class Skill:
         if not self.id:
             self.id = hashlib.sha1(f"{self.task_type}\n{self.text()}".encode()).hexdigest()[:12]
 
+    def look_first(self) -> list[str]:
+        """Receptacle types by how often the summarised trajectories found their objects there
+        (ties: alphabetical): where to search first for an object the skill does not name."""
+        total: Counter = Counter()
+        for counts in self.where.values():
+            total.update(counts)
+        return sorted(total, key=lambda r: (-total[r], r))
+
+    def search_order(self, obj_type: str) -> list[str]:
+        """Receptacle types to search for `obj_type`: where the skill found that type (most often
+        first), then `look_first` for the rest."""
+        own = self.where.get(type_name(obj_type), {})
+        first = sorted(own, key=lambda r: (-own[r], r))
+        return first + [r for r in self.look_first() if r not in first]
+
     def text(self) -> str:
         """The compact block inserted into the agent's prompt."""
-        lines = [f"Skill: {self.name}", f"When to use: {self.when_to_use}", "Steps:"]
+        lines = [f"Skill: {self.name}", f"When to use: {self.when_to_use}"]
+        if self.where:
+            lines.append("Look first in: " + ", ".join(self.look_first()))
+            lines.append("Found before: " + "; ".join(
+                f"{o} in " + ", ".join(sorted(c, key=lambda r: (-c[r], r))) for o, c in self.where.items()))
+        lines.append("Steps:")
         lines += [f"{i + 1}. {s}" for i, s in enumerate(self.steps)]
         if self.pitfalls:
             lines += ["Pitfalls:"] + [f"- {p}" for p in self.pitfalls]
@@ -548,12 +656,26 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
 
 
-def pick_validation_tasks(envs, task_type: str, m: int, seed: int) -> list[str]:
-    """M train tasks of this type, drawn by seed. Our choice: the train split (the eval split stays
-    unseen until the final report), and the same tasks for every skill of the type in one round,
-    so their Δg are measured against one baseline and `best` compares like with like."""
-    ids = [t for t in envs.task_ids("train") if envs.task_type(t) == task_type]
-    return sorted(random.Random(seed).sample(ids, min(m, len(ids))))
+def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed: int
+               ) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+    """The training pool split per task type into validation tasks and summary sources.
+
+    Per type: M tasks drawn by seed validate its skills (paired rollouts), the others are the
+    only tasks whose trajectories may be summarised into its skills. Our choices: validation runs
+    on tasks the policy trains on (Δg is measured where the skill will be used in Phase 2; the
+    eval split stays unseen until the final report); a skill never sees the answers of the tasks
+    it is validated on (no leak: its Δg is a transfer measurement); at least one task per type is
+    kept for the sources; the split is fixed for the run, so every round and every re-measurement
+    uses the same tasks and one plain baseline per type."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for tid in pool:
+        by_type[task_type_of(tid)].append(tid)
+    val, src = {}, {}
+    for tt, ids in sorted(by_type.items()):
+        chosen = sorted(random.Random(_seed(seed, tt)).sample(ids, min(m, max(len(ids) - 1, 1))))
+        val[tt] = chosen
+        src[tt] = set(ids) - set(chosen) if len(ids) > 1 else set(ids)
+    return val, src
 
 
 def pick_trajectories(trajs: list, k: int, seed: int) -> list:
@@ -570,24 +692,26 @@ def pick_trajectories(trajs: list, k: int, seed: int) -> list:
 
 def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg: MiningConfig,
                sampling_cfg, seed: int, bank_dir: str | None = None, summariser_policy=None,
-               validate_fn: Callable[..., PairedResult] = validate) -> dict:
+               validate_fn: Callable[..., PairedResult] = validate, pool: list[str] | None = None,
+               split_seed: int = 0) -> dict:
     """One Phase 1 round: re-measure validated skills (dynamic evaluation), summarise new
     candidates from the buffer's successful plain trajectories, validate them, save the bank
-    (in `bank_dir` if given, else `bank.dir`). `validate_fn` is injectable so that the logic is
+    (in `bank_dir` if given, else `bank.dir`). `pool`: the training tasks the policy trains on
+    (default: the whole train split), split once per run (`split_seed`) into validation tasks
+    and summary sources by `split_pool`. `validate_fn` is injectable so that the logic is
     testable without a model."""
     if bank_dir is not None:
         bank.dir = str(bank_dir)
     m: Counter = Counter()
     val_seed = _seed(seed, round_idx, "validate")  # one seed per round: with/without share it
-    tasks: dict[str, list[str]] = {}
+    pool = list(pool) if pool is not None else envs.task_ids("train")
+    tasks, sources = split_pool(pool, envs.task_type, cfg.validation_tasks, split_seed)
     baselines: dict[str, list] = {}
     measured: dict[str, list[Skill]] = defaultdict(list)
 
     def measure(skill: Skill) -> str | None:
         tt = skill.task_type
-        if tt not in tasks:
-            tasks[tt] = pick_validation_tasks(envs, tt, cfg.validation_tasks, _seed(seed, round_idx, tt))
-        if not tasks[tt]:
+        if not tasks.get(tt):
             m["no_tasks"] += 1
             return None
         res = validate_fn(policy, envs, skill, tasks[tt], cfg.validation_group, sampling_cfg,
@@ -608,8 +732,8 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
 
     # 2. summarise: candidates_per_type jobs per task type with successful plain trajectories
     by_type: dict[str, list] = defaultdict(list)
-    for t in buffer:
-        if t.won and t.skill_id is None:
+    for t in buffer:  # successful plain trajectories of the type's source tasks only (no leak)
+        if t.won and t.skill_id is None and t.task_id in sources.get(t.task_type, ()):
             by_type[t.task_type].append(t)
     jobs = [(tt, pick_trajectories(by_type[tt], cfg.trajectories_per_skill, _seed(seed, round_idx, tt, c)))
             for tt in sorted(by_type) for c in range(cfg.candidates_per_type)]

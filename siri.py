@@ -16,12 +16,14 @@ the next one; a run killed at any moment loses at most the units since the last 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -41,7 +43,7 @@ import distributed
 import gigpo
 import mining
 from envs import EnvConfig, make_envs
-from policy import ModelConfig, SamplingConfig, load_policy, rollout
+from policy import ModelConfig, SamplingConfig, Step, Trajectory, load_policy, rollout
 
 # ---------------------------------------------------------------------------------------
 # Configuration: one dataclass per phase, every default defined once (here or in the module
@@ -67,6 +69,11 @@ class RunConfig:
     """Also log metrics to TensorBoard (opt-in; needs the tensorboard package)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    arms: list[str] = field(default_factory=lambda: ["gigpo", "siri"])
+    """Branches continued from the same warmup checkpoint, at equal budget (the same update iterations,
+    rollouts per iteration and seeds), each evaluated at the end: "gigpo" (the GiGPO-only control),
+    "siri" (Phases 1-2), "siri_random" (Phases 1-2 with mining.summariser=random: the falsification
+    control). results.md compares them per task type, with a paired interval over eval tasks."""
     ablation: str = "none"
     """One switch per ablation of the paper: "none" | "no_mining" (GiGPO only: the rounds run their
     distillation iterations as plain GiGPO, no skills) | "random_skills" (mining.summariser=random)
@@ -90,6 +97,9 @@ class ColdStartConfig:
     """Steps (prompt, response) per optimiser step."""
     think: str = "plan"
     """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
+    skill_demos: float = 1.0
+    """Share of cold-start tasks that also get a skill-augmented demonstration (skill summarised from
+    other tasks' demonstrations; see siri.coldstart_samples). 0 = plain prompts only."""
 
 
 @dataclass
@@ -145,9 +155,10 @@ PRESETS: dict[str, dict] = {
     # so GiGPO on those 48 games (task_pool) has successes to compare; lr 3e-3 and 2 mini-batches
     # per iteration learn without drifting in 10 iterations (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 48,
-            "env.receptacles": 4, "env.distractors": 2, "env.max_steps": 10,
-            "coldstart.tasks": 48, "coldstart.epochs": 30, "warmup.task_pool": 48, "warmup.iterations": 10,
-            "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 24,
+            "env.receptacles": 6, "env.distractors": 2, "env.max_steps": 14, "env.num_train_tasks": 96,
+            "coldstart.tasks": 48, "coldstart.epochs": 20, "warmup.task_pool": 96, "warmup.iterations": 10,
+            "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
+            "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
             "distill.iterations": 4},
     # One GPU (24 GB+): the reproduction default of the GiGPO ALFWorld script, with LoRA.
     "qwen1.5b": {
@@ -175,6 +186,9 @@ ABLATIONS: dict[str, dict] = {
     "no_selection": {"distill.utility_filter": False, "distill.advantage_filter": False},
     "no_utility_filter": {"distill.utility_filter": False},
 }
+
+ARMS = {"gigpo": "GiGPO-continued (control)", "siri": "SIRI (Phases 1-2)",
+        "siri_random": "SIRI, random skills (control)"}  # run.arms -> row label in results.md
 
 ENV_SHORTHANDS: dict[str, dict] = {
     "alfworld": {"env.name": "alfworld"},
@@ -287,6 +301,9 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
     for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings
         _apply(cfg, key, value)
+    if not cfg.run.arms or len(set(cfg.run.arms)) != len(cfg.run.arms) or set(cfg.run.arms) - set(ARMS):
+        raise ConfigError(f"run.arms={cfg.run.arms!r}: a non-empty list of distinct arms from {', '.join(ARMS)}, "
+                          "e.g. run.arms=[gigpo,siri]")
     for section in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
         value = getattr(cfg, section.name)
         if hasattr(value, "__post_init__"):
@@ -376,10 +393,10 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
-    def log(self, unit: int, phase: str, values: dict) -> None:
+    def log(self, unit: int, phase: str, values: dict, arm: str = "") -> None:
         if not self.writer:
             return
-        row = {"unit": unit, "phase": phase, "time": time.time(), **values}
+        row = {"unit": unit, "phase": phase, **({"arm": arm} if arm else {}), "time": time.time(), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
@@ -458,14 +475,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"warmup": "tab:blue", "distill": "tab:green", "coldstart": "tab:gray"}
-    for phase, color in colors.items():
-        pts = [(r["unit"], r[f"{phase}/success"]) for r in rows if f"{phase}/success" in r]
+    series = {("warmup", ""): "tab:blue", ("distill", "gigpo"): "tab:purple", ("distill", "siri"): "tab:green",
+              ("distill", "siri_random"): "tab:red", ("distill", ""): "tab:green"}
+    for (phase, arm), color in series.items():
+        mine = [r for r in rows if r.get("phase") == phase and r.get("arm", "") == arm]
+        name = f"{phase} {arm}".strip()
+        pts = [(r["unit"], r[f"{phase}/success"]) for r in mine if f"{phase}/success" in r]
         if pts:
-            ax1.plot(*zip(*pts), "o-", color=color, label=f"{phase} success (train rollouts)")
-        pts = [(r["unit"], r[f"{phase}/return"]) for r in rows if f"{phase}/return" in r]
+            ax1.plot(*zip(*pts), "o-", color=color, label=f"{name} success (train rollouts)")
+        pts = [(r["unit"], r[f"{phase}/return"]) for r in mine if f"{phase}/return" in r]
         if pts:
-            ax2.plot(*zip(*pts), "o-", color=color, label=f"{phase} mean return")
+            ax2.plot(*zip(*pts), "o-", color=color, label=f"{name} mean return")
     ev = [(r["unit"], r["eval/success"]) for r in rows if "eval/success" in r]
     if ev:
         ax1.plot(*zip(*ev), "s--", color="black", label="eval success (plain prompt)")
@@ -516,8 +536,9 @@ def pooled(trajs: list) -> list:
     return distributed.gather_objects(slim)
 
 
-def evaluate(policy, envs, cfg: Config, seed: int) -> dict:
-    """Plain-prompt evaluation on the fixed eval set: success per task type and overall.
+def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str, int, bool]]]:
+    """Plain-prompt evaluation on the fixed eval set: success per task type and overall, and the
+    outcome of every episode as (task id, index, won), sorted, for paired comparisons of stages.
     Under torchrun each rank plays its shard of the eval tasks; the statistics are pooled."""
     ids = envs.task_ids("eval")
     if cfg.eval.max_tasks:
@@ -532,25 +553,135 @@ def evaluate(policy, envs, cfg: Config, seed: int) -> dict:
         by_type[t.task_type].append(t.won)
     for tt, wins in sorted(by_type.items()):
         out[f"eval/success/{tt}"] = sum(wins) / len(wins)
-    return out
+    return out, sorted((t.task_id, t.index, bool(t.won)) for t in trajs)
 
 
-def coldstart_samples(policy, envs, task_ids, think: str) -> list[gigpo.Sample]:
-    """Expert walkthroughs replayed through the env: one (plain prompt, target response) per step."""
+def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random) -> list[tuple] | None:
+    """One expert demonstration, as (state, history, action) per step, that *searches* for the
+    object: the expert walkthrough goes straight to where the object is, which no agent can know
+    from the prompt, so the demonstration first visits receptacles (opening closed ones) until it
+    reaches that one, then follows the walkthrough. Search order: receptacles whose type comes
+    earlier in `rank_types` first (a skill's `search_order`), the rest in a random order drawn
+    from `rng`; receptacles whose type the task names (the goal) are not searched.
+
+    Our choice, because the cold start stands in for an instruct model's pre-training: such a
+    model knows how to search, not where this generator puts things (envs.HOMES). A plain
+    cold start that imitated the walkthrough would put that knowledge into the weights and leave
+    a skill nothing to say. Only the first object is searched for (pick_two's second object is
+    fetched as the walkthrough does). None if the demonstration does not win (it then falls back
+    to the walkthrough itself, see `coldstart_samples`)."""
+    plan = envs.walkthrough(task_id)
+    (state,) = envs.reset([task_id])
+    demo: list[tuple] = []
+    history: list[tuple[str, str]] = []
+
+    def act(action: str) -> None:
+        nonlocal state
+        demo.append((state, list(history), action))
+        history.append((state.obs, action))
+        (state,) = envs.step([action])
+
+    take = next((i for i, a in enumerate(plan) if a.startswith("take ")), None)
+    if take is not None:
+        source = plan[take].split(" from ", 1)[1]
+        start = max((i for i in range(take) if plan[i].startswith("go to ")), default=take)
+        named = set(re.findall(r"[a-z]+", state.task.lower()))
+        receps = [a[len("go to "):] for a in state.admissible if a.startswith("go to ")]
+        receps = [r for r in receps if mining.type_name(r) not in named]
+        rng.shuffle(receps)
+        rank = {t: i for i, t in enumerate(rank_types)}
+        receps.sort(key=lambda r: rank.get(mining.type_name(r), len(rank)))  # stable: ranked, then random
+        for r in receps:
+            if r == source or state.done:
+                break
+            act(f"go to {r}")
+            if f"open {r}" in state.admissible and not state.done:
+                act(f"open {r}")
+        plan = plan[start:]
+    for action in plan:
+        if state.done:
+            break
+        if action not in state.admissible and action.startswith("open "):
+            continue  # opened during the search
+        act(action)
+    return demo if state.won else None
+
+
+def demo_trajectory(task_id: str, task_type: str, demo: list[tuple]) -> Trajectory:
+    """A demonstration as a won Trajectory (no token ids), the form the summarisers read."""
+    steps = [Step(prompt_ids=[], response_ids=[], logprobs=[], text="", action=a, valid=True, reward=0.0,
+                  done=False, won=False, anchor=st.anchor, obs=st.obs) for st, _, a in demo]
+    return Trajectory(task_id=task_id, task_type=task_type, group=f"{task_id}@demo", index=0,
+                      skill_id=None, steps=steps, won=True, task=demo[0][0].task if demo else "")
+
+
+def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.MiningConfig,
+                      seed: int) -> tuple[list[gigpo.Sample], dict]:
+    """SFT samples (prompt, target response), one per demonstration step.
+
+    Every task gives a plain demonstration (search in a random order, `demonstration`). With
+    cfg.skill_demos, each task also gives a skill-augmented one: a template skill summarised
+    from the plain demonstrations of K *other* cold-start tasks of the same type (K =
+    mining.trajectories_per_skill) is put in the prompt, and the demonstration searches in the
+    skill's order. Our choice: this is how the tiny model learns to read a skill block, as an
+    instruct model learned to follow instructions in pre-training; the skill never contains the
+    task's own answer, so what it teaches is to use what the block says, right or wrong (the
+    random-skill control then shows that content matters). Evaluation stays plain-prompt only.
+    """
+    rng = random.Random(seed)
+    plain: dict[str, list[tuple]] = {}
+    fallback = 0
+    for tid in task_ids:
+        demo = demonstration(envs, tid, [], rng)
+        if demo is None:  # the search ran out of steps: imitate the walkthrough instead
+            fallback += 1
+            demo = _walkthrough_demo(envs, tid)
+        plain[tid] = demo
+    guided: dict[str, tuple[mining.Skill, list[tuple]]] = {}
+    if cfg.skill_demos:
+        by_type: dict[str, list[str]] = defaultdict(list)
+        for tid in task_ids:
+            by_type[envs.task_type(tid)].append(tid)
+        for tid in task_ids:
+            tt = envs.task_type(tid)
+            others = [t for t in by_type[tt] if t != tid]
+            if not others or rng.random() >= cfg.skill_demos:
+                continue
+            src = rng.sample(others, min(mining_cfg.trajectories_per_skill, len(others)))
+            fields, _ = mining.parse_skill(mining.template_summary(
+                [demo_trajectory(t, tt, plain[t]) for t in src], tt, mining_cfg.max_skill_steps))
+            skill = mining.Skill(**fields, task_type=tt)
+            obj = mining.found_where(demo_trajectory(tid, tt, plain[tid]))
+            demo = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
+            if demo is not None:
+                guided[tid] = (skill, demo)
     samples = []
     for tid in task_ids:
-        (state,) = envs.reset([tid])
-        history: list[tuple[str, str]] = []
-        for action in envs.walkthrough(tid):
-            prompt = policy.chat_ids(envs.build_prompt(state, history))
-            target = f"<think>{think}</think><action>{action}</action>"
-            response = policy.tokenizer(target, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
-            samples.append(gigpo.Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
-            history.append((state.obs, action))
-            (state,) = envs.step([action])
-            if state.done:
-                break
-    return samples
+        runs = [(None, plain[tid])] + ([(guided[tid][0].text(), guided[tid][1])] if tid in guided else [])
+        for skill_text, demo in runs:
+            for state, history, action in demo:
+                prompt = policy.chat_ids(envs.build_prompt(state, history, skill_text))
+                target = f"<think>{cfg.think}</think><action>{action}</action>"
+                response = (policy.tokenizer(target, add_special_tokens=False)["input_ids"]
+                            + [policy.tokenizer.eos_token_id])
+                samples.append(gigpo.Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
+    stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": len(guided),
+             "coldstart/search_fallback": fallback,
+             "coldstart/demo_steps": sum(len(d) for d in plain.values()) / max(len(plain), 1)}
+    return samples, stats
+
+
+def _walkthrough_demo(envs, task_id: str) -> list[tuple]:
+    """The expert walkthrough replayed, as (state, history, action) per step, without a search."""
+    (state,) = envs.reset([task_id])
+    demo, history = [], []
+    for action in envs.walkthrough(task_id):
+        demo.append((state, list(history), action))
+        history.append((state.obs, action))
+        (state,) = envs.step([action])
+        if state.done:
+            break
+    return demo
 
 
 def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int) -> dict:
@@ -566,7 +697,7 @@ def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int)
     small, so the other ranks' wait costs no more than running it themselves would.
     """
     pool = envs.task_ids("train")[:cfg.coldstart.tasks]
-    samples = coldstart_samples(policy, envs, pool, cfg.coldstart.think)
+    samples, demo_stats = coldstart_samples(policy, envs, pool, cfg.coldstart, cfg.mining, seed)
     base = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
     lora = [p for n, p in policy.model.named_parameters() if "lora_" in n]
     for p in lora:
@@ -599,17 +730,14 @@ def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int)
     for p in lora:
         p.requires_grad_(True)
     out = {"coldstart/nll_first": losses[0], "coldstart/nll_last": losses[-1],
-           "coldstart/samples": len(samples), "coldstart/tasks": len(pool)}
+           "coldstart/samples": len(samples), "coldstart/tasks": len(pool), **demo_stats}
     metrics.log(unit, "coldstart", out)
     return out
 
 
-def train_task_ids(envs, cfg: Config, rng: random.Random, n: int, task_types=None) -> list[str]:
-    """n training tasks drawn from the first warmup.task_pool ones (all if 0). task_types: draw
-    only tasks of these types, unless the pool has none of them (then any type)."""
-    pool = envs.task_ids("train")[:cfg.warmup.task_pool or None]
-    if task_types is not None:
-        pool = [tid for tid in pool if envs.task_type(tid) in task_types] or pool
+def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
+    """n tasks drawn from the training pool (`training_pool`: the first warmup.task_pool ones)."""
+    pool = training_pool(envs, cfg)
     return rng.sample(pool, min(n, len(pool)))
 
 
@@ -650,41 +778,55 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     return out
 
 
-def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, timing: dict) -> dict:
-    """Phase 2, one iteration: paired rollouts (skill / plain, same tasks and seeds) → GiGPO + λ·L_distill.
-    Under torchrun each rank plays its shard of the tasks (as in the warmup); statistics are pooled."""
+def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
+    """Phase 2, one iteration: B tasks of every type, 2·B·G rollouts, GiGPO + λ·L_distill.
+
+    Each task is played G times plain (seed s: GiGPO's group, and the utility baseline), and G
+    more times: with its type's best validated skill (seed s, so the two groups are paired) when
+    the bank has one, else plain again (seed s'). The plain groups train with the GiGPO loss, the
+    skill-guided ones feed the distillation loss (selection filters, re-scored on the plain prompt).
+    Our choice: with an empty bank this *is* the GiGPO-only control's iteration (2·B·G plain
+    rollouts, same tasks and seeds), so the two arms spend the same budget and differ only where
+    a skill was used; every task type keeps its RL. Plain successes refill the mining buffer
+    (self-mining of the current policy). Under torchrun each rank plays its shard of the tasks.
+    """
     rng = random.Random(seed)
+    task_ids = train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter)
     skills = {s.task_type: s for s in (bank.best(tt) for tt in bank.task_types()) if s is not None}
-    task_ids = train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter, task_types=skills)
-    seed_r = distributed.rank_seed(seed)  # plain and skill-guided rollouts of a rank share it (paired)
+    mine = distributed.shard(task_ids)
+    guided_ids = [t for t in mine if envs.task_type(t) in skills]
+    extra_ids = [t for t in mine if envs.task_type(t) not in skills]
+    seed_a, seed_b = distributed.rank_seed(seed), distributed.rank_seed(mining._seed(seed, "second"))
+    G = cfg.gigpo.group_size
     t0 = time.perf_counter()
-    plain = rollout(policy, envs, distributed.shard(task_ids), cfg.gigpo.group_size, cfg.rollout, skill=None,
-                    seed=seed_r, desc="distill plain")
-    ids = sorted({t.task_id for t in plain}, key=[t.task_id for t in plain].index)
-    with_skill_ids = [tid for tid in ids if envs.task_type(tid) in skills]
-    guided = []
-    if with_skill_ids:
-        guided = rollout(policy, envs, with_skill_ids, cfg.gigpo.group_size, cfg.rollout,
-                         skill={tt: s.text() for tt, s in skills.items()}, seed=seed_r, desc="distill skill")
+    plain = rollout(policy, envs, mine, G, cfg.rollout, skill=None, seed=seed_a, desc="phase2 plain")
+    extra = rollout(policy, envs, extra_ids, G, cfg.rollout, skill=None, seed=seed_b,
+                    desc="phase2 plain (2nd)") if extra_ids else []
+    guided = rollout(policy, envs, guided_ids, G, cfg.rollout, skill={tt: s.text() for tt, s in skills.items()},
+                     seed=seed_a, desc="phase2 skill") if guided_ids else []
     t1 = time.perf_counter()
-    samples = gigpo.samples_from(plain, gigpo.compute_advantages(plain, cfg.gigpo))
-    dsamples, dmetrics = distill.distill_samples(guided, [t for t in plain if t.task_id in with_skill_ids],
+    trained = plain + extra
+    samples = gigpo.samples_from(trained, gigpo.compute_advantages(trained, cfg.gigpo))  # Eq. 3, 6-9
+    dsamples, dmetrics = distill.distill_samples(guided, [t for t in plain if t.task_id in guided_ids],
                                                  cfg.gigpo, cfg.distill) if guided else ([], {})
     stats = gigpo.update(policy, optimizer, samples + dsamples, cfg.gigpo, cfg.distill, seed=seed)
     t2 = time.perf_counter()
     add_timing(timing, t1 - t0, t2 - t1, stats)
-    out = success_stats(pooled(plain), "distill")
-    guided = pooled(guided)
-    if distributed.world_size() > 1:  # counts summed over ranks
-        totals: dict = defaultdict(int)
-        for d in distributed.gather_objects([dmetrics]):
-            for k, v in d.items():
-                totals[k] += v
-        dmetrics = dict(totals)
-    out.update(dmetrics)
+    trained, guided = pooled(trained), pooled(guided)
+    buffer = state["buffer"]
+    buffer.extend(t for t in trained if t.won)
+    del buffer[:-cfg.warmup.buffer_size]
+    out = success_stats(trained, "distill")
+    totals: dict = defaultdict(float, {"distill/tokens_kept": 0.0, "distill/tokens_offered": 0.0})
+    for d in distributed.gather_objects([dmetrics]) if distributed.world_size() > 1 else [dmetrics]:
+        for k, v in d.items():
+            totals[k] += v
+    out.update(totals)
+    out["distill/skill_groups"] = len(guided) // G
     if guided:
         out["distill/skill_success"] = success_stats(guided, "x")["x/success"]
     out.update({f"distill/{k}": v for k, v in stats.items()})
+    out.update({"distill/rollout_s": t1 - t0, "distill/update_s": t2 - t1, "distill/buffer": len(buffer)})
     return out
 
 
@@ -693,19 +835,40 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, seed: int, tim
 # ---------------------------------------------------------------------------------------
 
 
-def build_units(cfg: Config) -> list[tuple[str, int]]:
-    """The run as a flat list of (phase, index) units, in order."""
-    units = [("eval_base", 0)]
+class Unit(typing.NamedTuple):
+    """One step of the run: a phase, its index inside the phase, and the branch it belongs to
+    ("" before the branches split at the end of the warmup)."""
+    phase: str   # "eval" | "coldstart" | "warmup" | "mining" | "distill"
+    index: int
+    arm: str = ""
+    stage: str = ""  # eval units: the row of results.md ("base", "coldstart", "warmup", or the arm)
+
+
+def build_units(cfg: Config) -> list[Unit]:
+    """The run as a flat list of units, in order: the shared trunk (evaluation, cold start,
+    warmup), then each arm of run.arms from the warmup checkpoint, each ending in its evaluation."""
+    units = [Unit("eval", 0, stage="base")]
     if cfg.coldstart.enabled == "on" or (cfg.coldstart.enabled == "auto" and cfg.model.name == "tiny"):
-        units += [("coldstart", 0), ("eval_coldstart", 0)]
-    units += [("warmup", i) for i in range(cfg.warmup.iterations)]
-    units += [("eval_warmup", 0)]
-    for r in range(cfg.run.rounds):
-        # no_mining: the same number of update iterations, with an empty skill bank = plain GiGPO
-        mining = [] if cfg.run.ablation == "no_mining" else [("mining", r)]
-        units += mining + [("distill", r * cfg.distill.iterations + i) for i in range(cfg.distill.iterations)]
-    units += [("eval_final", 0)]
+        units += [Unit("coldstart", 0), Unit("eval", 0, stage="coldstart")]
+    units += [Unit("warmup", i) for i in range(cfg.warmup.iterations)]
+    units += [Unit("eval", 0, stage="warmup")]
+    for arm in cfg.run.arms:
+        mines = arm != "gigpo" and cfg.run.ablation != "no_mining"
+        for r in range(cfg.run.rounds):
+            # gigpo / no_mining: the same update iterations with an empty skill bank = plain GiGPO
+            units += [Unit("mining", r, arm)] if mines else []
+            units += [Unit("distill", r * cfg.distill.iterations + i, arm) for i in range(cfg.distill.iterations)]
+        units += [Unit("eval", 0, arm, stage=arm)]
     return units
+
+
+def unit_seed(cfg: Config, unit: Unit) -> int:
+    """Seed of a unit: a hash of (run.seed, phase, index), the same in every arm, so that the arms
+    draw the same tasks and rollout seeds (paired); evaluations all use one seed (the same episodes)."""
+    return mining._seed(cfg.run.seed, "eval" if unit.phase == "eval" else (unit.phase, unit.index))
+
+
+STAGE_LABELS = {"base": "base model", "coldstart": "after cold start", "warmup": "after GiGPO warmup", **ARMS}
 
 
 def results_table(evals: dict[str, dict]) -> str:
@@ -716,20 +879,69 @@ def results_table(evals: dict[str, dict]) -> str:
     rows = []
     for name, e in evals.items():
         cells = [f"{e.get(f'eval/success/{t}', float('nan')):.3f}" for t in types]
-        rows.append(f"| {name} | " + " | ".join(cells) +
+        rows.append(f"| {STAGE_LABELS.get(name, name)} | " + " | ".join(cells) +
                     f" | {e['eval/success']:.3f} | {e['eval/steps']:.1f} | {e['eval/invalid_rate']:.3f} |")
     return head + "\n".join(rows) + "\n"
+
+
+def paired_difference(a: list[tuple], b: list[tuple], level: float = 0.9, seed: int = 0) -> dict:
+    """Success of stage a − stage b on the same eval episodes (outcomes from `evaluate`), with a
+    paired-bootstrap interval (`mining.paired_bootstrap_ci`), overall and per task type."""
+    if [k[:2] for k in a] != [k[:2] for k in b]:
+        raise ValueError("the two stages were not evaluated on the same episodes")
+    wa, wb = [float(k[2]) for k in a], [float(k[2]) for k in b]
+    out = {"all": (mining.delta_g(wa, wb), *mining.paired_bootstrap_ci(wa, wb, level, 2000, seed), len(wa))}
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for i, k in enumerate(a):
+        by_type[k[0].rsplit("-s", 1)[0] if "-s" in k[0] else "all"].append(i)
+    for tt, idx in sorted(by_type.items()):
+        if tt != "all" and len(by_type) > 1:
+            xa, xb = [wa[i] for i in idx], [wb[i] for i in idx]
+            out[tt] = (mining.delta_g(xa, xb), *mining.paired_bootstrap_ci(xa, xb, level, 2000, seed), len(idx))
+    return out
+
+
+def write_report(cfg: Config, state: dict, rows: list[dict]) -> str:
+    """results.md: the success table, the arms against the GiGPO-only control (paired interval over
+    eval episodes), the skills of every mining round, Phase 2's distilled tokens, and timings."""
+    report = f"# Results ({cfg.preset} preset, env {cfg.env.name}/{cfg.env.source}, seed {cfg.run.seed})\n\n"
+    report += results_table(state["evals"]) + "\n"
+    outcomes = state["outcomes"]
+    if "gigpo" in outcomes:
+        report += ("## Against the GiGPO-only control\n\nSame warmup checkpoint, same update iterations, "
+                   "rollouts and seeds; difference in eval success on the same episodes, with a paired "
+                   "bootstrap 90 % interval.\n\n| arm − GiGPO | Δ success | 90 % interval | episodes |\n|---|---|---|---|\n")
+        for arm in [a for a in cfg.run.arms if a != "gigpo" and a in outcomes]:
+            for key, (d, lo, hi, n) in paired_difference(outcomes[arm], outcomes["gigpo"]).items():
+                report += f"| {arm} ({key}) | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {n} |\n"
+        report += "\n"
+    for arm, bank in state["banks"].items():
+        if bank.skills:
+            report += f"## Skills ({arm})\n\n" + bank.markdown() + "\n\n"
+    per_iter = [r for r in rows if r.get("phase") == "distill" and r.get("arm", "") != "gigpo"]
+    if per_iter:
+        report += ("## Phase 2, per iteration\n\n| arm | iteration | skill groups | tokens offered | tokens kept "
+                   "| trajectories kept | plain success | skill success |\n|---|---|---|---|---|---|---|---|\n")
+        for r in per_iter:
+            report += (f"| {r.get('arm', '')} | {r['unit']} | {r.get('distill/skill_groups', 0)} | "
+                       f"{r.get('distill/tokens_offered', 0):.0f} | {r.get('distill/tokens_kept', 0):.0f} | "
+                       f"{r.get('distill/trajectories_kept', 0):.0f} | {r['distill/success']:.3f} | "
+                       f"{r.get('distill/skill_success', float('nan')):.3f} |\n")
+        report += "\n"
+    report += "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in state["timing"].items()) + "\n"
+    return report
 
 
 def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[str]:
     """Environment text the tiny model's tokenizer is trained on: prompts and expert answers."""
     texts = []
+    skill_example = mining.corpus_examples()[-1]
     for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
         (state,) = envs.reset([tid])
         history = []
         for action in envs.walkthrough(tid):
             texts.append(envs.build_prompt(state, history))
-            texts.append(envs.build_prompt(state, history, skill="- go to <recep>\n- take <obj> from <recep>"))
+            texts.append(envs.build_prompt(state, history, skill=skill_example))
             texts.append(f"<think>{think}</think><action>{action}</action>")
             history.append((state.obs, action))
             (state,) = envs.step([action])
@@ -782,7 +994,8 @@ def main(argv: list[str] | None = None) -> dict:
     coldstart_dir = run_dir / "coldstart_model"
     metrics = Metrics(run_dir, cfg.run.tensorboard)
     units = build_units(cfg)
-    state = {"done": 0, "buffer": [], "evals": {}, "timing": defaultdict(float)}
+    state = {"done": 0, "buffer": [], "evals": {}, "outcomes": {}, "timing": defaultdict(float),
+             "arm": "", "branch": None, "banks": {}}
     if args.resume:
         if (coldstart_dir / "COMPLETE").exists():
             policy.load_base_weights(coldstart_dir)
@@ -802,7 +1015,6 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer = make_optimizer(policy, cfg)
         metrics.truncate(0)  # a fresh run starts a fresh metrics file
         distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
-    bank = mining.SkillBank.load_latest(run_dir / "skills")
 
     interrupted = {"flag": False}
 
@@ -815,34 +1027,40 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(units), initial=state["done"], desc="siri", position=0)
     try:
         while state["done"] < len(units):
-            phase, idx = units[state["done"]]
-            seed = cfg.run.seed * 100_003 + state["done"]
+            unit = units[state["done"]]
+            seed = unit_seed(cfg, unit)
+            if unit.arm and unit.arm != state["arm"]:  # a branch starts from the warmup checkpoint
+                enter_arm(policy, optimizer, state, unit.arm, run_dir)
+            bank = state["banks"].get(unit.arm)
             values: dict = {}
-            if phase.startswith("eval_"):
+            if unit.phase == "eval":
                 t0 = time.perf_counter()
-                values = evaluate(policy, envs, cfg, seed=cfg.run.seed + 17)
+                values, state["outcomes"][unit.stage] = evaluate(policy, envs, cfg, seed=seed)
                 state["timing"]["eval"] += time.perf_counter() - t0
-                state["evals"][phase[5:]] = values
-            elif phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
+                state["evals"][unit.stage] = values
+            elif unit.phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
                 if is_main:
                     values = coldstart(policy, envs, cfg, seed, metrics, state["done"])
                     policy.save_base_weights(coldstart_dir)
                 distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
-            elif phase == "warmup":
+            elif unit.phase == "warmup":
                 values = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
-                if cfg.warmup.eval_every and (idx + 1) % cfg.warmup.eval_every == 0 and idx + 1 < cfg.warmup.iterations:
-                    values.update(evaluate(policy, envs, cfg, seed=cfg.run.seed + 17))
-            elif phase == "mining":
+                if cfg.warmup.eval_every and (unit.index + 1) % cfg.warmup.eval_every == 0 \
+                        and unit.index + 1 < cfg.warmup.iterations:
+                    values.update(evaluate(policy, envs, cfg, seed=unit_seed(cfg, Unit("eval", 0)))[0])
+            elif unit.phase == "mining":
                 t0 = time.perf_counter()
-                values = mining.mine_round(policy, envs, state["buffer"], bank, idx, cfg.mining, cfg.rollout,
-                                           seed=seed, bank_dir=run_dir / "skills")
+                mcfg = dataclasses.replace(cfg.mining, summariser="random") if unit.arm == "siri_random" else cfg.mining
+                values = mining.mine_round(policy, envs, state["buffer"], bank, unit.index, mcfg, cfg.rollout,
+                                           seed=seed, bank_dir=bank.dir, pool=training_pool(envs, cfg),
+                                           split_seed=cfg.run.seed)
                 state["timing"]["mining"] += time.perf_counter() - t0
-            elif phase == "distill":
-                values = distill_iteration(policy, optimizer, envs, bank, cfg, seed, state["timing"])
-            metrics.log(state["done"], phase.split("_")[0], values)
+            elif unit.phase == "distill":
+                values = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state["timing"])
+            metrics.log(state["done"], unit.phase, values, arm=unit.arm)
             state["done"] += 1
             bar.update(1)
-            phase_end = state["done"] == len(units) or units[state["done"]][0] != phase
+            phase_end = state["done"] == len(units) or units[state["done"]][:1] != unit[:1]
             stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
             if is_main and (state["done"] % cfg.run.checkpoint_every == 0 or phase_end or stop):
                 save_checkpoint(run_dir, policy, optimizer, state)
@@ -855,23 +1073,49 @@ def main(argv: list[str] | None = None) -> dict:
         envs.close()
 
     state["timing"]["total_this_session"] = time.perf_counter() - t_start
-    result = {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"])}
+    result = {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"]),
+              "outcomes": state["outcomes"]}
     if not is_main:  # rank 0 writes the report
         if started_group:
             distributed.destroy()
         return result
     rows = metrics.rows()
     plot_curves(rows, run_dir / "curves.png")
-    table = results_table(state["evals"])
-    report = f"# Results ({cfg.preset} preset, env {cfg.env.name}/{cfg.env.source})\n\n{table}\n"
-    report += "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in state["timing"].items()) + "\n"
-    if bank.skills:
-        report += "\n## Skill bank (last round)\n\n" + bank.markdown() + "\n"
+    report = write_report(cfg, state, rows)
     atomic_write_text(run_dir / "results.md", report)
     print(report)
     if started_group:
         distributed.destroy()
     return result
+
+
+def training_pool(envs, cfg: Config) -> list[str]:
+    """The training tasks the policy trains on: the first warmup.task_pool ones (all if 0)."""
+    return envs.task_ids("train")[:cfg.warmup.task_pool or None]
+
+
+def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path) -> None:
+    """Start a branch from the warmup checkpoint (the *branch point*): the first arm records it
+    (trainable weights, optimiser, RNG, mining buffer), every later arm restores it, so all arms
+    start from the same policy, optimiser moments, random state and buffer. Each arm has its own
+    skill bank (skills/ for siri, skills_<arm>/ otherwise)."""
+    if state["branch"] is None:
+        state["branch"] = {"trainable": {n: p.detach().clone() for n, p in policy.model.named_parameters()
+                                         if p.requires_grad},
+                           "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state(),
+                           "buffer": list(state["buffer"])}
+    else:
+        point = state["branch"]
+        params = dict(policy.model.named_parameters())
+        with torch.no_grad():
+            for n, t in point["trainable"].items():
+                params[n].copy_(t)
+        optimizer.load_state_dict(copy.deepcopy(point["optimizer"]))
+        set_rng_state(point["rng"])
+        state["buffer"] = list(point["buffer"])
+    state["arm"] = arm
+    folder = "skills" if arm == "siri" else f"skills_{arm}"
+    state["banks"].setdefault(arm, mining.SkillBank(str(run_dir / folder)))
 
 
 def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
