@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -59,12 +60,18 @@ class MiningConfig:
     """character budget of one trajectory inside the summarisation prompt"""
     max_skill_steps: int = 12
     """longer step / pitfall lists are cut: the skill block must stay compact in the prompt"""
+    initial_bank: str = ""
+    """path of a skills_round_NN.json (e.g. an earlier run's, or skills written by hand or by another model)
+    whose skills start the bank of every mining arm; its validated skills are re-measured in round 0.
+    "" = start empty. The GiGPO-only control never has skills."""
 
     def __post_init__(self):
         if self.summariser not in ("policy", "template", "random") and not self.summariser.startswith("model:"):
             raise ValueError(f"mining.summariser: 'policy' | 'model:<id>' | 'template' | 'random', not {self.summariser!r}")
         if self.selection not in ("mean", "confident"):
             raise ValueError(f"mining.selection: 'mean' | 'confident', not {self.selection!r}")
+        if self.initial_bank and not os.path.isfile(self.initial_bank):
+            raise ValueError(f"mining.initial_bank: no file {self.initial_bank!r}; give a skills_round_NN.json or \"\"")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,12 +507,14 @@ class SkillBank:
 
     def markdown(self) -> str:
         """One table row per skill (for results.md); Δg and interval of the latest measurement."""
-        rows = ["| id | task type | name | status | round | Δg | interval | summariser |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows = ["| id | task type | name | status | round | Δg | interval | summariser | pairs | detectable Δg |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for s in self.skills:
             u = s.utility[-1] if s.utility else None
             dg, ci = (f"{u['delta_g']:+.3f}", f"[{u['ci_low']:+.3f}, {u['ci_high']:+.3f}]") if u else ("", "")
-            rows.append(f"| {s.id} | {s.task_type} | {s.name} | {s.status} | {s.round} | {dg} | {ci} | {s.summariser} |")
+            n, det = (u.get("n_pairs", ""), f"{u['detectable']:.3f}" if "detectable" in u else "") if u else ("", "")
+            rows.append(f"| {s.id} | {s.task_type} | {s.name} | {s.status} | {s.round} | {dg} | {ci} | "
+                        f"{s.summariser} | {n} | {det} |")
         return "\n".join(rows)
 
     def save(self, round_idx: int) -> str:
@@ -562,6 +571,20 @@ def paired_bootstrap_ci(with_success, without_success, level: float = 0.9,
     means = d[idx].mean(axis=1)  # (B,)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def detectable_delta_g(sd: float, n_pairs: int, level: float = 0.9, power: float = 0.9) -> float:
+    """Smallest true Δg that the "confident" rule keeps with probability `power` (ours, beyond the
+    paper; normal approximation of the paired mean):
+
+        Δg_min = (z_{(1+level)/2} + z_{power}) · sd / sqrt(P)
+
+    where sd is the standard deviation of the P pair differences d_p. The rule keeps a skill when
+    the lower end of the two-sided `level` interval, ≈ Δg − z_{(1+level)/2}·sd/√P, is above 0.
+    Example: sd = 0.4, P = 48, level = power = 0.9 -> (1.645 + 1.282) · 0.4 / 6.93 = 0.169."""
+    from statistics import NormalDist
+    z = NormalDist().inv_cdf
+    return (z((1 + level) / 2) + z(power)) * sd / math.sqrt(max(n_pairs, 1))
 
 
 def keep_skill(dg: float, lo: float, margin: float, selection: str) -> bool:
@@ -628,11 +651,14 @@ def validate(policy, envs, skill: Skill, task_ids: list[str], group_size: int, s
 
 def record_utility(skill: Skill, result: PairedResult, round_idx: int, cfg: MiningConfig,
                    seed: int) -> dict:
-    """Append {round, delta_g, ci_low, ci_high, n_pairs} to the skill's utility history."""
+    """Append {round, delta_g, ci_low, ci_high, n_pairs, detectable} to the skill's utility history
+    (`detectable`: the Δg this measurement's spread would detect with 90 % power)."""
     lo, hi = paired_bootstrap_ci(result.with_success, result.without_success, cfg.ci_level,
                                  cfg.bootstrap_resamples, seed)
+    d = np.asarray(result.with_success, float) - np.asarray(result.without_success, float)
     rec = {"round": round_idx, "delta_g": delta_g(result.with_success, result.without_success),
-           "ci_low": lo, "ci_high": hi, "n_pairs": len(result.keys)}
+           "ci_low": lo, "ci_high": hi, "n_pairs": len(result.keys),
+           "detectable": detectable_delta_g(float(d.std(ddof=1)) if d.size > 1 else 0.0, d.size, cfg.ci_level)}
     skill.utility.append(rec)
     return rec
 
@@ -776,6 +802,7 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
         best = bank.best(tt) or max(skills, key=lambda s: s.delta_g)
         out[f"mining/delta_g/{tt}"] = best.delta_g
         out[f"mining/ci_low/{tt}"] = best.utility[-1]["ci_low"]
+        out[f"mining/detectable/{tt}"] = best.utility[-1].get("detectable", float("nan"))
     print(f"[mining] round {round_idx}: {len(new)} candidates, {m['accepted']} accepted, "
           f"{m['retired']} retired, {m['malformed']} malformed -> {path}")
     return out

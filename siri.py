@@ -97,9 +97,9 @@ class ColdStartConfig:
     """Steps (prompt, response) per optimiser step."""
     think: str = "plan"
     """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
-    skill_demos: float = 1.0
-    """Share of cold-start tasks that also get a skill-augmented demonstration (skill summarised from
-    other tasks' demonstrations; see siri.coldstart_samples). 0 = plain prompts only."""
+    skill_demos: int = 2
+    """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
+    random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
 
 
 @dataclass
@@ -149,14 +149,17 @@ class Config:
 
 
 PRESETS: dict[str, dict] = {
-    # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld in small
-    # rooms (4 receptacles, 2 distractors, 10 steps). Our choice of sizes: the cold start on 48
-    # games leaves the tiny model at ~12 % on held-out games and ~30 % on its own (temperature 1),
-    # so GiGPO on those 48 games (task_pool) has successes to compare; lr 3e-3 and 2 mini-batches
-    # per iteration learn without drifting in 10 iterations (tests/test_learning.py, README).
-    "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 48,
+    # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld in rooms of
+    # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
+    # 14 steps. Our choice of sizes, to fit `python siri.py` in 10 minutes on 2 cores: a cold start
+    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 games (16 per type: 6
+    # validate a type's skills, 10 are its summary sources), 48 paired episodes per validation,
+    # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
+    # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
+    "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
             "env.receptacles": 6, "env.distractors": 2, "env.max_steps": 14, "env.num_train_tasks": 96,
-            "coldstart.tasks": 48, "coldstart.epochs": 20, "warmup.task_pool": 96, "warmup.iterations": 10,
+            "env.num_workers": 2,
+            "coldstart.tasks": 48, "coldstart.epochs": 11, "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
             "distill.iterations": 4},
@@ -556,7 +559,7 @@ def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str
     return out, sorted((t.task_id, t.index, bool(t.won)) for t in trajs)
 
 
-def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random) -> list[tuple] | None:
+def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random | None) -> tuple[list[tuple], bool]:
     """One expert demonstration, as (state, history, action) per step, that *searches* for the
     object: the expert walkthrough goes straight to where the object is, which no agent can know
     from the prompt, so the demonstration first visits receptacles (opening closed ones) until it
@@ -568,8 +571,8 @@ def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random)
     model knows how to search, not where this generator puts things (envs.HOMES). A plain
     cold start that imitated the walkthrough would put that knowledge into the weights and leave
     a skill nothing to say. Only the first object is searched for (pick_two's second object is
-    fetched as the walkthrough does). None if the demonstration does not win (it then falls back
-    to the walkthrough itself, see `coldstart_samples`)."""
+    fetched as the walkthrough does). rng=None: no search, the walkthrough replayed as it is.
+    Returns (demonstration, won); it may end unwon when the search uses up env.max_steps."""
     plan = envs.walkthrough(task_id)
     (state,) = envs.reset([task_id])
     demo: list[tuple] = []
@@ -582,7 +585,7 @@ def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random)
         (state,) = envs.step([action])
 
     take = next((i for i, a in enumerate(plan) if a.startswith("take ")), None)
-    if take is not None:
+    if take is not None and rng is not None:
         source = plan[take].split(" from ", 1)[1]
         start = max((i for i in range(take) if plan[i].startswith("go to ")), default=take)
         named = set(re.findall(r"[a-z]+", state.task.lower()))
@@ -604,7 +607,7 @@ def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random)
         if action not in state.admissible and action.startswith("open "):
             continue  # opened during the search
         act(action)
-    return demo if state.won else None
+    return demo, state.won
 
 
 def demo_trajectory(task_id: str, task_type: str, demo: list[tuple]) -> Trajectory:
@@ -619,45 +622,45 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
                       seed: int) -> tuple[list[gigpo.Sample], dict]:
     """SFT samples (prompt, target response), one per demonstration step.
 
-    Every task gives a plain demonstration (search in a random order, `demonstration`). With
-    cfg.skill_demos, each task also gives a skill-augmented one: a template skill summarised
-    from the plain demonstrations of K *other* cold-start tasks of the same type (K =
-    mining.trajectories_per_skill) is put in the prompt, and the demonstration searches in the
-    skill's order. Our choice: this is how the tiny model learns to read a skill block, as an
-    instruct model learned to follow instructions in pre-training; the skill never contains the
-    task's own answer, so what it teaches is to use what the block says, right or wrong (the
-    random-skill control then shows that content matters). Evaluation stays plain-prompt only.
+    Every task gives a plain demonstration (search in a random order, `demonstration`) and
+    cfg.skill_demos skill-augmented ones: each puts in the prompt a template skill summarised
+    from the plain demonstrations of 1..K *other* cold-start tasks of the same type (a random
+    subset each time, K = mining.trajectories_per_skill) and searches in that skill's order.
+    Our choice: this is how the tiny model learns to read a skill block, as an instruct model
+    learned to follow instructions in pre-training. The skill never contains the task's own
+    answer, and one task is shown with several different skills, so the only way to predict
+    where a demonstration looks first is to read the block: what it teaches is to use what the
+    block says, right or wrong (the random-skill control then shows that content matters).
+    Evaluation stays plain-prompt only.
     """
     rng = random.Random(seed)
     plain: dict[str, list[tuple]] = {}
     fallback = 0
     for tid in task_ids:
-        demo = demonstration(envs, tid, [], rng)
-        if demo is None:  # the search ran out of steps: imitate the walkthrough instead
+        demo, won = demonstration(envs, tid, [], rng)
+        if not won:  # the search ran out of steps: imitate the walkthrough instead
             fallback += 1
-            demo = _walkthrough_demo(envs, tid)
+            demo, _ = demonstration(envs, tid, [], None)
         plain[tid] = demo
-    guided: dict[str, tuple[mining.Skill, list[tuple]]] = {}
-    if cfg.skill_demos:
-        by_type: dict[str, list[str]] = defaultdict(list)
-        for tid in task_ids:
-            by_type[envs.task_type(tid)].append(tid)
-        for tid in task_ids:
-            tt = envs.task_type(tid)
-            others = [t for t in by_type[tt] if t != tid]
-            if not others or rng.random() >= cfg.skill_demos:
-                continue
-            src = rng.sample(others, min(mining_cfg.trajectories_per_skill, len(others)))
+    guided: dict[str, list[tuple[mining.Skill, list[tuple]]]] = defaultdict(list)
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for tid in task_ids:
+        by_type[envs.task_type(tid)].append(tid)
+    for tid in task_ids:
+        tt = envs.task_type(tid)
+        others = [t for t in by_type[tt] if t != tid]
+        obj = mining.found_where(demo_trajectory(tid, tt, plain[tid]))
+        for _ in range(cfg.skill_demos if others else 0):
+            src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
             fields, _ = mining.parse_skill(mining.template_summary(
                 [demo_trajectory(t, tt, plain[t]) for t in src], tt, mining_cfg.max_skill_steps))
             skill = mining.Skill(**fields, task_type=tt)
-            obj = mining.found_where(demo_trajectory(tid, tt, plain[tid]))
-            demo = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
-            if demo is not None:
-                guided[tid] = (skill, demo)
+            demo, won = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
+            if won:
+                guided[tid].append((skill, demo))
     samples = []
     for tid in task_ids:
-        runs = [(None, plain[tid])] + ([(guided[tid][0].text(), guided[tid][1])] if tid in guided else [])
+        runs = [(None, plain[tid])] + [(skill.text(), demo) for skill, demo in guided[tid]]
         for skill_text, demo in runs:
             for state, history, action in demo:
                 prompt = policy.chat_ids(envs.build_prompt(state, history, skill_text))
@@ -665,26 +668,13 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
                 response = (policy.tokenizer(target, add_special_tokens=False)["input_ids"]
                             + [policy.tokenizer.eos_token_id])
                 samples.append(gigpo.Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
-    stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": len(guided),
+    stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": sum(map(len, guided.values())),
              "coldstart/search_fallback": fallback,
              "coldstart/demo_steps": sum(len(d) for d in plain.values()) / max(len(plain), 1)}
     return samples, stats
 
 
-def _walkthrough_demo(envs, task_id: str) -> list[tuple]:
-    """The expert walkthrough replayed, as (state, history, action) per step, without a search."""
-    (state,) = envs.reset([task_id])
-    demo, history = [], []
-    for action in envs.walkthrough(task_id):
-        demo.append((state, list(history), action))
-        history.append((state.obs, action))
-        (state,) = envs.step([action])
-        if state.done:
-            break
-    return demo
-
-
-def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int) -> dict:
+def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     """Cold start: SFT of the *base* weights on expert walkthroughs (adapter off).
 
     Our choice: train the base model (LoRA disabled), so that the cold-started model is also
@@ -731,7 +721,6 @@ def coldstart(policy, envs, cfg: Config, seed: int, metrics: Metrics, unit: int)
         p.requires_grad_(True)
     out = {"coldstart/nll_first": losses[0], "coldstart/nll_last": losses[-1],
            "coldstart/samples": len(samples), "coldstart/tasks": len(pool), **demo_stats}
-    metrics.log(unit, "coldstart", out)
     return out
 
 
@@ -937,14 +926,10 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
     texts = []
     skill_example = mining.corpus_examples()[-1]
     for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
-        (state,) = envs.reset([tid])
-        history = []
-        for action in envs.walkthrough(tid):
+        for state, history, action in demonstration(envs, tid, [], None)[0]:
             texts.append(envs.build_prompt(state, history))
             texts.append(envs.build_prompt(state, history, skill=skill_example))
             texts.append(f"<think>{think}</think><action>{action}</action>")
-            history.append((state.obs, action))
-            (state,) = envs.step([action])
     texts.extend(mining.corpus_examples())
     return texts
 
@@ -1030,7 +1015,7 @@ def main(argv: list[str] | None = None) -> dict:
             unit = units[state["done"]]
             seed = unit_seed(cfg, unit)
             if unit.arm and unit.arm != state["arm"]:  # a branch starts from the warmup checkpoint
-                enter_arm(policy, optimizer, state, unit.arm, run_dir)
+                enter_arm(policy, optimizer, state, unit.arm, run_dir, cfg)
             bank = state["banks"].get(unit.arm)
             values: dict = {}
             if unit.phase == "eval":
@@ -1040,7 +1025,7 @@ def main(argv: list[str] | None = None) -> dict:
                 state["evals"][unit.stage] = values
             elif unit.phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
                 if is_main:
-                    values = coldstart(policy, envs, cfg, seed, metrics, state["done"])
+                    values = coldstart(policy, envs, cfg, seed)
                     policy.save_base_weights(coldstart_dir)
                 distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
             elif unit.phase == "warmup":
@@ -1094,11 +1079,12 @@ def training_pool(envs, cfg: Config) -> list[str]:
     return envs.task_ids("train")[:cfg.warmup.task_pool or None]
 
 
-def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path) -> None:
+def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path, cfg: Config) -> None:
     """Start a branch from the warmup checkpoint (the *branch point*): the first arm records it
     (trainable weights, optimiser, RNG, mining buffer), every later arm restores it, so all arms
     start from the same policy, optimiser moments, random state and buffer. Each arm has its own
-    skill bank (skills/ for siri, skills_<arm>/ otherwise)."""
+    skill bank (skills/ for siri, skills_<arm>/ otherwise), started from mining.initial_bank (empty for
+    the GiGPO-only control) and kept in the checkpoint: a resume never reads stray bank files."""
     if state["branch"] is None:
         state["branch"] = {"trainable": {n: p.detach().clone() for n, p in policy.model.named_parameters()
                                          if p.requires_grad},
@@ -1114,8 +1100,10 @@ def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path) -> None:
         set_rng_state(point["rng"])
         state["buffer"] = list(point["buffer"])
     state["arm"] = arm
-    folder = "skills" if arm == "siri" else f"skills_{arm}"
-    state["banks"].setdefault(arm, mining.SkillBank(str(run_dir / folder)))
+    folder = str(run_dir / ("skills" if arm == "siri" else f"skills_{arm}"))
+    if arm not in state["banks"]:
+        start = cfg.mining.initial_bank if arm != "gigpo" else ""
+        state["banks"][arm] = mining.SkillBank(folder, mining.SkillBank.load(start).skills if start else [])
 
 
 def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:

@@ -103,6 +103,29 @@ def test_openables_start_closed_and_the_target_is_sometimes_inside_one():
     assert 0 < sum(inside_closed) < len(inside_closed)
 
 
+def test_objects_start_at_their_usual_home_unless_priors_are_off():
+    """With location priors the target starts in its most likely home type (envs.HOMES) far more
+    often than with uniform placement over the receptacles it fits (same seeds, same rooms drawn)."""
+    import re
+
+    def at_first_home(priors: bool) -> float:
+        hits = []
+        for seed in range(120):
+            g = envs.generate_game(seed, "pick_and_place_simple", 6, 2, priors=priors)
+            problem, target = g["pddl_problem"], g["siri"]["traj_data"]["pddl_params"]["object_target"]
+            recep = re.search(rf"\(inReceptacle {target}_bar_1 (\S+)\)", problem).group(1)
+            rtype = re.search(rf"\(receptacleType {re.escape(recep)} (\S+)Type\)", problem).group(1)
+            homes = envs.HOMES.get(target, {})
+            hits.append(bool(homes) and rtype == max(homes, key=homes.get))
+        return sum(hits) / len(hits)
+
+    with_priors, uniform = at_first_home(True), at_first_home(False)
+    assert with_priors > uniform + 0.2, (with_priors, uniform)
+    assert 0.3 < with_priors < 0.9  # a regularity, not a certainty: a plain policy still has to search
+    assert envs.home_weights("Mug", ["CoffeeMachine", "Sofa"]) == [0.4, envs.OTHER_HOME_WEIGHT]
+    assert envs.home_weights("Mug", ["CoffeeMachine", "Sofa"], priors=False) == [1.0, 1.0]
+
+
 def test_train_and_eval_seeds_are_disjoint_and_eval_is_balanced():
     for seed in (0, 1, 7):
         c = EnvConfig(seed=seed, num_train_tasks=300, eval_per_type=5)

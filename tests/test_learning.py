@@ -47,7 +47,7 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
             trajs = rollout(policy, envs, pool, EPISODES, cfg.rollout, seed=1234, desc="measure")
             return sum(t.won for t in trajs) / len(trajs)
 
-        siri.coldstart(policy, envs, cfg, seed=0, metrics=siri.Metrics(cache, False), unit=0)
+        siri.coldstart(policy, envs, cfg, seed=0)
         before = success()
         optimizer = siri.make_optimizer(policy, cfg)
         state = {"buffer": [], "timing": defaultdict(float)}

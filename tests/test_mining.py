@@ -92,6 +92,13 @@ def test_selection_rules_mean_vs_confident():
         keep_skill(0.5, 0.5, 0.0, "median")
 
 
+def test_detectable_delta_g_hand_computed():
+    # (z_0.95 + z_0.90) * sd / sqrt(P) = (1.6449 + 1.2816) * 0.4 / sqrt(48) = 0.16899
+    assert mining.detectable_delta_g(0.4, 48) == pytest.approx(0.16899, abs=1e-4)
+    assert mining.detectable_delta_g(0.4, 4 * 48) == pytest.approx(0.16899 / 2, abs=1e-4)  # 4x pairs: half
+    assert mining.detectable_delta_g(0.0, 10) == 0.0
+
+
 def test_pairing_by_task_and_index():
     w = [FakeTraj("b", "x", [], True, 1), FakeTraj("a", "x", [], True, 0), FakeTraj("b", "x", [], False, 0)]
     wo = [FakeTraj("a", "x", [], False, 0), FakeTraj("b", "x", [], False, 0), FakeTraj("b", "x", [], True, 1)]
@@ -194,16 +201,31 @@ def test_parse_rejects_malformed(text, reason):
 
 # ----- template and random summarisers -----
 
-def test_generalise_action():
-    assert generalise_action("go to fridge 1") == "go to <recep>"
-    assert generalise_action("take apple 2 from countertop 1") == "take <obj> from <recep>"
-    assert generalise_action("move apple 2 to fridge 1") == "move <obj> to <recep>"
-    assert generalise_action("put apple 2 in/on fridge 1") == "put <obj> in/on <recep>"
-    assert generalise_action("heat  Potato 1 with microwave 1") == "heat <obj> with <recep>"
-    assert generalise_action("open drawer 3") == "open <recep>"
-    assert generalise_action("use desklamp 1") == "use <obj>"
+def test_generalise_action_keeps_types_and_drops_numbers():
+    assert generalise_action("go to fridge 1") == "go to fridge"
+    assert generalise_action("take apple 2 from countertop 1") == "take <obj> from countertop"
+    assert generalise_action("move apple 2 to fridge 1") == "move <obj> to fridge"
+    assert generalise_action("put apple 2 in/on fridge 1") == "put <obj> in/on fridge"
+    assert generalise_action("heat  Potato 1 with microwave 1") == "heat <obj> with microwave"
+    assert generalise_action("open drawer 3") == "open drawer"
+    assert generalise_action("use desklamp 1") == "use desklamp"
     assert generalise_action("inventory") == "inventory"
     assert generalise_action("search[red shoes size 9]") == "search[<query>]"
+    assert mining.type_name("Sink Basin 2") == "sinkbasin" and mining.type_name("fridge 1") == "fridge"
+
+
+def test_found_where_and_search_order():
+    a, b, c = trajs()
+    assert mining.found_where(a) == ("apple", "countertop") and mining.found_where(b) == ("apple", "diningtable")
+    assert mining.found_where(make_traj("x", ["go to fridge 1"])) is None
+    assert mining.where_counts([a, b, c]) == {"apple": {"countertop": 1, "diningtable": 1, "sinkbasin": 1}}
+    s = skill(where={"apple": {"fridge": 2, "countertop": 1}, "mug": {"coffeemachine": 1, "countertop": 1}})
+    assert s.look_first() == ["countertop", "fridge", "coffeemachine"]  # 2, 2, 1 finds; ties alphabetical
+    assert s.search_order("apple") == ["fridge", "countertop", "coffeemachine"]  # its own places first
+    assert s.search_order("Mug") == ["coffeemachine", "countertop", "fridge"]
+    assert s.search_order("pen") == s.look_first()
+    assert "Look first in: countertop, fridge, coffeemachine" in s.text()
+    assert "Found before: apple in fridge, countertop; mug in coffeemachine, countertop" in s.text()
 
 
 def test_template_summary_is_deterministic_and_general():
@@ -212,20 +234,28 @@ def test_template_summary_is_deterministic_and_general():
     assert text == template_summary(trajs()[::-1], "pick_and_place_simple")  # order of the evidence is irrelevant
     fields, err = parse_skill(text)
     assert err is None
-    # plans A and C generalise to the same sequence (the mode); B differs
-    assert fields["steps"] == ["go to <recep> (repeat as needed)", "take <obj> from <recep>", "go to <recep>",
+    # the routine from the first take on: A and C share it (the mode); B opens a drawer on the way
+    assert fields["steps"] == ["go to <recep>", "take <obj> from <recep>", "go to <recep>",
                                "open <recep>", "move <obj> to <recep>"]
-    assert fields["pitfalls"] == ["'open <recep>' did nothing here"]
+    assert fields["where"] == {"apple": {"countertop": 1, "diningtable": 1, "sinkbasin": 1}}
+    assert fields["pitfalls"] == ["'open drawer' did nothing here"]
     assert not any(ch.isdigit() for s in fields["steps"] for ch in s)
-    assert "put a apple in fridge." in fields["when_to_use"]
+    # "when to use" names the task type, never another task's instruction
+    assert fields["when_to_use"] == mining.TASK_DESCRIPTIONS["pick_and_place_simple"]
 
 
-def test_random_summary_is_deterministic_by_seed():
+def test_random_summary_is_deterministic_by_seed_and_shaped_like_the_template():
     a = json.loads(random_summary(trajs(), "pick_and_place_simple", seed=1))
+    t = json.loads(template_summary(trajs(), "pick_and_place_simple"))
     assert a == json.loads(random_summary(trajs(), "pick_and_place_simple", seed=1))
-    others = [json.loads(random_summary(trajs(), "pick_and_place_simple", seed=s))["steps"] for s in range(2, 6)]
-    assert any(o != a["steps"] for o in others)
-    assert len(a["steps"]) == 5 and set(a["steps"]) <= set(TRAJ_A + TRAJ_B + TRAJ_C)
+    others = [json.loads(random_summary(trajs(), "pick_and_place_simple", seed=s)) for s in range(2, 8)]
+    assert any(o["steps"] != a["steps"] for o in others) and any(o["where"] != a["where"] for o in others)
+    assert len(a["steps"]) == len(t["steps"]) and a["when_to_use"] == t["when_to_use"]
+    assert set(a["steps"]) <= {generalise_action(x) for x in TRAJ_A + TRAJ_B + TRAJ_C}
+    # same objects and counts as the template, places drawn from where the trajectories went
+    assert a["where"].keys() == t["where"].keys()
+    assert sum(sum(c.values()) for c in a["where"].values()) == 3
+    assert {r for c in a["where"].values() for r in c} <= {"countertop", "diningtable", "fridge", "sinkbasin"}
 
 
 def test_format_trajectory_respects_budget():
@@ -241,7 +271,7 @@ def test_format_trajectory_respects_budget():
 
 class FakeEnvs:
     types = {"t0": "pick_and_place_simple", "t1": "pick_and_place_simple", "t2": "pick_and_place_simple",
-             "h0": "heat_then_place"}
+             "t3": "pick_and_place_simple", "t4": "pick_and_place_simple", "h0": "heat_then_place"}
 
     def task_ids(self, split):
         return sorted(self.types) if split == "train" else []
@@ -274,16 +304,19 @@ def test_dynamic_evaluation_retires_and_accepts(tmp_path):
     calls = []
     outcomes = {"old habit": ([0, 1, 0, 0], [1, 1, 0, 0]),  # Δg = -0.25 < margin -> retired
                 new_name: ([1, 1, 1, 1], [0, 0, 1, 0])}     # Δg = 0.75, every pair ≥ 0 -> validated
-    buffer = trajs() + [make_traj("t1", TRAJ_B, won=False), make_traj("h0", ["heat apple 1 with microwave 1"],
-                                                                       task_type="heat_then_place")]
+    buffer = trajs() + [make_traj("t3", TRAJ_A), make_traj("t4", TRAJ_C), make_traj("t1", TRAJ_B, won=False),
+                        make_traj("h0", ["heat apple 1 with microwave 1"], task_type="heat_then_place")]
     buffer[-1].skill_id = "some-skill"  # skill-guided: not a source for mining
     bank.dir = "/nonexistent"  # bank_dir wins
     metrics = mine_round(None, FakeEnvs(), buffer, bank, 1, cfg, None, seed=0, bank_dir=tmp_path,
                          validate_fn=fake_validate(outcomes, calls))
     assert old.status == "retired" and old.utility[-1]["delta_g"] == pytest.approx(-0.25)
     new = [s for s in bank.skills if s.name == new_name][0]
-    assert new.status == "validated" and new.round == 1 and len(new.sources) == 3
-    assert new.when_to_use.startswith("tasks like: instruction of t")
+    assert new.status == "validated" and new.round == 1
+    # no leak: validated on 2 of the type's 5 pool tasks, summarised only from the other 3
+    validation = set(calls[0][1])
+    assert len(validation) == 2 and len(new.sources) == 3
+    assert not validation & {src.split("-s0")[0] for src in new.sources}
     assert bank.best("pick_and_place_simple") is new
     assert metrics["mining/retired"] == 1 and metrics["mining/accepted"] == 1
     assert metrics["mining/candidates"] == 1 and metrics["mining/validated"] == 1
@@ -342,21 +375,27 @@ class FakePolicy:
         return [FakeGen(self.texts[i]) for i in range(len(prompts))]
 
 
+class PoolEnvs(FakeEnvs):
+    """Four task types a-d with three pool tasks each (a0..d2), except type c: none."""
+    types = {f"{t}{i}": t for t in "abd" for i in range(3)}
+
+
 def test_policy_summariser_malformed_outputs_are_counted(tmp_path):
     pytest.importorskip("torch")
     types = ["a", "b", "c", "d"]
-    buffer = [make_traj(f"{t}{i}", TRAJ_A, task_type=t) for t in types for i in range(2)]
+    buffer = [make_traj(f"{t}{i}", TRAJ_A, task_type=t) for t in types for i in range(3)]
     texts = ["no json at all", json.dumps(GOOD)[:50], "```json\n" + json.dumps(GOOD) + "\n```",
              json.dumps({**GOOD, "pitfalls": "none"})]
     pol = FakePolicy(texts)
     cfg = MiningConfig(summariser="policy", trajectories_per_skill=2)
     outcomes = {"fridge routine": ([1, 1], [0, 0])}
-    m = mine_round(pol, FakeEnvs(), buffer, SkillBank(str(tmp_path)), 0, cfg, FakeSampling(), seed=0,
+    cfg = dataclasses.replace(cfg, validation_tasks=1)
+    m = mine_round(pol, PoolEnvs(), buffer, SkillBank(str(tmp_path)), 0, cfg, FakeSampling(), seed=0,
                    validate_fn=fake_validate(outcomes, []))
-    assert m["mining/malformed"] == 3 and m["mining/candidates"] == 1
-    assert m["mining/malformed_no_json"] == 2 and m["mining/malformed_wrong_type"] == 1
+    # type c is not in the pool: its trajectories are never summarised; a, b, d give the first 3 texts
+    assert len(pol.seen) == 3 and m["mining/malformed"] == 2 and m["mining/candidates"] == 1
+    assert m["mining/malformed_no_json"] == 2
     assert "Episode 2" in pol.seen[0] and 'task type "a"' in pol.seen[0] and "Task: instruction of a" in pol.seen[0]
-    assert m["mining/no_tasks"] == 1  # type "c" has no train tasks in FakeEnvs: measured nowhere
 
 
 # ----- with the tiny model on the embedded environment -----
@@ -397,8 +436,9 @@ def test_validate_and_mine_round_with_tiny_model(tmp_path):
         assert len(buffer) == 2 and all(t.won for t in buffer)
         texts = mining.task_texts(expert_envs, buffer)
         fields, err = parse_skill(template_summary(buffer, tt, tasks=texts))
-        assert err is None and all("<" in step or " " not in step for step in fields["steps"])
-        assert fields["when_to_use"] == f"tasks like: {min(texts.values())}" and " " in min(texts.values())
+        assert err is None and not any(ch.isdigit() for step in fields["steps"] for ch in step)
+        obj, place = mining.found_where(buffer[0])
+        assert obj in texts[same_type[0]] and place in fields["where"][obj]
         # the tiny model cannot write JSON: its summary is counted as malformed, nothing crashes
         cfg = MiningConfig(summariser="policy", max_summary_tokens=8, max_trajectory_chars=300,
                            validation_tasks=1, validation_group=2)

@@ -154,9 +154,11 @@ def test_full_run_end_to_end_writes_table_bank_plot_and_metrics(cache, tmp_path)
     out = tmp_path / "run"
     result = siri.main(tiny_overrides(out, cache, **{"coldstart.epochs": 30}))
     assert result["done"] == result["units"]
-    assert set(result["evals"]) == {"base", "coldstart", "warmup", "final"}
+    assert set(result["evals"]) == {"base", "coldstart", "warmup", "gigpo", "siri"}
     report = (out / "results.md").read_text()
-    assert "| base |" in report and "| warmup |" in report and "| final |" in report
+    for label in ("base model", "after GiGPO warmup", "GiGPO-continued (control)", "SIRI (Phases 1-2)"):
+        assert f"| {label} |" in report
+    assert "| siri (all) |" in report  # the paired SIRI − GiGPO difference
     assert (out / "curves.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "skills").glob("skills_round_*.json")) == ["skills_round_00.json"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -172,7 +174,7 @@ def test_webshop_runs_end_to_end(cache, tmp_path):
     out = tmp_path / "web"
     result = siri.main(tiny_overrides(out, cache, env="webshop", **{"env.max_steps": 4, "env.num_eval_goals": 6}))
     assert result["done"] == result["units"]
-    assert "eval/score" in result["evals"]["final"]
+    assert "eval/score" in result["evals"]["siri"]
 
 
 def run_cli(args, **kw):
