@@ -691,7 +691,8 @@ def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed
     on tasks the policy trains on (Δg is measured where the skill will be used in Phase 2; the
     eval split stays unseen until the final report); a skill never sees the answers of the tasks
     it is validated on (no leak: its Δg is a transfer measurement); at least one task per type is
-    kept for the sources; the split is fixed for the run, so every round and every re-measurement
+    kept for the sources when the type has two or more (a type with a single task validates on it
+    and has no sources); the split is fixed for the run, so every round and every re-measurement
     uses the same tasks and one plain baseline per type."""
     by_type: dict[str, list[str]] = defaultdict(list)
     for tid in pool:
@@ -700,7 +701,7 @@ def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed
     for tt, ids in sorted(by_type.items()):
         chosen = sorted(random.Random(_seed(seed, tt)).sample(ids, min(m, max(len(ids) - 1, 1))))
         val[tt] = chosen
-        src[tt] = set(ids) - set(chosen) if len(ids) > 1 else set(ids)
+        src[tt] = set(ids) - set(chosen)
     return val, src
 
 

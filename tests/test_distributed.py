@@ -236,7 +236,9 @@ def test_siri_runs_end_to_end_on_two_ranks_and_only_rank_0_writes(tmp_path):
     initial = mining.SkillBank(str(tmp_path / "bank"), [skill]).save(0)
     script = tmp_path / "audited_siri.py"
     script.write_text(AUDIT)
-    args = tiny_overrides(out, cache, **{"run.rounds": 1, "mining.margin": -1.0, "mining.initial_bank": initial})
+    # distill.tasks_per_iter = 6: every pool task (one per type), so the skill's type is played with it
+    args = tiny_overrides(out, cache, **{"run.rounds": 1, "mining.margin": -1.0, "mining.initial_bank": initial,
+                                         "distill.tasks_per_iter": 6})
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
                            "--master_port", str(free_port()), str(script), str(out), str(tmp_path / "rank"),

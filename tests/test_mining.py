@@ -453,3 +453,14 @@ def test_validate_and_mine_round_with_tiny_model(tmp_path):
     finally:
         envs.close()
         expert_envs.close()
+
+
+def test_split_pool_keeps_validation_tasks_out_of_the_summary_sources():
+    pool = [f"{t}{i}" for t in "ab" for i in range(5)] + ["c0"]
+    val, src = mining.split_pool(pool, lambda tid: tid[0], 3, seed=1)
+    assert {tt: len(v) for tt, v in val.items()} == {"a": 3, "b": 3, "c": 1}
+    for tt in "ab":
+        assert not set(val[tt]) & src[tt] and set(val[tt]) | src[tt] == {f"{tt}{i}" for i in range(5)}
+    assert src["c"] == set()  # one task: it validates, nothing may be summarised for it (no leak)
+    assert mining.split_pool(pool, lambda tid: tid[0], 3, seed=1) == (val, src)  # fixed for the run
+    assert mining.split_pool(pool, lambda tid: tid[0], 9, seed=1)[1]["a"]  # always a source left
