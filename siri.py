@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 import typing
 from collections import defaultdict
