@@ -432,6 +432,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(policy, optimizer) -> dict:
+    """Trainable weights (copies), optimiser state and RNG: what a checkpoint and a branch point hold."""
+    return {"trainable": {n: p.detach().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state()}
+
+
+def restore_training_state(policy, optimizer, blob: dict) -> None:
+    """Put back what `training_state` captured."""
+    params = dict(policy.model.named_parameters())
+    with torch.no_grad():
+        for n, t in blob["trainable"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(copy.deepcopy(blob["optimizer"]))
+    set_rng_state(blob["rng"])
+
+
 def save_checkpoint(run_dir: Path, policy, optimizer, state: dict) -> None:
     """Checkpoint = adapter + trainable weights + optimiser + RNG + loop state, swapped in atomically.
 
@@ -442,9 +458,7 @@ def save_checkpoint(run_dir: Path, policy, optimizer, state: dict) -> None:
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     policy.save(new / "adapter")  # save_pretrained: loadable by PeftModel.from_pretrained
-    trainable = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "rng": rng_state()},
-               new / "training.pt")
+    torch.save(training_state(policy, optimizer), new / "training.pt")
     (new / "state.pkl").write_bytes(pickle.dumps(state))
     (new / "COMPLETE").write_text("ok")
     if final.exists():
@@ -459,13 +473,7 @@ def load_checkpoint(run_dir: Path, policy, optimizer) -> dict | None:
     for name in ("checkpoint", "checkpoint.old"):
         ckpt = run_dir / name
         if (ckpt / "COMPLETE").exists():
-            blob = torch.load(ckpt / "training.pt", weights_only=False)
-            params = dict(policy.model.named_parameters())
-            with torch.no_grad():
-                for n, t in blob["trainable"].items():
-                    params[n].copy_(t)
-            optimizer.load_state_dict(blob["optimizer"])
-            set_rng_state(blob["rng"])
+            restore_training_state(policy, optimizer, torch.load(ckpt / "training.pt", weights_only=False))
             return pickle.loads((ckpt / "state.pkl").read_bytes())
     return None
 
@@ -538,9 +546,9 @@ def pooled(trajs: list) -> list:
     return distributed.gather_objects(slim)
 
 
-def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str, int, bool]]]:
+def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str, int, bool, str]]]:
     """Plain-prompt evaluation on the fixed eval set: success per task type and overall, and the
-    outcome of every episode as (task id, index, won), sorted, for paired comparisons of stages.
+    outcome of every episode as (task id, index, won, task type), sorted, for paired comparisons.
     Under torchrun each rank plays its shard of the eval tasks; the statistics are pooled."""
     ids = envs.task_ids("eval")
     if cfg.eval.max_tasks:
@@ -555,7 +563,7 @@ def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str
         by_type[t.task_type].append(t.won)
     for tt, wins in sorted(by_type.items()):
         out[f"eval/success/{tt}"] = sum(wins) / len(wins)
-    return out, sorted((t.task_id, t.index, bool(t.won)) for t in trajs)
+    return out, sorted((t.task_id, t.index, bool(t.won), t.task_type) for t in trajs)
 
 
 def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random | None) -> tuple[list[tuple], bool]:
@@ -641,6 +649,7 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
             fallback += 1
             demo, _ = demonstration(envs, tid, [], None)
         plain[tid] = demo
+    as_traj = {tid: demo_trajectory(tid, envs.task_type(tid), demo) for tid, demo in plain.items()}
     guided: dict[str, list[tuple[mining.Skill, list[tuple]]]] = defaultdict(list)
     by_type: dict[str, list[str]] = defaultdict(list)
     for tid in task_ids:
@@ -648,11 +657,11 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
     for tid in task_ids:
         tt = envs.task_type(tid)
         others = [t for t in by_type[tt] if t != tid]
-        obj = mining.found_where(demo_trajectory(tid, tt, plain[tid]))
+        obj = mining.found_where(as_traj[tid])
         for _ in range(cfg.skill_demos if others else 0):
             src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
             fields, _ = mining.parse_skill(mining.template_summary(
-                [demo_trajectory(t, tt, plain[t]) for t in src], tt, mining_cfg.max_skill_steps))
+                [as_traj[t] for t in src], tt, mining_cfg.max_skill_steps))
             skill = mining.Skill(**fields, task_type=tt)
             demo, won = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
             if won:
@@ -738,6 +747,14 @@ def add_timing(timing: dict, rollout_s: float, update_s: float, update_stats: di
     timing["update_backward"] += update_stats["backward_s"]
 
 
+def refill_buffer(state: dict, trajs: list, cfg: Config) -> list:
+    """Self-mining's buffer: the won plain trajectories appended, only the newest buffer_size kept."""
+    buffer = state["buffer"]
+    buffer.extend(t for t in trajs if t.won)
+    del buffer[:-cfg.warmup.buffer_size]
+    return buffer
+
+
 def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
     """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update.
 
@@ -757,9 +774,7 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     t2 = time.perf_counter()
     add_timing(timing, t1 - t0, t2 - t1, stats)
     trajs = pooled(trajs)
-    buffer = state["buffer"]
-    buffer.extend(t for t in trajs if t.won)
-    del buffer[:-cfg.warmup.buffer_size]
+    buffer = refill_buffer(state, trajs, cfg)
     out = success_stats(trajs, "warmup")
     out.update({f"warmup/{k}": v for k, v in stats.items()})
     out.update({"warmup/rollout_s": t1 - t0, "warmup/update_s": t2 - t1, "warmup/buffer": len(buffer)})
@@ -801,9 +816,7 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
     t2 = time.perf_counter()
     add_timing(timing, t1 - t0, t2 - t1, stats)
     trained, guided = pooled(trained), pooled(guided)
-    buffer = state["buffer"]
-    buffer.extend(t for t in trained if t.won)
-    del buffer[:-cfg.warmup.buffer_size]
+    buffer = refill_buffer(state, trained, cfg)
     out = success_stats(trained, "distill")
     totals: dict = defaultdict(float, {"distill/tokens_kept": 0.0, "distill/tokens_offered": 0.0})
     for d in distributed.gather_objects([dmetrics]) if distributed.world_size() > 1 else [dmetrics]:
@@ -881,9 +894,9 @@ def paired_difference(a: list[tuple], b: list[tuple], level: float = 0.9, seed: 
     out = {"all": (mining.delta_g(wa, wb), *mining.paired_bootstrap_ci(wa, wb, level, 2000, seed), len(wa))}
     by_type: dict[str, list[int]] = defaultdict(list)
     for i, k in enumerate(a):
-        by_type[k[0].rsplit("-s", 1)[0] if "-s" in k[0] else "all"].append(i)
+        by_type[k[3]].append(i)
     for tt, idx in sorted(by_type.items()):
-        if tt != "all" and len(by_type) > 1:
+        if len(by_type) > 1:
             xa, xb = [wa[i] for i in idx], [wb[i] for i in idx]
             out[tt] = (mining.delta_g(xa, xb), *mining.paired_bootstrap_ci(xa, xb, level, 2000, seed), len(idx))
     return out
@@ -1085,19 +1098,10 @@ def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path, cfg: Conf
     skill bank (skills/ for siri, skills_<arm>/ otherwise), started from mining.initial_bank (empty for
     the GiGPO-only control) and kept in the checkpoint: a resume never reads stray bank files."""
     if state["branch"] is None:
-        state["branch"] = {"trainable": {n: p.detach().clone() for n, p in policy.model.named_parameters()
-                                         if p.requires_grad},
-                           "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state(),
-                           "buffer": list(state["buffer"])}
+        state["branch"] = {**training_state(policy, optimizer), "buffer": list(state["buffer"])}
     else:
-        point = state["branch"]
-        params = dict(policy.model.named_parameters())
-        with torch.no_grad():
-            for n, t in point["trainable"].items():
-                params[n].copy_(t)
-        optimizer.load_state_dict(copy.deepcopy(point["optimizer"]))
-        set_rng_state(point["rng"])
-        state["buffer"] = list(point["buffer"])
+        restore_training_state(policy, optimizer, state["branch"])
+        state["buffer"] = list(state["branch"]["buffer"])
     state["arm"] = arm
     folder = str(run_dir / ("skills" if arm == "siri" else f"skills_{arm}"))
     if arm not in state["banks"]:
