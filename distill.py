@@ -11,7 +11,7 @@ the *plain* prompt (skill removed) and pushed up there, but only where it pays:
 Loss (added to the GiGPO loss on the plain rollouts):
 
     L = L_GiGPO(plain) + λ · L_distill
-    L_distill = agg_{t ∈ S}  −A_t · min(log ρ_t, log(1 + ε))
+    L_distill = agg_{t ∈ S}  −A_t · clip(log ρ_t)   (min(·, log(1+ε)) for A_t ≥ 0, max(·, log(1−ε)) for A_t < 0)
     ρ_t = π_θ(a_t | c_plain) / μ(a_t | c_skill)
 
 where S is the selected token set, μ the policy that sampled a_t under the skill context
@@ -42,10 +42,27 @@ class DistillConfig:
     advantage_filter: bool = True
     """Keep only steps with positive GiGPO advantage. False together with utility_filter=False
     is the "no selection" ablation (distil every skill-guided token)."""
+    advantage_reference: str = "union"
+    """The group a skill-guided step's GiGPO advantage (the action-level filter, and A_t in the
+    loss) is computed in: "guided" (the skill-guided rollouts of the task only) or "union" (the
+    task's paired plain and skill-guided rollouts together, same seeds, one group of 2G).
+    Our choice: "union", because the question the filter asks is whether the skill-guided action
+    beats what the plain policy does from the same state; inside the guided group alone, a task
+    where every guided rollout wins gets A^E = 0 and the comparison with the plain arm survives
+    only in the utility filter."""
     iterations: int = 2
     """Phase 2 iterations per SIRI round."""
     tasks_per_iter: int = 4
     """Tasks per Phase 2 iteration (each played G times with the skill and G times without)."""
+
+    def __post_init__(self):
+        if self.advantage_reference not in ("union", "guided"):
+            raise ValueError(f"distill.advantage_reference={self.advantage_reference!r}: choose union or guided")
+        if self.lam < 0 or not 0 < self.clip_eps < 1:
+            raise ValueError(f"distill.lam must be >= 0 and distill.clip_eps in (0, 1) (got {self.lam}, {self.clip_eps})")
+        if self.iterations < 0 or self.tasks_per_iter < 1:
+            raise ValueError(f"distill.iterations must be >= 0 and distill.tasks_per_iter >= 1 "
+                             f"(got {self.iterations}, {self.tasks_per_iter})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,19 +90,31 @@ def selection_masks(skill_returns: Sequence[float], plain_returns: Sequence[floa
 
 def distill_token_loss(logp_plain: torch.Tensor, logp_sampler: torch.Tensor, advantages: torch.Tensor,
                        clip_eps: float) -> torch.Tensor:
-    """Per-token distillation loss: −A_t · min(log ρ_t, log(1 + ε)),  ρ_t = π_θ(a_t|c_plain) / μ(a_t|c_skill).
+    """Per-token distillation loss, log ρ_t clipped on the side the advantage pushes it:
+
+        A_t ≥ 0:  −A_t · min(log ρ_t, log(1 + ε))
+        A_t < 0:  −A_t · max(log ρ_t, log(1 − ε))       ρ_t = π_θ(a_t|c_plain) / μ(a_t|c_skill)
 
     ``logp_plain``: log π_θ(a_t | plain prompt), with grad; ``logp_sampler``: the sampling
-    log-probs under the skill prompt (constants); ``advantages``: A_t > 0 for selected tokens.
+    log-probs under the skill prompt (constants); ``advantages``: A_t (> 0 for the tokens the
+    default selection keeps).
 
     Our choice, because the paper gives no formula: below the clip the gradient is
     −A_t ∇log π_θ(a_t|c_plain), an advantage-weighted log-likelihood that does not vanish
     when the plain policy still finds the skill's action unlikely (as ρ·A would); once the
     plain policy already gives the token (1+ε) times the sampler's probability, the token is
     internalised and the gradient stops, like PPO's clip does for positive advantages.
+    Negative advantages reach this loss only when the advantage filter is off (the
+    `no_selection` ablation); without the lower clip, −A·log ρ would push such a token's
+    probability towards 0 with no bound. Our choice: clip at log(1 − ε), PPO's lower bound,
+    so a negative token stops once the plain policy gives it (1 − ε) times the sampler's
+    probability, rather than exclude such tokens, which would make the ablation a different
+    selection rule instead of "no selection".
     """
     log_ratio = logp_plain - logp_sampler
-    return -advantages * torch.clamp(log_ratio, max=math.log1p(clip_eps))
+    clipped = torch.where(advantages >= 0, torch.clamp(log_ratio, max=math.log1p(clip_eps)),
+                          torch.clamp(log_ratio, min=math.log1p(-clip_eps)))
+    return -advantages * clipped
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,7 +130,12 @@ def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiG
     same seed). The prompt of each sample is the step's ``plain_prompt_ids``: the skill text
     is not in the context the tokens are scored under.
     """
-    skill_adv = compute_advantages(skill_trajs, gigpo_cfg)  # Eq. 9, inside the skill-guided groups
+    if cfg.advantage_reference == "union":  # Eq. 9 over plain + guided rollouts of each task (same group key)
+        skill_adv = compute_advantages(list(skill_trajs) + list(plain_trajs), gigpo_cfg)[:len(skill_trajs)]
+    elif cfg.advantage_reference == "guided":  # Eq. 9 inside the skill-guided groups
+        skill_adv = compute_advantages(skill_trajs, gigpo_cfg)
+    else:
+        raise ValueError(f"distill.advantage_reference must be 'union' or 'guided', got {cfg.advantage_reference!r}")
     plain_returns: dict[str, list[float]] = {}
     for t in plain_trajs:
         plain_returns.setdefault(t.group, []).append(t.return_)

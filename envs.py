@@ -132,6 +132,7 @@ PROMPTS = {
         "You are a household robot. You act in a text-based house by typing commands.\n"
         "Your task is to: {task}\n"
         "{skill}{history}"
+        "You have taken {taken} step(s); this is step {step}.\n"
         "Now you see: {obs}\n"
         "Admissible actions: {actions}\n"
         "{answer}"
@@ -166,13 +167,17 @@ def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str |
                  skill: str | None = None) -> str:
     """The user message for one step (the policy applies the chat template).
 
-    task, the last `cfg.history_len` (observation, action) pairs, the current observation, the
+    task, the last `cfg.history_len` (observation, action) pairs (``history`` is the whole
+    episode so far, so ALFWorld's prompt can count the steps taken), the current observation, the
     admissible actions and the answer format, in the template of cfg.name. `skill` (text) adds
     one block; with skill=None the prompt contains no skill text at all, so plain and skill
     prompts differ only by that block.
     """
     web = cfg.name == "webshop"
     recent = history[-cfg.history_len:] if cfg.history_len > 0 else []
+    # as the public GiGPO code's ALFWorld prompt: the step count is shown and "help" is not
+    # offered (it prints the command list and never advances a task); typed, it still plays
+    actions = state.admissible if web else [a for a in state.admissible if a != "help"]
     steps = "\n".join(PROMPTS["history_step"].format(obs=_collapse(o), action=a if a else "(invalid)")
                       for o, a in recent)
     return PROMPTS[cfg.name].format(
@@ -180,7 +185,8 @@ def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str |
         skill=PROMPTS["webshop_skill" if web else "skill"].format(skill=skill.strip()) if skill else "",
         history=PROMPTS["history"].format(steps=steps) if recent else "",
         obs=_collapse(state.obs),
-        actions=("\n" if web else ACTION_SEPARATOR).join(state.admissible),
+        actions=("\n" if web else ACTION_SEPARATOR).join(actions),
+        taken=len(history), step=len(history) + 1,
         search_hint=PROMPTS["webshop_search"] if any(a.startswith("search[") for a in state.admissible) else "",
         answer=PROMPTS["answer"],
     )

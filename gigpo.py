@@ -18,7 +18,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -45,15 +45,37 @@ class GiGPOConfig:
     eps: float = 1e-6
     """Added to the std in the normalisation."""
     invalid_penalty: float = 0.1
-    """Subtracted from the reward of every invalid step (GiGPO's invalid-action penalty coefficient 0.1)."""
+    """c: the invalid-action penalty coefficient (GiGPO's ALFWorld script: 0.1)."""
+    invalid_penalty_mode: str = "reward"
+    """Where the penalty enters (`step_rewards` / `group_advantages`). "reward" (ours): it is a
+    reward, r_t − c, so it lowers R(τ) once per invalid step and is discounted into the step returns
+    of earlier steps. "row" (the public GiGPO code, verl-agent's `apply_invalid_action_penalty`):
+    after the returns are computed, c is subtracted from the invalid step's own row only, from its
+    copy of the episode score and from its own step return. Our default is "reward" because then
+    the penalty is part of the MDP the equations are written for (one R(τ) per trajectory, as
+    Eq. 3 reads), and the steps that led into an invalid action share its blame."""
     clip_eps: float = 0.2
     """ε of the PPO clip (GiGPO: 0.2)."""
+    clip_ratio_c: float = 3.0
+    """c of dual-clip PPO (Ye et al., 2020): the loss of a negative-advantage token is capped at
+    −c·A, so a token whose ratio has grown far above 1 cannot dominate the batch. 0 = off.
+    The public GiGPO code: 3.0 (verl's `clip_ratio_c`), which we follow."""
     beta_kl: float = 0.01
     """β: KL coefficient to the reference policy (base model = adapter disabled). GiGPO: 0.01."""
     kl_estimator: str = "k3"
     """KL estimator per token: "k3" (Schulman's low-variance exp(r)-r-1, GiGPO's 'low_var_kl') or "k1" (log-ratio)."""
     entropy_coef: float = 0.0
-    """Entropy bonus coefficient (GiGPO: 0, off)."""
+    """Entropy bonus coefficient. The public GiGPO code uses verl's default 0.001 (its ALFWorld
+    script does not override it); our choice is 0, because the KL term to the reference already
+    keeps the policy from collapsing and the bonus would pull against the skills Phase 2 distils.
+    `gigpo_defaults=verl-agent` sets 0.001."""
+    old_logprobs: str = "auto"
+    """π_old of the PPO ratio: "sampler" (the log-probs the decoder recorded while sampling),
+    "recompute" (a no-grad forward of the policy over the batch before the update, as verl-agent
+    does) or "auto" (recompute on CUDA, sampler on CPU). In float32 on CPU the two agree to
+    ~1e-6 and recomputing costs a forward pass; in bf16 on a GPU the sampler's kernels differ from
+    the training forward's and the first ratio would not be 1. Distillation samples keep their
+    sampler log-probs: they were drawn under the skill prompt, which the update does not score."""
     loss_agg: str = "token-mean"
     """Aggregation of per-token losses: "token-mean" (all action tokens of a mini-batch weigh
     the same; GiGPO's default) or "seq-mean-token-mean" (mean per response, then over responses)."""
@@ -71,26 +93,53 @@ class GiGPOConfig:
     grad_clip: float = 1.0
     """Max global grad norm (GiGPO/verl: 1.0)."""
 
+    def __post_init__(self):
+        choices = {"norm": ("std", "none"), "episode_stats": ("trajectory", "step"),
+                   "invalid_penalty_mode": ("reward", "row"), "kl_estimator": ("k3", "k1"),
+                   "loss_agg": ("token-mean", "seq-mean-token-mean"),
+                   "old_logprobs": ("auto", "sampler", "recompute")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"gigpo.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        for key in ("group_size", "ppo_epochs", "minibatches", "token_budget"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"gigpo.{key}={getattr(self, key)}: must be at least 1")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gigpo.gamma={self.gamma}: must lie in [0, 1]")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"gigpo.clip_eps={self.clip_eps}: must lie in (0, 1)")
+        if self.clip_ratio_c != 0 and self.clip_ratio_c <= 1:
+            raise ValueError(f"gigpo.clip_ratio_c={self.clip_ratio_c}: must be > 1 (dual clip) or 0 (off)")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"gigpo.lr and gigpo.grad_clip must be > 0 (got {self.lr}, {self.grad_clip})")
+        if min(self.beta_kl, self.entropy_coef, self.invalid_penalty, self.eps) < 0:
+            raise ValueError("gigpo.beta_kl, entropy_coef, invalid_penalty and eps must be >= 0")
+
 
 # ---------------------------------------------------------------------------------------
 # ALGO LOGIC: advantages
 # ---------------------------------------------------------------------------------------
 
 
-def normalise(values: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Relative advantage inside one group: (x − mean(x)) / F_norm.
+def relative(values: torch.Tensor, stats: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """(x − mean(S)) / F_norm(S): values made relative to the statistics of a set S.
 
-    F_norm = std(x) + eps (unbiased std, as torch.std) when ``norm == "std"``, else 1.
-    Rules for degenerate groups (one rule each, tested):
-    * all values equal → every advantage is 0 (nothing to prefer);
-    * a group of one → handled by the callers (episode: raw score, step: 0).
+    F_norm = std(S) + eps (unbiased std, as torch.std) when ``norm == "std"``, else 1.
+    Rules for degenerate sets (one rule each, tested):
+    * all of S equal → F_norm = 1 (so a group whose values are all equal gets 0 everywhere);
+    * S of one → F_norm = 1; the callers decide what a group of one gets (episode: raw score, step: 0).
     """
     if norm not in ("std", "none"):
         raise ValueError(f"gigpo.norm must be 'std' or 'none', got {norm!r}")
-    centred = values - values.mean()
-    if norm == "none" or values.numel() < 2:
+    centred = values - stats.mean()
+    if norm == "none" or stats.numel() < 2 or bool((stats == stats[0]).all()):
         return centred
-    return centred / (values.std() + eps)
+    return centred / (stats.std() + eps)
+
+
+def normalise(values: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Relative advantage inside one group: (x − mean(x)) / F_norm(x) (see `relative`)."""
+    return relative(values, values, norm, eps)
 
 
 def episode_advantages(returns: torch.Tensor, norm: str = "std", eps: float = 1e-6) -> torch.Tensor:
@@ -107,22 +156,24 @@ def episode_advantages(returns: torch.Tensor, norm: str = "std", eps: float = 1e
     return normalise(returns, norm, eps)
 
 
-def episode_advantages_step_weighted(returns: torch.Tensor, lengths: Sequence[int],
-                                     norm: str = "std", eps: float = 1e-6) -> torch.Tensor:
-    """A^E as the public GiGPO code computes it (``gigpo.episode_stats: step``).
+def episode_terms(scores: Sequence[Sequence[float]], returns: torch.Tensor, cfg: GiGPOConfig) -> list[list[float]]:
+    """A^E for every step row of one group (`group_advantages`).
 
-    Every step row carries its episode's return, so mean and std run over
-    Σ_i |τ_i| rows and a long episode weighs |τ_i| times. Returns (G,) one value per trajectory.
+    ``scores[i][t]``: the episode score that step t of τ_i carries: R(τ_i), minus c on an invalid
+    row in "row" penalty mode. ``returns``: R(τ_i). Statistics (`gigpo.episode_stats`):
+    "trajectory": Eq. 3, mean and std over the G returns (then every row of τ_i gets A^E(τ_i)
+    in "reward" mode); "step": the public GiGPO code, over every row's score, so a long
+    episode weighs |τ_i| times. A group of one passes its scores through (`episode_advantages`).
     """
-    if returns.numel() == 1:
-        return returns.clone()
-    rows = torch.repeat_interleave(returns, torch.tensor(list(lengths)))  # (Σ|τ_i|,)
-    centred = returns - rows.mean()
-    if norm == "none":
-        return centred
-    if norm != "std":
-        raise ValueError(f"gigpo.norm must be 'std' or 'none', got {norm!r}")
-    return centred / (rows.std() + eps)
+    if cfg.episode_stats == "trajectory":
+        stats = returns
+    elif cfg.episode_stats == "step":
+        stats = torch.tensor([v for row in scores for v in row], dtype=torch.float64)
+    else:
+        raise ValueError(f"gigpo.episode_stats must be 'trajectory' or 'step', got {cfg.episode_stats!r}")
+    if len(scores) == 1:
+        return [list(scores[0])]
+    return [relative(torch.tensor(row, dtype=torch.float64), stats, cfg.norm, cfg.eps).tolist() for row in scores]
 
 
 def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
@@ -173,11 +224,8 @@ def joint_advantage(a_episode: float, a_step: float, omega: float) -> float:
 
 
 def step_rewards(rewards: Sequence[float], valid: Sequence[bool], invalid_penalty: float) -> list[float]:
-    """Reward of each step after the invalid-action penalty: r_t = r_t^env − c · 1[invalid_t].
-
-    Our choice (as the GiGPO code does): the penalty enters the rewards, so it lowers both the
-    episode return and the step returns.
-    """
+    """Reward of each step with the invalid-action penalty as a reward ("reward" mode):
+    r_t = r_t^env − c · 1[invalid_t]. It lowers R(τ) and is discounted into earlier step returns."""
     return [r - (0.0 if ok else invalid_penalty) for r, ok in zip(rewards, valid)]
 
 
@@ -185,22 +233,31 @@ def group_advantages(rewards: Sequence[Sequence[float]], valid: Sequence[Sequenc
                      anchors: Sequence[Sequence[str]], cfg: GiGPOConfig) -> tuple[list[list[float]], dict]:
     """All advantages of ONE task group of trajectories (plain lists in, plain lists out).
 
-    Returns (A[i][t], parts) where parts holds the episode term A^E[i], the step term
-    A^S[i][t] and the returns, for logging and tests.
+    Returns (A[i][t], parts): parts holds the returns R(τ_i), the episode term A^E[i][t] (one
+    value per trajectory except in "row" penalty mode, where an invalid row has its own), the
+    step term A^S[i][t] and the step returns R_t, for logging and tests.
+    The two penalty modes (`GiGPOConfig.invalid_penalty_mode`):
+      "reward": r_t ← r_t − c·1[invalid_t], then R(τ), Eq. 6 returns, A^E and A^S as written.
+      "row":    R(τ) and R_t from the environment's rewards, then on each invalid row
+                R(τ) ← R(τ) − c (that row's copy only) and R_t ← R_t − c.
     """
-    r = [step_rewards(rw, ok, cfg.invalid_penalty) for rw, ok in zip(rewards, valid)]
-    returns = torch.tensor([sum(x) for x in r], dtype=torch.float64)  # R(τ_i), undiscounted
-    if cfg.episode_stats == "trajectory":
-        a_ep = episode_advantages(returns, cfg.norm, cfg.eps)  # Eq. 3
-    elif cfg.episode_stats == "step":
-        a_ep = episode_advantages_step_weighted(returns, [len(x) for x in r], cfg.norm, cfg.eps)
+    if cfg.invalid_penalty_mode == "reward":
+        r = [step_rewards(rw, ok, cfg.invalid_penalty) for rw, ok in zip(rewards, valid)]
+        penalty = [[0.0] * len(x) for x in r]
+    elif cfg.invalid_penalty_mode == "row":
+        r = [list(rw) for rw in rewards]
+        penalty = [[0.0 if ok else cfg.invalid_penalty for ok in v] for v in valid]
     else:
-        raise ValueError(f"gigpo.episode_stats must be 'trajectory' or 'step', got {cfg.episode_stats!r}")
-    r_t = [discounted_returns(x, cfg.gamma) for x in r]  # Eq. 6
+        raise ValueError(f"gigpo.invalid_penalty_mode must be 'reward' or 'row', got {cfg.invalid_penalty_mode!r}")
+    returns = torch.tensor([sum(x) for x in r], dtype=torch.float64)  # R(τ_i), undiscounted
+    scores = [[returns[i].item() - p for p in penalty[i]] for i in range(len(r))]
+    a_ep = episode_terms(scores, returns, cfg)  # Eq. 3
+    r_t = [[g - p for g, p in zip(discounted_returns(x, cfg.gamma), pen)]  # Eq. 6
+           for x, pen in zip(r, penalty)]
     a_st = step_advantages(r_t, anchors, cfg.norm, cfg.eps)  # Eq. 7-8
-    adv = [[joint_advantage(float(a_ep[i]), a, cfg.omega) for a in a_st[i]]  # Eq. 9
+    adv = [[joint_advantage(e, a, cfg.omega) for e, a in zip(a_ep[i], a_st[i])]  # Eq. 9
            for i in range(len(r))]
-    return adv, {"returns": returns.tolist(), "episode": a_ep.tolist(), "step": a_st, "step_returns": r_t}
+    return adv, {"returns": returns.tolist(), "episode": a_ep, "step": a_st, "step_returns": r_t}
 
 
 def compute_advantages(trajectories: Sequence, cfg: GiGPOConfig) -> list[list[float]]:
@@ -245,16 +302,24 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  clip_eps: float) -> torch.Tensor:
-    """Per-token PPO-clip policy loss (GiGPO Eq. 10, the min(...) term, negated).
+                  clip_eps: float, clip_ratio_c: float = 0.0) -> torch.Tensor:
+    """Per-token PPO-clip policy loss (GiGPO Eq. 10, the min(...) term, negated), dual-clipped.
 
         ρ_t = π_θ(a_t) / π_old(a_t),   L_t = −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)
+        dual clip (clip_ratio_c = c > 1, tokens with A_t < 0 only):  L_t ← min(L_t, −c·A_t)
 
     All tensors (N,) over action tokens. A positive-advantage token lowers the loss when its
-    probability rises (until the clip).
+    probability rises (until the clip). Without the dual clip a negative-advantage token whose
+    ratio has grown to ρ ≫ 1+ε keeps a loss −ρA that grows without bound; the dual clip caps
+    it at −cA (and stops its gradient there), as the public GiGPO code does with c = 3.
     """
     ratio = torch.exp(logp - old_logp)
-    return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    if clip_ratio_c > 0:
+        if clip_ratio_c <= 1:
+            raise ValueError(f"gigpo.clip_ratio_c must be > 1 (or 0 = off), got {clip_ratio_c}")
+        loss = torch.where(advantages < 0, torch.minimum(loss, -clip_ratio_c * advantages), loss)
+    return loss
 
 
 def aggregate(token_losses: list[torch.Tensor], mode: str, n_tokens: int, n_seqs: int) -> torch.Tensor:
@@ -315,6 +380,33 @@ def micro_batches(samples: Sequence[Sample], token_budget: int) -> list[list[Sam
     return batches
 
 
+def old_logprobs_source(cfg: GiGPOConfig, device: torch.device) -> str:
+    """"sampler" or "recompute": `GiGPOConfig.old_logprobs` with "auto" resolved for ``device``."""
+    if cfg.old_logprobs == "auto":
+        return "recompute" if torch.device(device).type == "cuda" else "sampler"
+    if cfg.old_logprobs not in ("sampler", "recompute"):
+        raise ValueError(f"gigpo.old_logprobs must be 'auto', 'sampler' or 'recompute', got {cfg.old_logprobs!r}")
+    return cfg.old_logprobs
+
+
+def recompute_old_logprobs(policy, samples: list[Sample], token_budget: int) -> tuple[list[Sample], float]:
+    """The policy-gradient samples with π_old re-scored by the current policy (no grad), before
+    the first optimiser step, as verl-agent does; distillation samples are returned unchanged.
+    Also returns max |π_old − π_sampler| over the re-scored tokens, in probability (verl-agent's
+    ``training/rollout_probs_diff_max``), to show how far the sampler's numbers were off."""
+    pg = [k for k, s in enumerate(samples) if s.kind == "pg"]
+    if not pg:
+        return samples, 0.0
+    with torch.no_grad():
+        logps = policy.score([samples[k].prompt_ids for k in pg], [samples[k].response_ids for k in pg], token_budget)
+    out, diff = list(samples), 0.0
+    for k, lp in zip(pg, logps):
+        lp = lp.float().cpu()
+        diff = max(diff, (lp.exp() - torch.tensor(samples[k].old_logprobs).exp()).abs().max().item())
+        out[k] = Sample(samples[k].prompt_ids, samples[k].response_ids, lp.tolist(), samples[k].advantage, "pg")
+    return out, diff
+
+
 def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_cfg=None,
            seed: int = 0, progress=None) -> dict:
     """PPO epochs over ``samples``: shuffle, split into mini-batches, accumulate micro-batches.
@@ -337,7 +429,14 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     params = [p for p in policy.model.parameters() if p.requires_grad]
     rng = random.Random(seed)
     sums: dict[str, float] = defaultdict(float)
-    seconds = {"score_s": 0.0, "ref_score_s": 0.0, "backward_s": 0.0}  # wall time, summed
+    seconds = {"score_s": 0.0, "ref_score_s": 0.0, "backward_s": 0.0, "old_score_s": 0.0}  # wall time, summed
+    if distill_cfg is None and any(s.kind == "distill" for s in samples):
+        raise ValueError("update() got distillation samples but no distill_cfg (pass cfg.distill)")
+    old_diff = None
+    if old_logprobs_source(cfg, policy.device) == "recompute":
+        t0 = time.perf_counter()
+        samples, old_diff = recompute_old_logprobs(policy, samples, cfg.token_budget)
+        seconds["old_score_s"] = time.perf_counter() - t0
     n_steps = skipped = 0
     for _epoch in range(cfg.ppo_epochs):
         order = list(samples)
@@ -375,7 +474,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                     old = torch.tensor(s.old_logprobs, dtype=logp.dtype, device=logp.device)
                     adv = torch.full_like(logp, s.advantage)
                     if s.kind == "pg":
-                        loss_t = ppo_clip_loss(logp, old, adv, cfg.clip_eps)
+                        loss_t = ppo_clip_loss(logp, old, adv, cfg.clip_eps, cfg.clip_ratio_c)
                         stats["pg_loss"] += loss_t.detach().sum().item()
                         stats["clip_frac"] += ((logp - old).exp().sub(1).abs() > cfg.clip_eps).sum().item()
                         if ref is not None:
@@ -429,6 +528,8 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     pg_tokens, distill_tokens = distributed.all_reduce_sum(
         [sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("pg", "distill")])
     out.update(seconds)
+    if old_diff is not None:
+        out["old_prob_diff_max"] = old_diff
     out.update(optimizer_steps=n_steps, skipped_nonfinite=skipped,
                pg_tokens=int(pg_tokens), distill_tokens=int(distill_tokens))
     return out

@@ -27,6 +27,12 @@ from typing import Any, Callable
 import numpy as np
 
 
+def skill_id(task_type: str, text: str) -> str:
+    """The one id of a skill: a hash of its task type and rendered text. `Skill.id` and the
+    `Trajectory.skill_id` of a rollout with that skill in its prompt are both this value."""
+    return hashlib.sha1(f"{task_type}\n{text}".encode()).hexdigest()[:12]
+
+
 @dataclass
 class MiningConfig:
     summariser: str = "template"
@@ -425,7 +431,7 @@ class Skill:
 
     def __post_init__(self):
         if not self.id:
-            self.id = hashlib.sha1(f"{self.task_type}\n{self.text()}".encode()).hexdigest()[:12]
+            self.id = skill_id(self.task_type, self.text())
 
     def look_first(self) -> list[str]:
         """Receptacle types by how often the summarised trajectories found their objects there

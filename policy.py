@@ -44,6 +44,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.cache_utils import CacheLayerMixin  # noqa: E402
 
+import mining  # noqa: E402  (skill_id only: one id for a skill in the bank and in a rollout)
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. Configs
@@ -373,7 +375,7 @@ class Trajectory:
     task_type: str
     group: str              # deterministic group key: task id + rollout seed
     index: int              # 0..G-1 inside the group
-    skill_id: str | None    # `skill_id(text)` of the skill in the prompt, None for plain rollouts
+    skill_id: str | None    # `mining.skill_id` of the skill in the prompt (= its Skill.id), None for plain rollouts
     steps: list[Step]
     won: bool
     task: str = ""          # the task instruction text (EnvState.task at reset)
@@ -385,11 +387,6 @@ class Trajectory:
     def return_(self) -> float:
         """Undiscounted episode return: the sum of step rewards."""
         return sum(s.reward for s in self.steps)
-
-
-def skill_id(text: str) -> str:
-    """Deterministic short key of a skill text (what `Trajectory.skill_id` holds)."""
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,7 +829,7 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
     n = len(slot_tasks)
     skills = [(skill or {}).get(s.task_type) for s in states]
     trajs = [Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % group_size,
-                        skill_id=skill_id(sk) if sk else None, steps=[], won=False, task=s.task)
+                        skill_id=mining.skill_id(s.task_type, sk) if sk else None, steps=[], won=False, task=s.task)
              for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
     history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
     generator = torch.Generator(device=policy.device).manual_seed(seed)

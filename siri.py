@@ -135,6 +135,10 @@ class Config:
 
     preset: str = "cpu"
     """Named preset applied before config.yaml overrides: cpu | qwen1.5b | qwen7b-qlora."""
+    gigpo_defaults: str = "ours"
+    """Where the GiGPO and SIRI papers are silent: "ours" (the defaults documented on each field)
+    or "verl-agent" (the choices of the public GiGPO code, `GIGPO_DEFAULTS`), applied after the
+    preset and before config.yaml and the command line, which still win."""
     run: RunConfig = field(default_factory=RunConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +182,16 @@ PRESETS: dict[str, dict] = {
         "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
         "distill.iterations": 20, "distill.tasks_per_iter": 8,
     },
+}
+
+# gigpo_defaults -> settings. "verl-agent": the public GiGPO code (johnhaofu/verl-agent, its
+# trainer config and ALFWorld script) where it differs from our defaults; README, "the method in
+# code", lists each point. Dual clip (c = 3) and the k3 clamp are our defaults already.
+GIGPO_DEFAULTS: dict[str, dict] = {
+    "ours": {},
+    "verl-agent": {"gigpo.invalid_penalty_mode": "row", "gigpo.episode_stats": "step",
+                   "gigpo.entropy_coef": 0.001, "gigpo.old_logprobs": "recompute",
+                   "gigpo.clip_ratio_c": 3.0},
 }
 
 # run.ablation -> the settings it stands for ("no_mining" also drops the mining units, see build_units)
@@ -288,6 +302,11 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     cfg = Config()
     for key, value in PRESETS[preset].items():
         _apply(cfg, key, value)
+    defaults = dict(pairs).get("gigpo_defaults", file_data.get("gigpo_defaults", "ours"))
+    if defaults not in GIGPO_DEFAULTS:
+        raise ConfigError(f"gigpo_defaults={defaults!r}: choose one of {', '.join(GIGPO_DEFAULTS)}")
+    for key, value in GIGPO_DEFAULTS[defaults].items():
+        _apply(cfg, key, value)
     for key, value in file_data.items():
         _apply(cfg, str(key), value)
     for key, value in pairs:
@@ -341,15 +360,18 @@ def config_reference() -> str:
 
     lines = ["# SIRI configuration. Every key is listed with its default and meaning; all are commented",
              "# out, so this file changes nothing until you uncomment a line. Order of precedence:",
-             "# dataclass defaults < preset < this file < command line (python siri.py key.sub=value).",
+             "# dataclass defaults < preset < gigpo_defaults < this file < command line (python siri.py key.sub=value).",
              "# Regenerate after changing a default: python siri.py --write-config",
              "#", "# Presets (preset=NAME on the command line or here):"]
     for name, values in PRESETS.items():
         body = ", ".join(f"{k}={v}" for k, v in values.items())
         lines += textwrap.wrap(f"{name}: {body}", 88, initial_indent="#   ", subsequent_indent="#     ")
-    lines += ["", "# preset: cpu", ""]
+    lines += ["#", "# gigpo_defaults=verl-agent (after the preset, before this file): the public GiGPO code's"]
+    body = ", ".join(f"{k}={v}" for k, v in GIGPO_DEFAULTS["verl-agent"].items())
+    lines += textwrap.wrap(body, 88, initial_indent="#   ", subsequent_indent="#   ")
+    lines += ["", "# preset: cpu", "# gigpo_defaults: ours", ""]
     for section in dataclasses.fields(Config):
-        if section.name == "preset":
+        if section.name in ("preset", "gigpo_defaults"):
             continue
         obj = getattr(Config(), section.name)
         docs = field_docs(type(obj))

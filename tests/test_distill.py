@@ -1,4 +1,5 @@
 """Phase 2 selection and distillation loss on hand-made batches."""
+import dataclasses
 import math
 
 import pytest
@@ -53,6 +54,33 @@ def test_distill_gradient_is_weighted_loglik_below_clip_and_zero_above():
     sampler = torch.log(torch.tensor([0.5, 0.5]))
     distill.distill_token_loss(plain, sampler, torch.tensor([3.0, 3.0]), 0.2).sum().backward()
     assert plain.grad.tolist() == pytest.approx([-3.0, 0.0])  # no vanishing at small ρ; stops once internalised
+
+
+def test_distill_negative_advantage_is_clipped_below():
+    """no_selection ablation: a negative-advantage token is pushed down only until ρ = 1 − ε."""
+    sampler = torch.log(torch.tensor([0.5, 0.5]))
+    plain = torch.log(torch.tensor([0.45, 0.1])).requires_grad_(True)
+    a = torch.tensor([-2.0, -2.0])
+    loss = distill.distill_token_loss(plain, sampler, a, clip_eps=0.2)
+    # token 1: log ρ = ln .9 > ln .8 -> 2·ln .9 ; token 2: log ρ = ln .2 < ln .8 -> clipped: 2·ln .8
+    assert loss.tolist() == pytest.approx([2 * math.log(0.9), 2 * math.log(0.8)], abs=1e-5)
+    loss.sum().backward()
+    assert plain.grad.tolist() == pytest.approx([2.0, 0.0])  # descent lowers token 1; token 2 has stopped
+
+
+def test_advantage_reference_union_vs_guided():
+    """The skill-guided steps' advantages inside the guided group, or over guided + plain (same seeds)."""
+    gcfg = GiGPOConfig(gamma=1.0, omega=1.0, norm="none", invalid_penalty=0.0)
+    skill = [make_traj("t1@0", 0, [0.0, 10.0], ["o0", "o1"]), make_traj("t1@0", 1, [0.0, 10.0], ["o0", "o2"])]
+    plain = [make_traj("t1@0", 0, [0.0, 0.0], ["o0", "o3"], skill=False),
+             make_traj("t1@0", 1, [0.0, 0.0], ["o0", "o3"], skill=False)]
+    cfg = DistillConfig(utility_filter=False)
+    # guided only: both win -> A^E = 0; o0: [10, 10] -> 0; o1, o2 alone -> 0: nothing is kept
+    samples, m = distill.distill_samples(skill, plain, gcfg, dataclasses.replace(cfg, advantage_reference="guided"))
+    assert samples == [] and m["distill/tokens_kept"] == 0
+    # union: R = [10, 10, 0, 0], mean 5 -> A^E = +5; o0: [10, 10, 0, 0] -> +5; o1, o2 alone -> 0
+    samples, m = distill.distill_samples(skill, plain, gcfg, cfg)
+    assert [s.advantage for s in samples] == pytest.approx([10.0, 5.0, 10.0, 5.0]) and m["distill/tokens_kept"] == 8
 
 
 def test_distill_samples_use_plain_prompt_and_selected_steps():

@@ -34,10 +34,20 @@ def test_episode_group_of_one_passes_raw_score():
     assert gigpo.episode_advantages(torch.tensor([7.0]), "std").tolist() == [7.0]
 
 
-def test_episode_step_weighted_variant():
-    # rows: 10,10,-0.1,-0.1,-0.1 -> mean 3.94; norm none -> [6.06, -4.04]
-    a = gigpo.episode_advantages_step_weighted(torch.tensor([10.0, -0.1]), [2, 3], "none")
-    assert close(a.tolist(), [6.06, -4.04])
+def test_episode_step_weighted_variant_with_std():
+    # τ0 wins in 2 steps (R = 10), τ1 loses in 3 with one invalid step (R = -0.1). episode_stats
+    # "step": rows 10,10,-0.1,-0.1,-0.1 -> mean 3.94, unbiased std sqrt(122.412/4) = 5.53199
+    cfg = GiGPOConfig(episode_stats="step", norm="std", gamma=1.0, omega=0.0)
+    adv, parts = gigpo.group_advantages([[0.0, 10.0], [0.0, 0.0, 0.0]], [[True, True], [True, False, True]],
+                                        [["a", "b"], ["c", "d", "e"]], cfg)
+    assert close(parts["episode"][0], [6.06 / 5.53199] * 2) and close(parts["episode"][1], [-4.04 / 5.53199] * 3)
+    assert close(adv[0], [1.09545] * 2)  # ω = 0: A = A^E
+    # episode_stats "trajectory" (Eq. 3): mean 4.95, std of [10, -0.1] = 7.14178 -> ±0.70711
+    adv, parts = gigpo.group_advantages([[0.0, 10.0], [0.0, 0.0, 0.0]], [[True, True], [True, False, True]],
+                                        [["a", "b"], ["c", "d", "e"]], GiGPOConfig(norm="std", gamma=1.0, omega=0.0))
+    assert close(parts["episode"][0], [0.70711] * 2) and close(parts["episode"][1], [-0.70711] * 3)
+    assert close([parts["episode"][0][0], parts["episode"][1][0]],
+                 gigpo.episode_advantages(torch.tensor([10.0, -0.1]), "std").tolist())
 
 
 def test_bad_norm_is_clear_error():
@@ -87,12 +97,40 @@ def test_group_advantages_full_hand_example():
     anchors = [["s0", "s1"], ["s0", "x", "s1"]]
     adv, parts = gigpo.group_advantages(rewards, valid, anchors, cfg)
     # r = [[0, 10], [0, -0.1, 0]];  R = [10, -0.1];  A^E = [5.05, -5.05]
-    assert close(parts["returns"], [10.0, -0.1]) and close(parts["episode"], [5.05, -5.05])
+    assert close(parts["returns"], [10.0, -0.1])
+    assert close(parts["episode"][0], [5.05, 5.05]) and close(parts["episode"][1], [-5.05] * 3)
     # discounted: [[5, 10], [-0.05, -0.1, 0]]
     assert close(parts["step_returns"][0], [5.0, 10.0]) and close(parts["step_returns"][1], [-0.05, -0.1, 0.0])
     # s0: [5, -0.05] -> ±2.525 ; s1: [10, 0] -> ±5 ; x alone -> 0
     assert close(adv[0], [7.575, 10.05])
     assert close(adv[1], [-7.575, -5.05, -10.05])
+
+
+def test_row_penalty_mode_hand_example():
+    """The public GiGPO code's form: returns from the environment's rewards, then c off the invalid
+    row's own episode score and its own step return (not discounted into earlier steps)."""
+    rewards = [[0.0, 10.0], [0.0, 0.0, 0.0]]
+    valid = [[True, True], [True, False, True]]
+    anchors = [["s0", "s1"], ["s0", "x", "s1"]]
+    cfg = GiGPOConfig(gamma=0.5, omega=1.0, norm="none", invalid_penalty=0.1, invalid_penalty_mode="row")
+    adv, parts = gigpo.group_advantages(rewards, valid, anchors, cfg)
+    # R = [10, 0], mean 5; row scores [[10, 10], [0, -0.1, 0]] -> A^E [[5, 5], [-5, -5.1, -5]]
+    assert close(parts["returns"], [10.0, 0.0])
+    assert close(parts["episode"][0], [5.0, 5.0]) and close(parts["episode"][1], [-5.0, -5.1, -5.0])
+    # step returns [[5, 10], [0, -0.1, 0]]: the first step of τ1 is not charged (reward mode: -0.05)
+    assert close(parts["step_returns"][0], [5.0, 10.0]) and close(parts["step_returns"][1], [0.0, -0.1, 0.0])
+    # s0: [5, 0] -> ±2.5; s1: [10, 0] -> ±5; x alone -> 0
+    assert close(adv[0], [7.5, 10.0]) and close(adv[1], [-7.5, -5.1, -10.0])
+    # episode_stats "step" (the public code's statistics): rows 10,10,0,-0.1,0 -> mean 3.98
+    cfg_step = GiGPOConfig(gamma=0.5, omega=0.0, norm="none", invalid_penalty=0.1, invalid_penalty_mode="row",
+                           episode_stats="step")
+    adv, parts = gigpo.group_advantages(rewards, valid, anchors, cfg_step)
+    assert close(parts["episode"][0], [6.02, 6.02]) and close(parts["episode"][1], [-3.98, -4.08, -3.98])
+
+
+def test_bad_penalty_mode_is_clear_error():
+    with pytest.raises(ValueError, match="invalid_penalty_mode"):
+        GiGPOConfig(invalid_penalty_mode="episode")
 
 
 def test_omega_weights_the_step_term():
@@ -126,12 +164,33 @@ def test_kl_estimators():
     assert gigpo.kl_penalty(logp, logp, "k3").item() == 0.0
 
 
+def test_k3_is_clamped_at_10():
+    # log π_ref − log π_θ = 5: exp(5) − 5 − 1 = 142.41 -> 10 (verl's low_var_kl clamp); = 2: e² − 3 = 4.389 kept
+    kl = gigpo.kl_penalty(torch.tensor([0.0, 0.0]), torch.tensor([5.0, 2.0]), "k3")
+    assert close(kl.tolist(), [10.0, math.exp(2) - 3])
+
+
 def test_ppo_clip_hand_values():
     old = torch.zeros(3)
     logp = torch.log(torch.tensor([1.5, 1.5, 0.5]))
     adv = torch.tensor([2.0, -2.0, 2.0])
     # ratio 1.5, A=2: -min(3, 2.4) = -2.4 ; A=-2: -min(-3, -2.4) = 3 ; ratio .5, A=2: -min(1, 1.6) = -1
     assert close(gigpo.ppo_clip_loss(logp, old, adv, 0.2).tolist(), [-2.4, 3.0, -1.0])
+
+
+def test_dual_clip_hand_values():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([5.0, 2.0, 5.0, 0.5]))
+    adv = torch.tensor([-1.0, -1.0, 1.0, -1.0])
+    # plain clip: ratio 5, A=-1 -> -min(-5, -1.2) = 5; ratio 2 -> 2; ratio 5, A=+1 -> -1.2; ratio .5, A=-1 -> .8
+    assert close(gigpo.ppo_clip_loss(logp, old, adv, 0.2).tolist(), [5.0, 2.0, -1.2, 0.8])
+    # dual clip c=3: the first loss is capped at -c·A = 3; the others are below the cap or have A > 0
+    assert close(gigpo.ppo_clip_loss(logp, old, adv, 0.2, clip_ratio_c=3.0).tolist(), [3.0, 2.0, -1.2, 0.8])
+    x = torch.log(torch.tensor([5.0, 2.0])).requires_grad_(True)
+    gigpo.ppo_clip_loss(x, torch.zeros(2), torch.tensor([-1.0, -1.0]), 0.2, 3.0).sum().backward()
+    assert close(x.grad.tolist(), [0.0, 2.0])  # capped: no gradient; below the cap: d(ρ)/d(log π) = ρ
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        GiGPOConfig(clip_ratio_c=0.5)
 
 
 def test_loss_sign_raising_positive_advantage_token_lowers_loss():

@@ -113,7 +113,7 @@ def test_pairing_by_task_and_index():
 
 def test_skill_id_and_text():
     a, b = skill(), skill()
-    assert a.id == b.id and len(a.id) == 12
+    assert a.id == b.id == mining.skill_id(a.task_type, a.text()) and len(a.id) == 12
     assert skill(task_type="look_at_obj_in_light").id != a.id
     text = a.text()
     assert "Skill: fridge routine" in text and "1. go to <recep>" in text and "- do not loop" in text

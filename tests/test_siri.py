@@ -62,6 +62,22 @@ def test_mistyped_values_are_clear_errors():
         siri.load_config(None, ["preset=huge"])
     with pytest.raises(siri.ConfigError, match="section 'mining'"):
         siri.load_config(None, ["mining.summariser=oracle"])
+    # enums and ranges are checked when the config loads, not at the first update
+    for bad, key in [("gigpo.norm=zscore", "gigpo.norm"), ("gigpo.kl_estimator=k9", "gigpo.kl_estimator"),
+                     ("gigpo.loss_agg=foo", "gigpo.loss_agg"), ("gigpo.group_size=0", "gigpo.group_size"),
+                     ("distill.advantage_reference=plain", "distill.advantage_reference"),
+                     ("gigpo_defaults=verl", "gigpo_defaults")]:
+        with pytest.raises(siri.ConfigError, match=key):
+            siri.load_config(None, [bad])
+
+
+def test_gigpo_defaults_switch_to_the_public_code_and_overrides_still_win():
+    ours, verl = (siri.load_config(None, [f"gigpo_defaults={d}"]) for d in ("ours", "verl-agent"))
+    assert (ours.gigpo.invalid_penalty_mode, ours.gigpo.episode_stats, ours.gigpo.entropy_coef) == ("reward", "trajectory", 0.0)
+    assert (verl.gigpo.invalid_penalty_mode, verl.gigpo.episode_stats, verl.gigpo.entropy_coef,
+            verl.gigpo.old_logprobs, verl.gigpo.clip_ratio_c) == ("row", "step", 0.001, "recompute", 3.0)
+    assert verl.gigpo.lr == ours.gigpo.lr  # the preset's other settings are untouched
+    assert siri.load_config(None, ["gigpo_defaults=verl-agent", "gigpo.entropy_coef=0"]).gigpo.entropy_coef == 0.0
 
 
 def test_overrides_presets_yaml_and_env_shorthand(tmp_path):
@@ -123,6 +139,57 @@ def test_nonfinite_loss_skips_the_update(cache):
                          gigpo.GiGPOConfig(), seed=0)
     assert stats["skipped_nonfinite"] == 1 and stats["optimizer_steps"] == 0
     assert all(torch.equal(before[n], p) for n, p in policy.model.named_parameters() if p.requires_grad)
+
+
+def test_recomputed_old_logprobs_make_the_first_ratio_one(cache):
+    """gigpo.old_logprobs: with wrong sampler log-probs (-1; the random model gives ~ -8), "sampler" starts the PPO ratio far
+    from 1 (clipped tokens); "recompute" re-scores π_old first, so no token is clipped."""
+    policy = load_policy(ModelConfig(name="tiny", dtype="float32", tiny_dir=str(cache / "tiny_u")), device="cpu")
+    prompt = policy.chat_ids("go to the fridge")
+    samples = [gigpo.Sample(prompt, [5, 6, 7], [-1.0, -1.0, -1.0], 1.0), gigpo.Sample(prompt, [8, 9], [-1.0, -1.0], -1.0)]
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    out = {}
+    for mode in ("sampler", "recompute"):
+        opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-3)
+        out[mode] = gigpo.update(policy, opt, samples, gigpo.GiGPOConfig(old_logprobs=mode), seed=0)
+        with torch.no_grad():
+            for n, p in policy.model.named_parameters():
+                if n in before:
+                    p.copy_(before[n])
+    assert out["sampler"]["clip_frac"] == 1.0 and "old_prob_diff_max" not in out["sampler"]
+    assert out["recompute"]["clip_frac"] == 0.0 and out["recompute"]["old_prob_diff_max"] > 0
+    assert gigpo.old_logprobs_source(gigpo.GiGPOConfig(), torch.device("cpu")) == "sampler"
+    assert gigpo.old_logprobs_source(gigpo.GiGPOConfig(), torch.device("cuda")) == "recompute"
+
+
+def test_one_distillation_step_raises_its_action_and_moves_other_responses_less(cache):
+    """One update on one distillation sample raises log π(a | plain prompt) of its tokens, and
+    moves the log-probs of unrelated (prompt, response) pairs by less than it raised them."""
+    torch.manual_seed(0)
+    policy = load_policy(ModelConfig(name="tiny", dtype="float32", tiny_dir=str(cache / "tiny_u")), device="cpu")
+    plain, action = policy.chat_ids("you see a fridge 1"), [11, 12, 13]
+    with torch.no_grad():
+        sampler = policy.score([plain], [action], 4096)[0].tolist()
+    others = [(policy.chat_ids(f"task {k}: look around"), [20 + k, 30 + k]) for k in range(6)]
+
+    def logps():
+        with torch.no_grad():
+            lp = policy.score([plain] + [p for p, _ in others], [action] + [r for _, r in others], 4096)
+        return lp[0].sum().item(), torch.cat(lp[1:])
+
+    # two steps: LoRA's B starts at zero, so the first step only moves B
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
+    target0, others0 = logps()
+    for seed in (0, 1):
+        stats = gigpo.update(policy, opt, [gigpo.Sample(plain, action, sampler, 1.0, "distill")],
+                             gigpo.GiGPOConfig(), siri.distill.DistillConfig(), seed=seed)
+        assert stats["distill_tokens"] == 3 and stats["optimizer_steps"] == 1
+    target1, others1 = logps()
+    rise = (target1 - target0) / len(action)
+    assert rise > 0, (target0, target1)
+    assert (others1 - others0).abs().mean().item() < rise
+    with pytest.raises(ValueError, match="distill_cfg"):
+        gigpo.update(policy, opt, [gigpo.Sample(plain, action, sampler, 1.0, "distill")], gigpo.GiGPOConfig())
 
 
 # --- inference uses the plain prompt only ------------------------------------------------------
@@ -216,10 +283,16 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cache, tmp_path):
 
 def test_ablation_switches():
     assert siri.load_config(None, ["run.ablation=random_skills"]).mining.summariser == "random"
-    cfg = siri.load_config(None, ["run.ablation=no_selection"])
-    assert not cfg.distill.utility_filter and not cfg.distill.advantage_filter
-    cfg = siri.load_config(None, ["run.ablation=no_utility_filter"])
-    assert not cfg.distill.utility_filter and cfg.distill.advantage_filter
+    # the selection ablations change what is distilled: a guided group with one winner and one
+    # loser against a plain group that wins half the time
+    from test_distill import make_traj
+    skill = [make_traj("t@0", 0, [0.0, 10.0], ["o0", "o1"]), make_traj("t@0", 1, [0.0, 0.0], ["o0", "o2"])]
+    plain = [make_traj("t@0", 0, [0.0, 10.0], ["o0", "o1"], skill=False), make_traj("t@0", 1, [0.0, 0.0], ["o0", "o3"], skill=False)]
+    kept = {}
+    for ablation in ("none", "no_utility_filter", "no_selection"):
+        cfg = siri.load_config(None, [f"run.ablation={ablation}"])
+        kept[ablation] = siri.distill.distill_samples(skill, plain, cfg.gigpo, cfg.distill)[1]["distill/tokens_kept"]
+    assert kept == {"none": 4, "no_utility_filter": 4, "no_selection": 8}
     plain, ablated = (siri.build_units(siri.load_config(None, [f"run.ablation={a}", "run.rounds=2"]))
                       for a in ("none", "no_mining"))
     assert [u for u in plain if u[0] != "mining"] == ablated  # same update iterations, no mining
