@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -99,6 +100,21 @@ class EnvConfig:
     webshop_path: str = ""
     """WebShop, real: root of a princeton-nlp/WebShop checkout after its setup.sh ("" = none)"""
 
+    def __post_init__(self):
+        choices = {"name": ("alfworld", "webshop"), "source": ("embedded", "real"),
+                   "start_method": ("fork", "forkserver", "spawn"),
+                   "real_eval_split": ("valid_unseen", "valid_seen")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"env.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        for key in ("max_steps", "receptacles", "num_train_tasks", "eval_per_type"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"env.{key}={getattr(self, key)}: must be at least 1")
+        for key in ("history_len", "num_workers", "distractors", "real_max_tasks", "num_products",
+                    "num_train_goals", "num_eval_goals"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
+
 
 @dataclass
 class EnvState:
@@ -115,6 +131,10 @@ class EnvState:
     steps: int         # env steps taken so far in this episode (invalid ones included)
     score: float | None = None  # WebShop: its own reward in [0, 1] of the purchase (0.0 before buying),
     #                             reported as score = 100 x mean and success = (score == 1); ALFWorld: None
+
+
+class EnvWorkerDied(RuntimeError):
+    """An environment worker process ended (killed, out of memory) while the run needed it."""
 
 
 class AlfworldDataNotFound(FileNotFoundError):
@@ -913,7 +933,11 @@ class _Slots:
 
 
 def _worker_main(conn, cfg: EnvConfig) -> None:
-    """Worker process loop: ("reset"|"step", [(slot, arg), ...]) -> ("ok", results) | ("error", tb)."""
+    """Worker process loop: ("reset"|"step", [(slot, arg), ...]) -> ("ok", results) | ("error", tb).
+
+    SIGINT is ignored: a Ctrl-C in the terminal reaches the whole process group, and the main
+    process (which finishes its unit and checkpoints) still needs its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     slots = _Slots(cfg)
     try:
         while True:
@@ -1048,13 +1072,19 @@ class EnvManager:
         batches: list[list[tuple[int, int, Any]]] = [[] for _ in range(n)]
         for pos, (slot, arg) in enumerate(items):
             batches[slot % n].append((pos, slot, arg))
-        for (_, conn), batch in zip(self._workers, batches):  # all workers run at once ...
-            if batch:
-                conn.send((cmd, [(slot, arg) for _, slot, arg in batch]))
+        try:
+            for (_, conn), batch in zip(self._workers, batches):  # all workers run at once ...
+                if batch:
+                    conn.send((cmd, [(slot, arg) for _, slot, arg in batch]))
+            replies = [conn.recv() if batch else None for (_, conn), batch in zip(self._workers, batches)]
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            dead = [w for w, (proc, _) in enumerate(self._workers) if not proc.is_alive()]
+            raise EnvWorkerDied(f"env worker {', '.join(map(str, dead)) or '?'} died "
+                                f"(exit code {[self._workers[w][0].exitcode for w in dead]})") from None
         out, errors = [None] * len(items), []
-        for w, ((_, conn), batch) in enumerate(zip(self._workers, batches)):  # ... then collect
+        for w, (reply, batch) in enumerate(zip(replies, batches)):  # ... then collect
             if batch:
-                status, payload = conn.recv()
+                status, payload = reply
                 if status == "error":
                     errors.append(f"env worker {w}:\n{payload}")
                     continue

@@ -76,6 +76,13 @@ class MiningConfig:
             raise ValueError(f"mining.summariser: 'policy' | 'model:<id>' | 'template' | 'random', not {self.summariser!r}")
         if self.selection not in ("mean", "confident"):
             raise ValueError(f"mining.selection: 'mean' | 'confident', not {self.selection!r}")
+        for key in ("trajectories_per_skill", "candidates_per_type", "validation_tasks", "validation_group",
+                    "bootstrap_resamples", "max_summary_tokens", "max_trajectory_chars", "max_skill_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"mining.{key}={getattr(self, key)}: must be at least 1")
+        if not 0 < self.ci_level < 1 or self.summary_temperature < 0:
+            raise ValueError(f"mining.ci_level in (0, 1) and mining.summary_temperature >= 0 "
+                             f"(got {self.ci_level}, {self.summary_temperature})")
         if self.initial_bank and not os.path.isfile(self.initial_bank):
             raise ValueError(f"mining.initial_bank: no file {self.initial_bank!r}; give a skills_round_NN.json or \"\"")
 

@@ -86,6 +86,16 @@ class ModelConfig:
     tiny_seed: int = 0
     """tiny model: seed of its random weights"""
 
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if min(self.lora_r, self.lora_alpha, self.tiny_layers, self.tiny_hidden, self.tiny_heads,
+               self.tiny_kv_heads, self.tiny_vocab) < 1 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("model.lora_r, lora_alpha and the tiny_* sizes must be >= 1, lora_dropout in [0, 1)")
+        if self.tiny_hidden % self.tiny_heads or self.tiny_heads % self.tiny_kv_heads:
+            raise ValueError(f"model.tiny_hidden ({self.tiny_hidden}) must divide by tiny_heads ({self.tiny_heads}) "
+                             f"and tiny_heads by tiny_kv_heads ({self.tiny_kv_heads})")
+
 
 @dataclass
 class SamplingConfig:
@@ -114,6 +124,17 @@ class SamplingConfig:
     kv_cache: str = "preallocated"
     """custom engine's KV cache: "preallocated" (allocated once per call, written in place) |
     "dynamic" (HF's DynamicCache, grown by concatenation); same outputs, `bench.py decode` times both"""
+
+    def __post_init__(self):
+        if self.engine not in ("custom", "hf") or self.kv_cache not in ("preallocated", "dynamic"):
+            raise ValueError(f"rollout.engine must be custom|hf and rollout.kv_cache preallocated|dynamic "
+                             f"(got {self.engine!r}, {self.kv_cache!r})")
+        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1 and rollout.min_new_tokens in [0, max_new_tokens] "
+                             f"(got {self.max_new_tokens}, {self.min_new_tokens})")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.logprob_temperature <= 0:
+            raise ValueError("rollout.temperature >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0 and "
+                             "rollout.logprob_temperature > 0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ import distill
 import distributed
 import gigpo
 import mining
-from envs import EnvConfig, make_envs
-from policy import ModelConfig, SamplingConfig, Step, Trajectory, load_policy, rollout
+from envs import EnvConfig, EnvWorkerDied, make_envs
+from policy import ModelConfig, ModelLoadError, SamplingConfig, Step, Trajectory, load_policy, rollout
+from webshop import WebShopNotInstalled
 
 # ---------------------------------------------------------------------------------------
 # Configuration: one dataclass per phase, every default defined once (here or in the module
@@ -78,6 +79,15 @@ class RunConfig:
     distillation iterations as plain GiGPO, no skills) | "random_skills" (mining.summariser=random)
     | "no_selection" (distil every skill-guided token: both distill filters off) |
     "no_utility_filter" (distill.utility_filter=false)."""
+    max_skipped_updates: int = 3
+    """Stop the run (with a message, after a checkpoint of the last good state) when this many
+    consecutive optimiser steps were skipped for a non-finite loss or gradient (0 = never)."""
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"run.device={self.device!r}: choose auto, cpu or cuda")
+        if self.rounds < 0 or self.checkpoint_every < 1 or self.threads < 0 or self.max_skipped_updates < 0:
+            raise ValueError("run.rounds >= 0, run.checkpoint_every >= 1, run.threads >= 0, run.max_skipped_updates >= 0")
 
 
 @dataclass
@@ -100,6 +110,12 @@ class ColdStartConfig:
     """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
     random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
 
+    def __post_init__(self):
+        if self.enabled not in ("auto", "on", "off"):
+            raise ValueError(f"coldstart.enabled={self.enabled!r}: choose auto, on or off")
+        if self.tasks < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.skill_demos < 0:
+            raise ValueError("coldstart.tasks, epochs and batch_size must be >= 1, lr > 0, skill_demos >= 0")
+
 
 @dataclass
 class WarmupConfig:
@@ -116,6 +132,12 @@ class WarmupConfig:
     buffer_size: int = 256
     """Successful plain trajectories kept for Phase 1 (the newest are kept)."""
 
+    def __post_init__(self):
+        if self.iterations < 0 or self.tasks_per_iter < 1 or self.task_pool < 0 or self.eval_every < 0 \
+                or self.buffer_size < 0:
+            raise ValueError(f"warmup.tasks_per_iter must be >= 1 and warmup.iterations, task_pool, eval_every, "
+                             f"buffer_size >= 0 (got tasks_per_iter={self.tasks_per_iter}, iterations={self.iterations})")
+
 
 @dataclass
 class EvalConfig:
@@ -127,6 +149,10 @@ class EvalConfig:
     """Sampling temperature at evaluation (GiGPO: 0.4)."""
     episodes_per_task: int = 1
     """Episodes per eval task."""
+
+    def __post_init__(self):
+        if self.max_tasks < 0 or self.episodes_per_task < 1 or self.temperature < 0:
+            raise ValueError("eval.max_tasks >= 0, eval.episodes_per_task >= 1, eval.temperature >= 0")
 
 
 @dataclass
@@ -254,6 +280,8 @@ def _check_type(value, tp, key: str):
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        return "on" if value else "off"
     raise ConfigError(f"config key '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
@@ -737,6 +765,9 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
                 logps = policy.score([s.prompt_ids for s in batch], [s.response_ids for s in batch],
                                      cfg.gigpo.token_budget)
                 loss = -torch.cat(logps).mean()
+                if not torch.isfinite(loss):
+                    raise RunError(f"cold start: non-finite loss at step {len(losses) + 1} (coldstart.lr="
+                                   f"{cfg.coldstart.lr} too large?); nothing was saved, lower it and start again")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(base, 1.0)
@@ -745,6 +776,9 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
                 bar.update(1)
                 bar.set_postfix(nll=f"{loss.item():.3f}")
         bar.close()
+    if not all(torch.isfinite(p).all() for p in base):
+        raise RunError(f"cold start: non-finite weights after the last step (coldstart.lr={cfg.coldstart.lr} too "
+                       "large?); nothing was saved, lower it and start again")
     for p in base:
         p.requires_grad_(False)
     for p in lora:
@@ -968,7 +1002,81 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
     return texts
 
 
+class RunError(RuntimeError):
+    """An expected failure a user can fix (the run folder, a checkpoint, diverged training); `main`
+    prints its message as one line and exits with code 1."""
+
+
+# what a resume may change: where and how the run executes, not what it computes
+SAFE_ON_RESUME = {"run.threads", "run.tensorboard", "run.device", "run.checkpoint_every",
+                  "run.max_skipped_updates", "env.num_workers", "env.start_method"}
+RUN_ARTEFACTS = ("checkpoint", "checkpoint.old", "checkpoint.new", "metrics.jsonl", "coldstart_model",
+                 "results.md", "skills")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME."""
+    a, b = flat(saved), flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in SAFE_ON_RESUME]
+
+
+def previous_artefacts(run_dir: Path) -> list[str]:
+    """Names in run_dir that a run writes (checkpoints, metrics, skill banks, the report)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name in RUN_ARTEFACTS or p.name.startswith("skills"))
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock for the life of the process (released when it ends, even
+    on kill -9); a second run on the same folder stops here."""
+    import fcntl
+
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"another run is using {run_dir} (it holds {run_dir}/.lock); wait for it or choose "
+                       "run.out_dir=...") from None
+    return handle
+
+
+def check_resume(run_dir: Path, state: dict | None, cfg: Config) -> None:
+    """Refuse a resume that would mix runs: metrics without a checkpoint, metrics that end before the
+    checkpoint, or a changed setting (the list of changes is in the message)."""
+    rows = Metrics(run_dir, False).rows() if (run_dir / "metrics.jsonl").exists() else []
+    if state is None:
+        if rows:
+            raise RunError(f"--resume: {run_dir} has metrics for {len(rows)} units but no complete checkpoint; "
+                           "it cannot be continued: start afresh with another run.out_dir")
+        return
+    done_rows = {r["unit"] for r in rows}
+    if not all(u in done_rows for u in range(state["done"])):
+        raise RunError(f"--resume: {run_dir}/metrics.jsonl and its checkpoint disagree (checkpoint at unit "
+                       f"{state['done']}, metrics for {len(done_rows)} units); it is not this run's folder")
+    if "config" in state:
+        changes = config_changes(state["config"], dataclasses.asdict(cfg))
+        if changes:
+            raise RunError("--resume with a changed config would mix two runs; resume with the original "
+                           f"settings ({run_dir}/config.yaml) or start a new run.out_dir. Changed: " + "; ".join(changes))
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Command line: parse, load the config, run; an expected error is one line and exit code 1,
+    an interrupt (Ctrl-C) saves a checkpoint and exits with 130."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML overrides (default: config.yaml next to siri.py)")
     parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
@@ -985,16 +1093,26 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(config_path, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    run_dir = Path(cfg.run.out_dir)
+    found = previous_artefacts(run_dir)
+    if found and not args.resume:
+        raise SystemExit(f"error: {run_dir} holds a previous run ({', '.join(found)}); pass --resume to continue it "
+                         "or choose run.out_dir=...")
+    progress = {"done": 0}
+    try:
+        return run(cfg, run_dir, args.resume, progress)
+    except (RunError, ModelLoadError, WebShopNotInstalled, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    except EnvWorkerDied as e:
+        raise SystemExit(f"error: {e}; `--resume` continues from unit {progress['done']}")
+
+
+def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
+    """The run: start-up, then every unit in order (`build_units`), checkpointed; the report at the end.
+    ``progress["done"]``: units finished so far (for the error message of a dead env worker)."""
     # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
     started_group = distributed.init(cfg.run.device)
     is_main = distributed.is_main()
-
-    run_dir = Path(cfg.run.out_dir)
-    if run_dir.exists() and (run_dir / "checkpoint").exists() and not args.resume:
-        raise SystemExit(f"{run_dir} already holds a run; pass --resume to continue it or choose run.out_dir=...")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
@@ -1004,26 +1122,49 @@ def main(argv: list[str] | None = None) -> dict:
     if not is_main:
         distributed.barrier()  # rank 0 first: it fills the game and tiny-model caches the others read
     envs = make_envs(cfg.env)
-    for split in ("train", "eval"):
-        envs.task_ids(split)  # embedded ALFWorld: generates and caches the games on first call
-    policy = load_policy(cfg.model, device=distributed.device(cfg.run.device),
-                         corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
-    if is_main:
-        distributed.barrier()
+    try:
+        for split in ("train", "eval"):
+            envs.task_ids(split)  # embedded ALFWorld: generates and caches the games on first call
+        policy = load_policy(cfg.model, device=distributed.device(cfg.run.device),
+                             corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
+        if is_main:
+            distributed.barrier()
+        # start-up succeeded: only now does the run folder get written (and locked)
+        lock = None
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+            found = previous_artefacts(run_dir)
+            if found and not resume:  # checked again under the lock: another run may have started
+                raise RunError(f"{run_dir} holds a previous run ({', '.join(found)}); pass --resume or choose run.out_dir=...")
+        return run_units(cfg, run_dir, resume, progress, envs, policy, started_group, lock)
+    finally:
+        envs.close()
+
+
+def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, policy, started_group: bool,
+              lock) -> dict:
+    is_main = distributed.is_main()
     coldstart_dir = run_dir / "coldstart_model"
     metrics = Metrics(run_dir, cfg.run.tensorboard)
     units = build_units(cfg)
     state = {"done": 0, "buffer": [], "evals": {}, "outcomes": {}, "timing": defaultdict(float),
-             "arm": "", "branch": None, "banks": {}}
-    if args.resume:
+             "arm": "", "branch": None, "banks": {}, "skipped_streak": 0, "config": dataclasses.asdict(cfg)}
+    optimizer = make_optimizer(policy, cfg)
+    if resume:
         if (coldstart_dir / "COMPLETE").exists():
             policy.load_base_weights(coldstart_dir)
-        optimizer = make_optimizer(policy, cfg)
-        loaded = load_checkpoint(run_dir, policy, optimizer)
+        try:
+            loaded = load_checkpoint(run_dir, policy, optimizer)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
+            raise RunError(f"--resume: the checkpoint in {run_dir} cannot be read ({type(e).__name__}: {e}); "
+                           "it is damaged: start a new run.out_dir") from None
         seen = distributed.all_reduce_sum([loaded is not None])[0]
         if 0 < seen < distributed.world_size():
-            raise SystemExit(f"--resume: only {seen:.0f} of {distributed.world_size()} ranks can read "
-                             f"{run_dir}/checkpoint; put run.out_dir on a filesystem every node shares")
+            raise RunError(f"--resume: only {seen:.0f} of {distributed.world_size()} ranks can read "
+                           f"{run_dir}/checkpoint; put run.out_dir on a filesystem every node shares")
+        if is_main:
+            check_resume(run_dir, loaded, cfg)
         if loaded is None:
             print(f"--resume: no checkpoint in {run_dir}, starting from the beginning")
         else:
@@ -1031,9 +1172,11 @@ def main(argv: list[str] | None = None) -> dict:
             metrics.truncate(state["done"])
             print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
     else:
-        optimizer = make_optimizer(policy, cfg)
         metrics.truncate(0)  # a fresh run starts a fresh metrics file
         distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
+    if is_main and not (run_dir / "config.yaml").exists():  # a resume keeps the original settings file
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    progress["done"] = state["done"]
 
     interrupted = {"flag": False}
 
@@ -1044,6 +1187,7 @@ def main(argv: list[str] | None = None) -> dict:
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     t_start = time.perf_counter()
     bar = tqdm(total=len(units), initial=state["done"], desc="siri", position=0)
+    stop = False
     try:
         while state["done"] < len(units):
             unit = units[state["done"]]
@@ -1076,8 +1220,11 @@ def main(argv: list[str] | None = None) -> dict:
                 state["timing"]["mining"] += time.perf_counter() - t0
             elif unit.phase == "distill":
                 values = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state["timing"])
+            if unit.phase in ("warmup", "distill"):
+                check_skipped(state, values, unit, cfg)
             metrics.log(state["done"], unit.phase, values, arm=unit.arm)
             state["done"] += 1
+            progress["done"] = state["done"]
             bar.update(1)
             phase_end = state["done"] == len(units) or units[state["done"]][:1] != unit[:1]
             stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
@@ -1089,8 +1236,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old_handler)
-        envs.close()
 
+    if stop:  # interrupted: no report for an unfinished run
+        if started_group:
+            distributed.destroy()
+        raise SystemExit(130)
     state["timing"]["total_this_session"] = time.perf_counter() - t_start
     result = {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"]),
               "outcomes": state["outcomes"]}
@@ -1106,6 +1256,17 @@ def main(argv: list[str] | None = None) -> dict:
     if started_group:
         distributed.destroy()
     return result
+
+
+def check_skipped(state: dict, values: dict, unit: Unit, cfg: Config) -> None:
+    """Count consecutive optimiser steps skipped for non-finite numbers; stop the run at
+    run.max_skipped_updates (the last checkpoint holds the last finite weights)."""
+    skipped, steps = values.get(f"{unit.phase}/skipped_nonfinite", 0), values.get(f"{unit.phase}/optimizer_steps", 0)
+    state["skipped_streak"] = skipped if steps else state.get("skipped_streak", 0) + skipped
+    if cfg.run.max_skipped_updates and state["skipped_streak"] >= cfg.run.max_skipped_updates:
+        raise RunError(f"{state['skipped_streak']} consecutive updates skipped for a non-finite loss or gradient "
+                       f"at unit {state['done']} ({unit.phase}); lower gigpo.lr (now {cfg.gigpo.lr}) and start again, "
+                       f"or --resume from the last checkpoint with run.max_skipped_updates=0 to carry on")
 
 
 def training_pool(envs, cfg: Config) -> list[str]:

@@ -227,7 +227,7 @@ def test_siri_runs_end_to_end_on_two_ranks_and_only_rank_0_writes(tmp_path):
     out = tmp_path / "run"
     # a validated skill from an earlier round, so that mining re-measures it with paired rollouts
     # (M = 1 task: rank 1's shard is empty) and distillation plays skill-guided rollouts
-    from envs import EnvConfig, make_envs
+    from envs import make_envs
     cfg = siri.load_config(None, tiny_overrides(out, cache))
     with make_envs(cfg.env) as envs:
         task_type = envs.task_type(envs.task_ids("train")[0])

@@ -38,7 +38,7 @@ class FakeTraj:
 
 
 def make_traj(task_id, actions, task_type="pick_and_place_simple", index=0, won=True):
-    obs = [f"-= Welcome =- You are in a room. Your task is to: put a apple in fridge."]
+    obs = ["-= Welcome =- You are in a room. Your task is to: put a apple in fridge."]
     obs += ["Nothing happens." if a.startswith("open drawer") else f"You did {a}." for a in actions[:-1]]
     return FakeTraj(task_id, task_type, [FakeStep(a, o) for a, o in zip(actions, obs)], won, index)
 

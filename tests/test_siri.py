@@ -14,7 +14,7 @@ import yaml
 import gigpo
 import mining
 import siri
-from envs import EnvConfig, make_envs
+from envs import make_envs
 from policy import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,132 @@
+"""A run that a typo, a kill, a second launch or a NaN cannot break: each bullet of the
+robustness checklist (README, "Robustness") fails at start-up or in seconds here."""
+import dataclasses
+import json
+import os
+import pickle
+import signal
+import time
+
+import pytest
+import torch
+
+import siri
+from envs import EnvWorkerDied, make_envs
+from test_siri import run_cli, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("robust_cache")
+
+
+def test_yaml_on_off_is_accepted_where_documented(tmp_path):
+    assert siri.load_config(None, ["coldstart.enabled=off"]).coldstart.enabled == "off"
+    (tmp_path / "c.yaml").write_text("coldstart:\n  enabled: on\n")
+    assert siri.load_config(str(tmp_path / "c.yaml"), []).coldstart.enabled == "on"
+    with pytest.raises(siri.ConfigError, match="coldstart.enabled='maybe'"):
+        siri.load_config(None, ["coldstart.enabled=maybe"])
+
+
+def test_expected_errors_are_one_line_and_leave_nothing_behind(cache, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:  # missing real ALFWorld data
+        siri.main(tiny_overrides(out, cache, **{"env.source": "real", "env.data_path": str(tmp_path / "nowhere")}))
+    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code).strip()
+    assert not out.exists()  # no config.yaml, no lock, no folder
+    with pytest.raises(SystemExit, match="^error: .*model"):  # a model that cannot load
+        siri.main(tiny_overrides(out, cache, **{"model.name": str(tmp_path / "no_model")}))
+    assert not out.exists()
+
+
+def test_a_fresh_run_refuses_a_folder_with_a_previous_runs_artefacts(cache, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.old").mkdir()  # a kill between the checkpoint renames leaves only this
+    with pytest.raises(SystemExit, match="holds a previous run \\(checkpoint.old\\).*--resume"):
+        siri.main(tiny_overrides(out, cache))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.old"]  # untouched
+
+
+def test_a_second_run_on_a_locked_folder_stops(cache, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    held = siri.lock_run_dir(out)  # as a running siri.py holds it
+    try:
+        with pytest.raises(SystemExit, match="another run is using"):
+            siri.main(tiny_overrides(out, cache))
+    finally:
+        held.close()
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_resume_refuses_changed_settings_and_metrics_without_checkpoint(tmp_path):
+    cfg = siri.load_config(None, [f"run.out_dir={tmp_path}"])
+    state = {"done": 2, "config": dataclasses.asdict(cfg)}
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"unit": u, "phase": "x"}) + "\n" for u in range(3)))
+    siri.check_resume(tmp_path, state, cfg)  # same settings: fine
+    siri.check_resume(tmp_path, state, dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=4)))
+    changed = siri.load_config(None, [f"run.out_dir={tmp_path}", "gigpo.group_size=4", "gigpo.lr=1000"])
+    with pytest.raises(siri.RunError, match=r"Changed: gigpo.group_size: 8 -> 4; gigpo.lr: 0.003 -> 1000.0"):
+        siri.check_resume(tmp_path, state, changed)
+    with pytest.raises(siri.RunError, match="no complete checkpoint"):  # e.g. checkpoint/COMPLETE lost
+        siri.check_resume(tmp_path, None, cfg)
+    metrics.write_text(json.dumps({"unit": 0, "phase": "x"}) + "\n")
+    with pytest.raises(siri.RunError, match="disagree"):
+        siri.check_resume(tmp_path, state, cfg)
+
+
+def test_a_nonfinite_cold_start_stops_and_saves_nothing(cache, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="^error: cold start: non-finite"):
+        siri.main(tiny_overrides(out, cache, **{"coldstart.lr": 1e3, "coldstart.epochs": 4}))
+    assert not (out / "coldstart_model").exists()  # the last checkpoint is the one before the cold start
+    assert pickle.loads((out / "checkpoint" / "state.pkl").read_bytes())["done"] == 1
+
+
+def test_consecutive_skipped_updates_stop_the_run():
+    cfg = siri.load_config(None, ["run.max_skipped_updates=3"])
+    state, unit = {"done": 5, "skipped_streak": 0}, siri.Unit("warmup", 0)
+    siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0}, unit, cfg)
+    siri.check_skipped(state, {"warmup/skipped_nonfinite": 0, "warmup/optimizer_steps": 2}, unit, cfg)
+    assert state["skipped_streak"] == 0  # a good step resets the count
+    siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0}, unit, cfg)
+    with pytest.raises(siri.RunError, match="3 consecutive updates skipped.*gigpo.lr"):
+        siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 0}, unit, cfg)
+
+
+def test_a_dead_env_worker_is_one_clear_error(cache):
+    cfg = siri.load_config(None, tiny_overrides(cache / "unused", cache, **{"env.num_workers": 2}))
+    envs = make_envs(cfg.env)
+    try:
+        tasks = envs.task_ids("train")[:2]
+        envs.reset(tasks)
+        os.kill(envs._workers[1][0].pid, signal.SIGKILL)
+        envs._workers[1][0].join()
+        with pytest.raises(EnvWorkerDied, match="env worker 1 died"):
+            envs.reset(tasks)
+    finally:
+        envs.close()
+
+
+def test_ctrl_c_with_env_workers_saves_exits_130_and_resumes(cache, tmp_path):
+    """SIGINT to the whole process group (as a terminal sends it): the workers survive, the unit
+    finishes, a checkpoint is saved, exit code 130, no report; --resume then finishes the run."""
+    out = tmp_path / "run"
+    args = tiny_overrides(out, cache, **{"env.num_workers": 2, "warmup.iterations": 3, "run.rounds": 0})
+    proc = run_cli(args, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and '"phase": "warmup"' in (out / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=600) == 130, proc.stderr.read().decode()[-3000:]
+    assert (out / "checkpoint" / "COMPLETE").exists() and not (out / "results.md").exists()
+    resumed = run_cli(["--resume", *args])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-3000:]
+    assert (out / "results.md").exists()
+    units = [json.loads(line)["unit"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert units == list(range(len(units)))  # every unit exactly once
+    assert torch.load(out / "checkpoint" / "training.pt", weights_only=False)["trainable"]
