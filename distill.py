@@ -144,20 +144,28 @@ def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiG
         by_group.setdefault(t.group, []).append(k)
 
     samples, offered, kept, kept_trajs = [], 0, 0, 0
+    per_type: dict[str, dict[str, int]] = {}  # tokens offered / past the utility filter / kept, per task type
     for group, members in by_group.items():
         if group not in plain_returns:
             raise ValueError(f"skill-guided group {group!r} has no paired plain group")
-        masks = selection_masks([skill_trajs[k].return_ for k in members], plain_returns[group],
-                                [skill_adv[k] for k in members], cfg)
-        for k, mask in zip(members, masks):
+        returns = [skill_trajs[k].return_ for k in members]
+        useful = utility_mask(returns, plain_returns[group]) if cfg.utility_filter else [True] * len(members)
+        masks = selection_masks(returns, plain_returns[group], [skill_adv[k] for k in members], cfg)
+        for k, mask, use in zip(members, masks, useful):
             kept_trajs += any(mask)
+            counts = per_type.setdefault(skill_trajs[k].task_type, {"offered": 0, "useful": 0, "kept": 0})
             for step, adv, keep in zip(skill_trajs[k].steps, skill_adv[k], mask):
                 offered += len(step.response_ids)
-                if keep and step.response_ids:
+                counts["offered"] += len(step.response_ids)
+                counts["useful"] += len(step.response_ids) if use else 0
+                step.distilled = bool(keep and step.response_ids)
+                if step.distilled:
                     if step.plain_prompt_ids is None:
                         raise ValueError("skill-guided step has no plain_prompt_ids; roll out with skill=...")
                     samples.append(Sample(step.plain_prompt_ids, step.response_ids, step.logprobs, adv, "distill"))
                     kept += len(step.response_ids)
+                    counts["kept"] += len(step.response_ids)
     metrics = {"distill/tokens_offered": offered, "distill/tokens_kept": kept,
-               "distill/trajectories_kept": kept_trajs, "distill/trajectories": len(skill_trajs)}
+               "distill/trajectories_kept": kept_trajs, "distill/trajectories": len(skill_trajs),
+               "per_type": per_type}
     return samples, metrics

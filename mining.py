@@ -432,7 +432,11 @@ class Skill:
     status: str = "candidate"
     """candidate -> validated | retired; validated -> retired (dynamic evaluation)"""
     utility: list[dict] = field(default_factory=list)
-    """one record per measurement: round, delta_g, ci_low, ci_high, n_pairs"""
+    """one record per measurement: round, delta_g, ci_low, ci_high, n_pairs, detectable, and per_task
+    {task id: [wins with, wins without, pairs]}"""
+    distilled: list[dict] = field(default_factory=list)
+    """one record per Phase 2 iteration that used it: round, tokens offered / past the utility filter
+    ("useful") / kept"""
     id: str = ""
     """deterministic: hash of the task type and the rendered text"""
 
@@ -529,6 +533,39 @@ class SkillBank:
             rows.append(f"| {s.id} | {s.task_type} | {s.name} | {s.status} | {s.round} | {dg} | {ci} | "
                         f"{s.summariser} | {n} | {det} |")
         return "\n".join(rows)
+
+    def story(self, round_idx: int) -> str:
+        """skills/round_NN.md: each skill's story up to this round: the trajectories it was
+        summarised from (ids into trajectories.jsonl), its text, Δg with its interval per
+        measurement, the paired validation outcomes per task of its latest measurement, and the
+        tokens of its skill-guided rollouts that passed each Phase 2 filter."""
+        out = [f"# Skill bank after round {round_idx}", "",
+               "Trajectory ids (`<group>/<index>`) are the `id` field of the run's trajectories.jsonl "
+               "(rows of phase `mining`).", ""]
+        for s in self.skills:
+            if s.round > round_idx:
+                continue
+            out += [f"## `{s.id}` {s.name} ({s.task_type}): {s.status}", "",
+                    f"Proposed in round {s.round} by the {s.summariser} summariser from "
+                    f"{len(s.sources)} trajectories: " + (", ".join(f"`{x}`" for x in s.sources) or "none") + ".", "",
+                    "```", s.text(), "```", "",
+                    "| round | Δg | interval | pairs | detectable Δg |", "| --- | --- | --- | --- | --- |"]
+            out += [f"| {u['round']} | {u['delta_g']:+.3f} | [{u['ci_low']:+.3f}, {u['ci_high']:+.3f}] | "
+                    f"{u['n_pairs']} | {u.get('detectable', float('nan')):.3f} |"
+                    for u in s.utility if u["round"] <= round_idx]
+            last = [u for u in s.utility if u["round"] <= round_idx and u.get("per_task")]
+            if last:
+                out += ["", f"Paired validation, round {last[-1]['round']} (wins with the skill / without, same seeds):", "",
+                        "| task | with | without | episodes |", "| --- | --- | --- | --- |"]
+                out += [f"| {tid} | {w} | {wo} | {n} |" for tid, (w, wo, n) in sorted(last[-1]["per_task"].items())]
+            used = [d for d in s.distilled if d["round"] <= round_idx]
+            if used:
+                tot = {k: sum(d[k] for d in used) for k in ("offered", "useful", "kept")}
+                out += ["", f"Phase 2 ({len(used)} iterations): {tot['offered']} tokens of skill-guided actions, "
+                        f"{tot['useful']} in trajectories that beat their plain group (utility filter), "
+                        f"{tot['kept']} also with a positive advantage: distilled."]
+            out.append("")
+        return "\n".join(out)
 
     def save(self, round_idx: int) -> str:
         path = os.path.join(self.dir, f"skills_round_{round_idx:02d}.json")
@@ -672,6 +709,11 @@ def record_utility(skill: Skill, result: PairedResult, round_idx: int, cfg: Mini
     rec = {"round": round_idx, "delta_g": delta_g(result.with_success, result.without_success),
            "ci_low": lo, "ci_high": hi, "n_pairs": len(result.keys),
            "detectable": detectable_delta_g(float(d.std(ddof=1)) if d.size > 1 else 0.0, d.size, cfg.ci_level)}
+    per_task: dict[str, list[int]] = {}
+    for (task_id, _), w, wo in zip(result.keys, result.with_success, result.without_success):
+        counts = per_task.setdefault(task_id, [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + int(w), counts[1] + int(wo), counts[2] + 1
+    rec["per_task"] = per_task
     skill.utility.append(rec)
     return rec
 

@@ -388,6 +388,7 @@ class Step:
     anchor: str             # GiGPO anchor key of the state the action was taken in
     obs: str                # observation the action was taken on
     plain_prompt_ids: list[int] | None = None  # same prompt without the skill (skill-guided rollouts)
+    distilled: bool = False  # Phase 2: selected for distillation (set by distill.distill_samples)
 
 
 @dataclass

@@ -4,6 +4,7 @@
     python siri.py preset=qwen1.5b                   # one GPU: Qwen2.5-1.5B-Instruct + LoRA
     python siri.py warmup.iterations=5 env=webshop   # dotted overrides, env shorthand
     python siri.py --resume run.out_dir=runs/x       # continue an interrupted run
+    python siri.py show run.out_dir=runs/x unit=5    # draw one GiGPO group of unit 5 (show.py)
 
 The run, top to bottom:  evaluate the base model → (cold start) → Phase 0 GiGPO warmup →
 rounds of {Phase 1 self-skill mining, Phase 2 selective distillation} → final evaluation.
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 import typing
 from collections import defaultdict
@@ -41,6 +43,7 @@ import distill
 import distributed
 import gigpo
 import mining
+import show
 from envs import EnvConfig, EnvWorkerDied, make_envs
 from policy import ModelConfig, ModelLoadError, SamplingConfig, Step, Trajectory, load_policy, rollout
 from webshop import WebShopNotInstalled
@@ -79,6 +82,10 @@ class RunConfig:
     distillation iterations as plain GiGPO, no skills) | "random_skills" (mining.summariser=random)
     | "no_selection" (distil every skill-guided token: both distill filters off) |
     "no_utility_filter" (distill.utility_filter=false)."""
+    log_groups: int = 2
+    """Task groups per training iteration written, step by step with their advantages, to
+    trajectories.jsonl (Phase 2: as many plain and as many skill-guided groups); 0 = none.
+    `python siri.py show` draws one."""
     max_skipped_updates: int = 3
     """Stop the run (with a message, after a checkpoint of the last good state) when this many
     consecutive optimiser steps were skipped for a non-finite loss or gradient (0 = never)."""
@@ -86,8 +93,8 @@ class RunConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"run.device={self.device!r}: choose auto, cpu or cuda")
-        if self.rounds < 0 or self.checkpoint_every < 1 or self.threads < 0 or self.max_skipped_updates < 0:
-            raise ValueError("run.rounds >= 0, run.checkpoint_every >= 1, run.threads >= 0, run.max_skipped_updates >= 0")
+        if min(self.rounds, self.threads, self.max_skipped_updates, self.log_groups) < 0 or self.checkpoint_every < 1:
+            raise ValueError("run.rounds, threads, max_skipped_updates, log_groups >= 0 and run.checkpoint_every >= 1")
 
 
 @dataclass
@@ -434,11 +441,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl (always), TensorBoard (opt-in). Keys are namespaced by phase.
+    """A JSONL file of the run with one or more rows per unit: metrics.jsonl (keys namespaced by
+    phase; TensorBoard opt-in) or trajectories.jsonl (`log_rows`). A unit's rows are appended after
+    the unit; on resume, rows of units past the checkpoint are dropped, so none is ever doubled.
     Under torchrun only rank 0 writes; on the other ranks log/truncate do nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, tensorboard: bool, name: str = "metrics.jsonl"):
+        self.path = run_dir / name
         self.tb = None
         self.writer = distributed.is_main()
         if tensorboard and self.writer:
@@ -455,6 +464,13 @@ class Metrics:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, unit)
+
+    def log_rows(self, unit: int, phase: str, rows: list[dict], arm: str = "") -> None:
+        """Append rows (trajectories.jsonl), each tagged with the unit, phase and arm."""
+        if not self.writer or not rows:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps({"unit": unit, "phase": phase, "arm": arm, **r}) + "\n" for r in rows))
 
     def truncate(self, units_done: int) -> None:
         """On resume: drop rows of units that were logged but not checkpointed (they run again)."""
@@ -811,12 +827,57 @@ def refill_buffer(state: dict, trajs: list, cfg: Config) -> list:
     return buffer
 
 
-def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
+def trajectory_row(t: Trajectory, adv: list[float] | None = None, episode: list[float] | None = None,
+                   step: list[float] | None = None, gigpo_return: float | None = None) -> dict:
+    """One row of trajectories.jsonl: the trajectory step by step (observation, the model's whole
+    response, the parsed action, valid, reward, anchor key) with its advantages A^E, A^S and A when
+    given, and in Phase 2 whether the step was distilled. ``return``: the environment's rewards
+    summed; ``R``: GiGPO's R(τ), the invalid-action penalty included (what A^E compares).
+    ``id`` = "<group>/<index>" (a skill's `sources` use it), "+skill" for a skill-guided trajectory."""
+    steps = []
+    for k, s in enumerate(t.steps):
+        row = {"obs": s.obs, "response": s.text, "action": s.action, "valid": s.valid, "reward": s.reward,
+               "anchor": s.anchor}
+        if adv is not None:
+            row.update(A_E=episode[k], A_S=step[k], A=adv[k])
+        if t.skill_id is not None:
+            row["distilled"] = s.distilled
+        steps.append(row)
+    return {"id": f"{t.group}/{t.index}" + ("+skill" if t.skill_id else ""), "task_id": t.task_id,
+            "task_type": t.task_type, "task": t.task, "group": t.group, "index": t.index, "skill_id": t.skill_id,
+            "won": t.won, "return": t.return_, **({"R": gigpo_return} if gigpo_return is not None else {}),
+            "steps": steps}
+
+
+def group_rows(trajs: list, cfg: gigpo.GiGPOConfig, n_groups: int, reference: list = ()) -> list[dict]:
+    """trajectories.jsonl rows of the first ``n_groups`` task groups of ``trajs``, with the GiGPO
+    advantages of each step as the update computed them (`gigpo.group_advantages` over the group,
+    plus the ``reference`` trajectories of the same group key: Phase 2's paired plain rollouts when
+    distill.advantage_reference=union)."""
+    by_group: dict[str, list] = {}
+    for t in trajs:
+        by_group.setdefault(t.group, []).append(t)
+    ref: dict[str, list] = defaultdict(list)
+    for t in reference:
+        ref[t.group].append(t)
+    rows = []
+    for group, members in list(by_group.items())[:n_groups]:
+        every = members + ref[group]
+        adv, parts = gigpo.group_advantages([[s.reward for s in t.steps] for t in every],
+                                            [[s.valid for s in t.steps] for t in every],
+                                            [[s.anchor for s in t.steps] for t in every], cfg)
+        rows += [trajectory_row(t, adv[i], parts["episode"][i], parts["step"][i], parts["returns"][i])
+                 for i, t in enumerate(members)]
+    return rows
+
+
+def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> tuple[dict, list]:
     """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update.
 
     Under torchrun every rank draws the same B task ids and plays its shard of them (whole
     groups, so Eq. 3-9 see every rollout of a group); the update sums gradients over ranks and
     the successful trajectories of all ranks go into every rank's buffer.
+    Returns (metrics, trajectories.jsonl rows of run.log_groups groups).
     """
     rng = random.Random(seed)
     ids = train_task_ids(envs, cfg, rng, cfg.warmup.tasks_per_iter)
@@ -834,10 +895,10 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     out = success_stats(trajs, "warmup")
     out.update({f"warmup/{k}": v for k, v in stats.items()})
     out.update({"warmup/rollout_s": t1 - t0, "warmup/update_s": t2 - t1, "warmup/buffer": len(buffer)})
-    return out
+    return out, group_rows(trajs, cfg.gigpo, cfg.run.log_groups)
 
 
-def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, seed: int, timing: dict) -> dict:
+def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, seed: int, timing: dict) -> tuple[dict, list]:
     """Phase 2, one iteration: B tasks of every type, 2·B·G rollouts, GiGPO + λ·L_distill.
 
     Each task is played G times plain (seed s: GiGPO's group, and the utility baseline), and G
@@ -848,6 +909,8 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
     rollouts, same tasks and seeds), so the two arms spend the same budget and differ only where
     a skill was used; every task type keeps its RL. Plain successes refill the mining buffer
     (self-mining of the current policy). Under torchrun each rank plays its shard of the tasks.
+    Each skill used records its tokens offered / past the utility filter / kept (`Skill.distilled`).
+    Returns (metrics, trajectories.jsonl rows: run.log_groups plain groups and as many skill-guided ones).
     """
     rng = random.Random(seed)
     task_ids = train_task_ids(envs, cfg, rng, cfg.distill.tasks_per_iter)
@@ -866,8 +929,9 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
     t1 = time.perf_counter()
     trained = plain + extra
     samples = gigpo.samples_from(trained, gigpo.compute_advantages(trained, cfg.gigpo))  # Eq. 3, 6-9
-    dsamples, dmetrics = distill.distill_samples(guided, [t for t in plain if t.task_id in guided_ids],
-                                                 cfg.gigpo, cfg.distill) if guided else ([], {})
+    paired = [t for t in plain if t.task_id in guided_ids]
+    dsamples, dmetrics = distill.distill_samples(guided, paired, cfg.gigpo, cfg.distill) if guided else ([], {})
+    per_type = dmetrics.pop("per_type", {})
     stats = gigpo.update(policy, optimizer, samples + dsamples, cfg.gigpo, cfg.distill, seed=seed)
     t2 = time.perf_counter()
     add_timing(timing, t1 - t0, t2 - t1, stats)
@@ -884,7 +948,13 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
         out["distill/skill_success"] = success_stats(guided, "x")["x/success"]
     out.update({f"distill/{k}": v for k, v in stats.items()})
     out.update({"distill/rollout_s": t1 - t0, "distill/update_s": t2 - t1, "distill/buffer": len(buffer)})
-    return out
+    for per in distributed.gather_objects([per_type]) if distributed.world_size() > 1 else [per_type]:
+        for tt, counts in per.items():
+            skills[tt].distilled.append({"round": state.get("round", 0), **counts})
+    rows = group_rows(trained, cfg.gigpo, cfg.run.log_groups)
+    rows += group_rows(guided, cfg.gigpo, cfg.run.log_groups,
+                       reference=paired if cfg.distill.advantage_reference == "union" else [])
+    return out, rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -974,7 +1044,11 @@ def write_report(cfg: Config, state: dict, rows: list[dict]) -> str:
         report += "\n"
     for arm, bank in state["banks"].items():
         if bank.skills:
+            folder = Path(bank.dir).name
+            stories = ", ".join(f"[round {r}]({folder}/round_{r:02d}.md)" for r in range(cfg.run.rounds)
+                                if (Path(bank.dir) / f"round_{r:02d}.md").exists())
             report += f"## Skills ({arm})\n\n" + bank.markdown() + "\n\n"
+            report += f"Each skill's story (sources, text, paired outcomes, distilled tokens): {stories}\n\n" if stories else ""
     per_iter = [r for r in rows if r.get("phase") == "distill" and r.get("arm", "") != "gigpo"]
     if per_iter:
         report += ("## Phase 2, per iteration\n\n| arm | iteration | skill groups | tokens offered | tokens kept "
@@ -1059,7 +1133,7 @@ def check_resume(run_dir: Path, state: dict | None, cfg: Config) -> None:
     checkpoint, or a changed setting (the list of changes is in the message)."""
     rows = Metrics(run_dir, False).rows() if (run_dir / "metrics.jsonl").exists() else []
     if state is None:
-        if rows:
+        if any(r["unit"] > 0 for r in rows):  # unit 0 (the base evaluation) ends with the first checkpoint
             raise RunError(f"--resume: {run_dir} has metrics for {len(rows)} units but no complete checkpoint; "
                            "it cannot be continued: start afresh with another run.out_dir")
         return
@@ -1077,6 +1151,10 @@ def check_resume(run_dir: Path, state: dict | None, cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Command line: parse, load the config, run; an expected error is one line and exit code 1,
     an interrupt (Ctrl-C) saves a checkpoint and exits with 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["show"]:  # python siri.py show run.out_dir=DIR [unit=N] [group=K]
+        show.main(argv[1:])
+        return {}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML overrides (default: config.yaml next to siri.py)")
     parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
@@ -1147,6 +1225,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
     is_main = distributed.is_main()
     coldstart_dir = run_dir / "coldstart_model"
     metrics = Metrics(run_dir, cfg.run.tensorboard)
+    trajectories = Metrics(run_dir, False, "trajectories.jsonl")
     units = build_units(cfg)
     state = {"done": 0, "buffer": [], "evals": {}, "outcomes": {}, "timing": defaultdict(float),
              "arm": "", "branch": None, "banks": {}, "skipped_streak": 0, "config": dataclasses.asdict(cfg)}
@@ -1170,9 +1249,11 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
         else:
             state = loaded
             metrics.truncate(state["done"])
+            trajectories.truncate(state["done"])
             print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
     else:
-        metrics.truncate(0)  # a fresh run starts a fresh metrics file
+        metrics.truncate(0)  # a fresh run starts fresh metrics and trajectory files
+        trajectories.truncate(0)
         distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
     if is_main and not (run_dir / "config.yaml").exists():  # a resume keeps the original settings file
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -1195,7 +1276,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
             if unit.arm and unit.arm != state["arm"]:  # a branch starts from the warmup checkpoint
                 enter_arm(policy, optimizer, state, unit.arm, run_dir, cfg)
             bank = state["banks"].get(unit.arm)
-            values: dict = {}
+            values, rows = {}, []
             if unit.phase == "eval":
                 t0 = time.perf_counter()
                 values, state["outcomes"][unit.stage] = evaluate(policy, envs, cfg, seed=seed)
@@ -1207,7 +1288,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
                     policy.save_base_weights(coldstart_dir)
                 distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
             elif unit.phase == "warmup":
-                values = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
+                values, rows = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
                 if cfg.warmup.eval_every and (unit.index + 1) % cfg.warmup.eval_every == 0 \
                         and unit.index + 1 < cfg.warmup.iterations:
                     values.update(evaluate(policy, envs, cfg, seed=unit_seed(cfg, Unit("eval", 0)))[0])
@@ -1218,11 +1299,19 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
                                            seed=seed, bank_dir=bank.dir, pool=training_pool(envs, cfg),
                                            split_seed=cfg.run.seed)
                 state["timing"]["mining"] += time.perf_counter() - t0
+                by_id = {f"{t.group}/{t.index}": t for t in state["buffer"]}  # the new skills' sources
+                rows = [trajectory_row(by_id[i]) for s in bank.skills if s.round == unit.index
+                        for i in s.sources if i in by_id]
+                write_skill_story(bank, unit.index, run_dir)
             elif unit.phase == "distill":
-                values = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state["timing"])
+                state["round"] = unit.index // cfg.distill.iterations
+                values, rows = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state["timing"])
+                if bank.skills and (unit.index + 1) % cfg.distill.iterations == 0:
+                    write_skill_story(bank, state["round"], run_dir)
             if unit.phase in ("warmup", "distill"):
                 check_skipped(state, values, unit, cfg)
             metrics.log(state["done"], unit.phase, values, arm=unit.arm)
+            trajectories.log_rows(state["done"], unit.phase, rows, arm=unit.arm)
             state["done"] += 1
             progress["done"] = state["done"]
             bar.update(1)
@@ -1256,6 +1345,13 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
     if started_group:
         distributed.destroy()
     return result
+
+
+def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
+    """skills/round_NN.md (`mining.SkillBank.story`), rewritten after the round's mining and again
+    after its Phase 2 iterations. Rank 0 only."""
+    if distributed.is_main():
+        atomic_write_text(Path(bank.dir) / f"round_{round_idx:02d}.md", bank.story(round_idx))
 
 
 def check_skipped(state: dict, values: dict, unit: Unit, cfg: Config) -> None:

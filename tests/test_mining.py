@@ -464,3 +464,19 @@ def test_split_pool_keeps_validation_tasks_out_of_the_summary_sources():
     assert src["c"] == set()  # one task: it validates, nothing may be summarised for it (no leak)
     assert mining.split_pool(pool, lambda tid: tid[0], 3, seed=1) == (val, src)  # fixed for the run
     assert mining.split_pool(pool, lambda tid: tid[0], 9, seed=1)[1]["a"]  # always a source left
+
+
+def test_skill_story_page_tells_sources_outcomes_and_distilled_tokens(tmp_path):
+    s = skill()
+    s.sources = ["pick-s1@seed7/0", "pick-s2@seed7/3"]
+    res = mining.PairedResult(s.id, [("t1", 0), ("t1", 1), ("t2", 0)], [True, True, False], [False, True, False], [])
+    rec = mining.record_utility(s, res, 0, MiningConfig(), seed=0)
+    assert rec["per_task"] == {"t1": [2, 1, 2], "t2": [0, 0, 1]}
+    s.distilled += [{"round": 0, "offered": 40, "useful": 30, "kept": 12}, {"round": 0, "offered": 10, "useful": 0, "kept": 0}]
+    page = SkillBank(str(tmp_path), [s]).story(0)
+    assert "`pick-s1@seed7/0`, `pick-s2@seed7/3`" in page and s.text() in page
+    assert "| t1 | 2 | 1 | 2 |" in page and "| t2 | 0 | 0 | 1 |" in page
+    assert f"| 0 | {rec['delta_g']:+.3f} |" in page
+    assert "50 tokens of skill-guided actions, 30 in trajectories that beat their plain group" in page
+    assert "12 also with a positive advantage: distilled" in page
+    assert "Skill bank after round 0" in SkillBank(str(tmp_path), [s]).story(0)

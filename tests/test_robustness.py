@@ -72,6 +72,8 @@ def test_resume_refuses_changed_settings_and_metrics_without_checkpoint(tmp_path
         siri.check_resume(tmp_path, state, changed)
     with pytest.raises(siri.RunError, match="no complete checkpoint"):  # e.g. checkpoint/COMPLETE lost
         siri.check_resume(tmp_path, None, cfg)
+    metrics.write_text(json.dumps({"unit": 0, "phase": "x"}) + "\n")  # killed before the first checkpoint
+    siri.check_resume(tmp_path, None, cfg)
     metrics.write_text(json.dumps({"unit": 0, "phase": "x"}) + "\n")
     with pytest.raises(siri.RunError, match="disagree"):
         siri.check_resume(tmp_path, state, cfg)
@@ -130,3 +132,37 @@ def test_ctrl_c_with_env_workers_saves_exits_130_and_resumes(cache, tmp_path):
     units = [json.loads(line)["unit"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert units == list(range(len(units)))  # every unit exactly once
     assert torch.load(out / "checkpoint" / "training.pt", weights_only=False)["trainable"]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """metrics rows without wall times (they differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("_s")} for r in rows]
+
+
+@pytest.mark.soak
+def test_kill_at_random_soak(cache, tmp_path):
+    """SIGKILL a small run at random moments (5 times, seeded), --resume after each; the final
+    metrics (timings aside) and weights equal an uninterrupted run's. pytest -m soak"""
+    import random
+
+    extra = {"warmup.iterations": 3, "run.rounds": 1, "coldstart.epochs": 2}
+    straight = run_cli(tiny_overrides(tmp_path / "a", cache, **extra))
+    assert straight.wait(timeout=900) == 0, straight.stderr.read().decode()[-3000:]
+    rng, out, kills = random.Random(0), tmp_path / "b", 0
+    args = tiny_overrides(out, cache, **extra)
+    proc = run_cli(args)
+    while True:
+        try:
+            rc = proc.wait(timeout=rng.uniform(2.0, 12.0)) if kills < 5 else proc.wait(timeout=900)
+        except Exception:  # still running: kill it now
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            proc = run_cli(["--resume", *args])
+            continue
+        assert rc == 0, proc.stderr.read().decode()[-3000:]
+        break
+    rows = [comparable([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]) for d in (tmp_path / "a", out)]
+    assert rows[0] == rows[1] and kills > 0
+    a, b = (torch.load(d / "checkpoint" / "training.pt", weights_only=False)["trainable"] for d in (tmp_path / "a", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -217,10 +217,30 @@ def test_evaluation_prompt_contains_no_skill_text(cache, monkeypatch):
 
 # --- whole runs ---------------------------------------------------------------------------------
 
-def test_full_run_end_to_end_writes_table_bank_plot_and_metrics(cache, tmp_path):
+def test_full_run_end_to_end_writes_table_bank_plot_and_metrics(cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    used = []  # the advantages each update trained on, in call order
+    real_update = gigpo.update
+
+    def spy(policy, optimizer, samples, *a, **kw):
+        used.append(sorted(round(s.advantage, 6) for s in samples if s.kind == "pg"))
+        return real_update(policy, optimizer, samples, *a, **kw)
+
+    monkeypatch.setattr(gigpo, "update", spy)
     result = siri.main(tiny_overrides(out, cache, **{"coldstart.epochs": 30}))
     assert result["done"] == result["units"]
+    # trajectories.jsonl: run.log_groups groups per training iteration, with the advantages the update used
+    rows = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    train_units = sorted({r["unit"] for r in rows if r["phase"] in ("warmup", "distill")})
+    assert len(train_units) == len(used) and all(r["steps"] for r in rows)
+    for unit, advantages in zip(train_units, used):
+        plain = [r for r in rows if r["unit"] == unit and r["skill_id"] is None]
+        assert 1 <= len({r["group"] for r in plain}) <= 2  # run.log_groups = 2
+        for s in (s for r in plain for s in r["steps"]):
+            assert s["A"] == pytest.approx(s["A_E"] + s["A_S"])  # Eq. 9, ω = 1
+            assert round(s["A"], 6) in advantages
+    shown = siri.main(["show", f"run.out_dir={out}", f"unit={train_units[0]}"])
+    assert shown == {} and (out / f"group_u{train_units[0]:03d}_g0.png").stat().st_size > 5000
     assert set(result["evals"]) == {"base", "coldstart", "warmup", "gigpo", "siri"}
     report = (out / "results.md").read_text()
     for label in ("base model", "after GiGPO warmup", "GiGPO-continued (control)", "SIRI (Phases 1-2)"):

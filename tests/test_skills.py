@@ -183,7 +183,7 @@ def test_a_phase2_iteration_with_a_validated_skill_distils_tokens(reader):
     before = {n: p.detach().clone() for n, p in pol.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in pol.model.parameters() if p.requires_grad], lr=1e-4)
     state = {"buffer": []}
-    out = siri.distill_iteration(pol, opt, envs, bank, cfg, state, seed=5, timing=siri.defaultdict(float))
+    out, rows = siri.distill_iteration(pol, opt, envs, bank, cfg, state, seed=5, timing=siri.defaultdict(float))
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if n in before:
