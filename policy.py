@@ -320,7 +320,9 @@ def load_policy(cfg: ModelConfig, corpus=None, device: str = "auto", adapter: st
             f"model.qlora=true needs a CUDA GPU (4-bit NF4 through bitsandbytes), but the device is "
             f"'{device}'. Fix: set model.qlora=false (plain LoRA) or run on a CUDA machine.")
     looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+    if looks_local:  # absolute, so that a saved adapter names a base that loads from anywhere
+        name = os.path.abspath(os.path.expanduser(name))
+    if looks_local and not os.path.isdir(name):
         raise ModelLoadError(
             f"model path '{name}' does not exist. Fix: use model.name=tiny (built offline), a local "
             f"directory with a downloaded model, or a hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
@@ -809,23 +811,45 @@ class Policy:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's own weights under their plain transformers names (no adapter, no
+        peft prefixes): what `AutoModelForCausalLM.from_pretrained` expects."""
+        plain = {}
+        for k, v in self.model.state_dict().items():
+            if "lora_" not in k:
+                plain[k.removeprefix("base_model.model.").replace(".base_layer.", ".")] = v.detach().cpu()
+        return plain
+
+    def set_base_path(self, path: str) -> None:
+        """Where the adapter's base model lives (adapter_config.json's base_model_name_or_path):
+        an absolute local path, so a saved adapter loads with plain peft from any directory."""
+        for config in self.model.peft_config.values():
+            config.base_model_name_or_path = os.path.abspath(path)
+
     def save_base_weights(self, path: str) -> None:
-        """Save the base model's own weights (all but the adapter; siri.py's cold start trains them),
-        then a COMPLETE marker. Restore with `load_base_weights`."""
-        os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if "lora_" not in k}
-        torch.save(state, os.path.join(path, "base_weights.pt.tmp"))
-        os.replace(os.path.join(path, "base_weights.pt.tmp"), os.path.join(path, "base_weights.pt"))
-        with open(os.path.join(path, "COMPLETE"), "w") as f:
+        """Save the base model's own weights (siri.py's cold start trains them) in the transformers
+        layout (config, safetensors, tokenizer) with a COMPLETE marker, written aside and renamed
+        into place; from then on saved adapters name this folder as their base. Plain
+        `AutoModelForCausalLM.from_pretrained(path)` loads it; `load_base_weights` puts it back."""
+        tmp = f"{path}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.get_base_model().save_pretrained(tmp, state_dict=self.base_state_dict())
+        self.tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
             f.write("ok")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        self.set_base_path(path)
 
     def load_base_weights(self, path: str) -> None:
-        """Load weights written by `save_base_weights` into the base model (the adapter is untouched)."""
-        state = torch.load(os.path.join(path, "base_weights.pt"), map_location=self.device, weights_only=True)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or any("lora_" not in k for k in missing):
-            raise ValueError(f"{path} does not match this model: unexpected {unexpected[:3]}, "
-                             f"missing {[k for k in missing if 'lora_' not in k][:3]}")
+        """Load a folder written by `save_base_weights` into the base model (the adapter is untouched)."""
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype).state_dict()
+        names = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): k
+                 for k in self.model.state_dict() if "lora_" not in k}
+        if set(saved) != set(names):
+            raise ValueError(f"{path} does not match this model: {sorted(set(saved) ^ set(names))[:3]}")
+        self.model.load_state_dict({names[k]: v for k, v in saved.items()}, strict=False)
+        self.set_base_path(path)
 
 
 # ---------------------------------------------------------------------------------------------

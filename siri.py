@@ -1155,6 +1155,8 @@ def main(argv: list[str] | None = None) -> dict:
     if argv[:1] == ["show"]:  # python siri.py show run.out_dir=DIR [unit=N] [group=K]
         show.main(argv[1:])
         return {}
+    if argv[:1] == ["export"]:  # python siri.py export run.out_dir=DIR [--merged] [out=PATH]
+        return {"export": str(export(argv[1:]))}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML overrides (default: config.yaml next to siri.py)")
     parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
@@ -1345,6 +1347,46 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
     if started_group:
         distributed.destroy()
     return result
+
+
+def export(argv: list[str]) -> Path:
+    """``python siri.py export run.out_dir=DIR [--merged] [out=PATH]``: the run's final policy as a
+    folder that transformers loads with no project code (default out: DIR/export).
+
+    Without --merged: the base model (cold-started if the run had a cold start) in the transformers
+    layout, and adapter/ beside it, whose adapter_config.json names that folder by absolute path:
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out + "/adapter")`.
+    With --merged: the adapter folded into the weights, `AutoModelForCausalLM.from_pretrained(out)`.
+    """
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    if "run.out_dir" not in args:
+        raise SystemExit("usage: python siri.py export run.out_dir=DIR [--merged] [out=PATH]")
+    run_dir = Path(args["run.out_dir"])
+    if not (run_dir / "checkpoint" / "COMPLETE").exists():
+        raise SystemExit(f"error: {run_dir} has no complete checkpoint to export")
+    cfg = load_config(str(run_dir / "config.yaml"), [])
+    out = Path(args.get("out", run_dir / "export"))
+    coldstarted = run_dir / "coldstart_model"
+    base = str(coldstarted) if (coldstarted / "COMPLETE").exists() else cfg.model.name  # with its tokenizer
+    policy = load_policy(dataclasses.replace(cfg.model, name=base), device="cpu")
+    params = dict(policy.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in torch.load(run_dir / "checkpoint" / "training.pt", weights_only=False)["trainable"].items():
+            params[name].copy_(tensor)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if "--merged" in argv:
+        merged = policy.model.merge_and_unload()
+        merged.save_pretrained(tmp)
+    else:
+        policy.model.get_base_model().save_pretrained(tmp, state_dict=policy.base_state_dict())
+        policy.set_base_path(str(out))
+        policy.model.save_pretrained(tmp / "adapter")
+    policy.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"exported {'merged model' if '--merged' in argv else 'base model + adapter/'} to {out}")
+    return out
 
 
 def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
