@@ -89,7 +89,8 @@ class EnvConfig:
     real_eval_split: str = "valid_unseen"
     """real: the evaluation split, "valid_unseen" (out of distribution) or "valid_seen" """
     real_max_tasks: int = 0
-    """real: cap on games per split (0 = all), a fixed random subset chosen by `seed`"""
+    """real: cap on games per split (0 = all): the first N of the seeded, type-interleaved order
+    (`stratified_order`), so the subset is fixed by `seed` and holds every type"""
     num_products: int = 1000
     """WebShop: catalogue size (embedded: products generated; real: WebShop's product subset, 1000 = the
     data of its `setup.sh -d small`, 0 = all)"""
@@ -107,10 +108,11 @@ class EnvConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"env.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
-        for key in ("max_steps", "receptacles", "num_train_tasks", "eval_per_type"):
+        for key in ("max_steps", "receptacles"):
             if getattr(self, key) < 1:
                 raise ValueError(f"env.{key}={getattr(self, key)}: must be at least 1")
         for key in ("history_len", "num_workers", "distractors", "real_max_tasks", "num_products",
+                    "num_train_tasks", "eval_per_type",
                     "num_train_goals", "num_eval_goals"):
             if getattr(self, key) < 0:
                 raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
@@ -751,9 +753,9 @@ def real_data_path(cfg: EnvConfig) -> str:
 def _missing_data(path: str, detail: str) -> AlfworldDataNotFound:
     return AlfworldDataNotFound(
         f"ALFWorld game files not found: {detail} (looked in {path}). Run `alfworld-download` "
-        "(needs internet; it fills $ALFWORLD_DATA, default ~/.cache/alfworld) or point "
-        "EnvConfig.data_path at a folder holding train/, valid_seen/ and valid_unseen/. "
-        "Offline, use EnvConfig.source='embedded'.")
+        "(needs internet; it fills $ALFWORLD_DATA, default ~/.cache/alfworld) or pass "
+        "env.data_path=<folder holding train/, valid_seen/ and valid_unseen/>; offline, use "
+        "env.source=embedded.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -785,6 +787,24 @@ def collect_real_games(root: str, split: str) -> tuple[tuple[str, str], ...]:
     if not games:
         raise _missing_data(root, f"no playable game under {split}/")
     return tuple(sorted(games))
+
+
+def stratified_order(games: tuple[tuple[str, str], ...], seed: int) -> list[str]:
+    """Real game ids in a seeded, type-interleaved order: each type's games shuffled with `seed`,
+    then one of each type in turn (TASK_TYPES order) until every type runs out. So every "first N"
+    the run takes (coldstart.tasks, warmup.task_pool, eval.max_tasks, env.real_max_tasks) holds
+    the six types as evenly as the split allows; the official folders, sorted, would give whole
+    types in alphabetical order. The same on every rank (it depends on the seed only)."""
+    by_type: dict[str, list[str]] = {t: [] for t in TASK_TYPES}
+    for task_id, task_type in sorted(games):
+        by_type[task_type].append(task_id)
+    rng = random.Random(seed)
+    for ids in by_type.values():
+        rng.shuffle(ids)
+    order = []
+    for k in range(max(map(len, by_type.values()), default=0)):
+        order += [ids[k] for ids in by_type.values() if k < len(ids)]
+    return order
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,10 +843,8 @@ class AlfworldBackend:
             raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
         games = collect_real_games(real_data_path(self.cfg), "train" if split == "train" else self.cfg.real_eval_split)
         self._real_types.update(games)
-        ids = [task_id for task_id, _ in games]
-        if 0 < self.cfg.real_max_tasks < len(ids):
-            ids = sorted(random.Random(self.cfg.seed).sample(ids, self.cfg.real_max_tasks))
-        return ids
+        ids = stratified_order(games, self.cfg.seed)
+        return ids[:self.cfg.real_max_tasks or None]
 
     def task_type(self, task_id: str) -> str:
         if self.cfg.source == "embedded":

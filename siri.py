@@ -353,6 +353,14 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         else:
             _apply(cfg, key, value)
     cfg.preset = preset
+    explicit = {k for k, _ in pairs} | set(flat(file_data))
+    if cfg.env.source == "real" and cfg.env.name == "alfworld" and "env.max_steps" not in explicit \
+            and cfg.env.max_steps != 50:
+        # the preset's cap is sized for embedded rooms of a few receptacles; real ALFWorld rooms hold
+        # 15-35, and GiGPO plays them for 50 steps
+        print(f"note: env.source=real: env.max_steps {cfg.env.max_steps} (preset {preset}, sized for embedded rooms) "
+              "-> 50, as GiGPO's ALFWorld script; set env.max_steps to choose")
+        cfg.env.max_steps = 50
     if cfg.run.ablation not in ABLATIONS:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
     for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings

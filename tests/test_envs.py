@@ -213,6 +213,20 @@ def test_real_loader_reads_the_official_layout_and_plays(real_root, manager):
         assert all(by_type[s.task_type] == (s.obs, s.task) for s in history[0])
 
 
+def test_real_game_order_is_seeded_and_type_interleaved(real_root):
+    games = envs.collect_real_games(str(real_root), "valid_unseen")  # sorted: whole types in turn
+    order = envs.stratified_order(games, seed=0)
+    assert sorted(order) == sorted(t for t, _ in games)
+    types = dict(games)
+    assert [types[t] for t in order[:6]] == list(TASK_TYPES)  # any first N holds the types evenly
+    big = tuple((f"x/{tt}-{k}/trial", tt) for tt in TASK_TYPES for k in range(5))
+    first = envs.stratified_order(big, seed=0)[:12]
+    assert sorted(types_of := [t.split("/")[1].rsplit("-", 1)[0] for t in first]) == sorted(TASK_TYPES * 2), types_of
+    assert envs.stratified_order(big, seed=0) == envs.stratified_order(big, seed=0) != envs.stratified_order(big, seed=1)
+    with EnvManager(EnvConfig(source="real", data_path=str(real_root), real_max_tasks=3)) as m:
+        assert m.task_ids("eval") == order[:3]
+
+
 def test_real_loader_missing_data_raises_a_clear_error(tmp_path, real_root):
     with pytest.raises(envs.AlfworldDataNotFound, match="alfworld-download"):
         EnvManager(EnvConfig(source="real", data_path=str(tmp_path / "nowhere")))
