@@ -85,6 +85,12 @@ class MiningConfig:
                              f"(got {self.ci_level}, {self.summary_temperature})")
         if self.initial_bank and not os.path.isfile(self.initial_bank):
             raise ValueError(f"mining.initial_bank: no file {self.initial_bank!r}; give a skills_round_NN.json or \"\"")
+        if self.initial_bank:
+            try:
+                SkillBank.load(self.initial_bank)
+            except (ValueError, KeyError, TypeError) as e:  # half-written or not a bank
+                raise ValueError(f"mining.initial_bank: {self.initial_bank!r} is not a readable skill bank "
+                                 f"({type(e).__name__}: {e}); give a complete skills_round_NN.json") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,20 @@ def test_a_fresh_run_refuses_a_folder_with_a_previous_runs_artefacts(cache, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.old"]  # untouched
 
 
+def test_damaged_checkpoint_and_half_written_bank_are_one_line(cache, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint" / "adapter").mkdir(parents=True)
+    (out / "checkpoint" / "COMPLETE").write_text("ok")
+    (out / "checkpoint" / "training.pt").write_bytes(b"PK\x03\x04 truncated")
+    (out / "checkpoint" / "state.pkl").write_bytes(b"\x80\x04garbled")
+    with pytest.raises(SystemExit, match="^error: --resume: the checkpoint .* is damaged"):
+        siri.main(["--resume", *tiny_overrides(out, cache)])
+    bank = tmp_path / "skills_round_00.json"
+    bank.write_text('{"round": 0, "skills": [{"id": "x", "name": ')  # cut mid-write
+    with pytest.raises(SystemExit, match="config error: .*initial_bank.*not a readable skill bank"):
+        siri.main(tiny_overrides(tmp_path / "other", cache, **{"mining.initial_bank": str(bank)}))
+
+
 def test_a_second_run_on_a_locked_folder_stops(cache, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
