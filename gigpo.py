@@ -438,6 +438,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
         samples, old_diff = recompute_old_logprobs(policy, samples, cfg.token_budget)
         seconds["old_score_s"] = time.perf_counter() - t0
     n_steps = skipped = 0
+    outcomes: list[bool] = []  # per mini-batch: step taken (True) or skipped as non-finite (False)
     for _epoch in range(cfg.ppo_epochs):
         order = list(samples)
         rng.shuffle(order)
@@ -508,15 +509,18 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                outcomes.append(False)
                 continue
             distributed.all_reduce_grads(params)  # Σ over ranks (the losses are already / global totals)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                outcomes.append(False)
                 continue
             optimizer.step()
             n_steps += 1
+            outcomes.append(True)
             sums["loss"] += stats["loss"]
             sums["grad_norm"] += grad_norm.item()
             for key in ("pg_loss", "kl", "entropy", "clip_frac"):
@@ -530,6 +534,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     out.update(seconds)
     if old_diff is not None:
         out["old_prob_diff_max"] = old_diff
+    taken = [k for k, ok in enumerate(outcomes) if ok]
+    out.update(skipped_leading=taken[0] if taken else len(outcomes),  # skipped before the first step taken
+               skipped_trailing=len(outcomes) - 1 - taken[-1] if taken else len(outcomes))
     out.update(optimizer_steps=n_steps, skipped_nonfinite=skipped,
                pg_tokens=int(pg_tokens), distill_tokens=int(distill_tokens))
     return out

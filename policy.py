@@ -320,7 +320,7 @@ def load_policy(cfg: ModelConfig, corpus=None, device: str = "auto", adapter: st
             f"model.qlora=true needs a CUDA GPU (4-bit NF4 through bitsandbytes), but the device is "
             f"'{device}'. Fix: set model.qlora=false (plain LoRA) or run on a CUDA machine.")
     looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
-    if looks_local:  # absolute, so that a saved adapter names a base that loads from anywhere
+    if looks_local or os.path.isdir(os.path.expanduser(name)):  # absolute: a saved adapter's base loads from anywhere
         name = os.path.abspath(os.path.expanduser(name))
     if looks_local and not os.path.isdir(name):
         raise ModelLoadError(

@@ -4,10 +4,12 @@ A group is the G rollouts of one task from the same initial state. The picture h
 trajectory and one cell per step. Cells whose steps start from the same observation (one anchor
 state, GiGPO Eq. 5) share a colour and are linked across rows: those steps form one step group,
 and their step advantages A^S compare the discounted returns R_t inside it (Eq. 7-8). Grey cells
-are states no other step of the group visited (A^S = 0). Each cell shows the action and its joint
+are states no other drawn step visited (A^S = 0). Each cell shows the action and its joint
 advantage A = A^E + ω·A^S (Eq. 9), with a green (A > 0) or red (A < 0) frame as thick as |A|. The
-row ends show the episode return R(τ) (invalid-action penalty included) and the episode advantage A^E (Eq. 3). In Phase 2 a
-skill-guided group marks the distilled steps with a star. The same group is printed as a table.
+row ends show the episode return R(τ) (with the invalid-action penalty in the default "reward"
+mode) and the episode advantage A^E (Eq. 3). In a Phase 2 skill-guided group the advantages were
+computed together with the paired plain rollouts (not drawn), so a grey cell may have A^S ≠ 0. A
+star marks a distilled step. The same group is printed as a table.
 """
 from __future__ import annotations
 

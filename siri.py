@@ -87,12 +87,13 @@ class RunConfig:
     trajectories.jsonl (Phase 2: as many plain and as many skill-guided groups); 0 = none.
     `python siri.py show` draws one."""
     max_skipped_updates: int = 3
-    """Stop the run (with a message, after a checkpoint of the last good state) when this many
-    consecutive optimiser steps were skipped for a non-finite loss or gradient (0 = never)."""
+    """Stop the run with a message when this many consecutive optimiser steps were skipped for a
+    non-finite loss or gradient (0 = never); a skipped step changes no weight, so the last
+    checkpoint holds finite weights."""
 
     def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"run.device={self.device!r}: choose auto, cpu or cuda")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"run.device={self.device!r}: choose auto, cpu, cuda or cuda:N")
         if min(self.rounds, self.threads, self.max_skipped_updates, self.log_groups) < 0 or self.checkpoint_every < 1:
             raise ValueError("run.rounds, threads, max_skipped_updates, log_groups >= 0 and run.checkpoint_every >= 1")
 
@@ -353,7 +354,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         else:
             _apply(cfg, key, value)
     cfg.preset = preset
-    explicit = {k for k, _ in pairs} | set(flat(file_data))
+    explicit = set(flat(dict(pairs))) | set(flat(file_data))
     if cfg.env.source == "real" and cfg.env.name == "alfworld" and "env.max_steps" not in explicit \
             and cfg.env.max_steps != 50:
         # the preset's cap is sized for embedded rooms of a few receptacles; real ALFWorld rooms hold
@@ -840,7 +841,8 @@ def trajectory_row(t: Trajectory, adv: list[float] | None = None, episode: list[
     """One row of trajectories.jsonl: the trajectory step by step (observation, the model's whole
     response, the parsed action, valid, reward, anchor key) with its advantages A^E, A^S and A when
     given, and in Phase 2 whether the step was distilled. ``return``: the environment's rewards
-    summed; ``R``: GiGPO's R(τ), the invalid-action penalty included (what A^E compares).
+    summed; ``R``: GiGPO's R(τ), what A^E compares (the invalid-action penalty included in the
+    default "reward" penalty mode; in "row" mode the penalty is on the invalid rows, not in R).
     ``id`` = "<group>/<index>" (a skill's `sources` use it), "+skill" for a skill-guided trajectory."""
     steps = []
     for k, s in enumerate(t.steps):
@@ -961,7 +963,7 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
             skills[tt].distilled.append({"round": state.get("round", 0), **counts})
     rows = group_rows(trained, cfg.gigpo, cfg.run.log_groups)
     rows += group_rows(guided, cfg.gigpo, cfg.run.log_groups,
-                       reference=paired if cfg.distill.advantage_reference == "union" else [])
+                       reference=pooled(paired) if cfg.distill.advantage_reference == "union" else [])
     return out, rows
 
 
@@ -1091,7 +1093,7 @@ class RunError(RuntimeError):
 
 # what a resume may change: where and how the run executes, not what it computes
 SAFE_ON_RESUME = {"run.threads", "run.tensorboard", "run.device", "run.checkpoint_every",
-                  "run.max_skipped_updates", "env.num_workers", "env.start_method"}
+                  "run.max_skipped_updates", "run.log_groups", "run.out_dir", "env.num_workers", "env.start_method"}
 RUN_ARTEFACTS = ("checkpoint", "checkpoint.old", "checkpoint.new", "metrics.jsonl", "coldstart_model",
                  "results.md", "skills")
 
@@ -1164,7 +1166,10 @@ def main(argv: list[str] | None = None) -> dict:
         show.main(argv[1:])
         return {}
     if argv[:1] == ["export"]:  # python siri.py export run.out_dir=DIR [--merged] [out=PATH]
-        return {"export": str(export(argv[1:]))}
+        try:
+            return {"export": str(export(argv[1:]))}
+        except (ConfigError, RunError, ModelLoadError, OSError) as e:
+            raise SystemExit(f"error: {e}")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML overrides (default: config.yaml next to siri.py)")
     parser.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
@@ -1192,12 +1197,13 @@ def main(argv: list[str] | None = None) -> dict:
     except (RunError, ModelLoadError, WebShopNotInstalled, OSError) as e:
         raise SystemExit(f"error: {e}")
     except EnvWorkerDied as e:
-        raise SystemExit(f"error: {e}; `--resume` continues from unit {progress['done']}")
+        raise SystemExit(f"error: {e}; `--resume` continues from unit {progress.get('checkpoint', 0)}")
 
 
 def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
     """The run: start-up, then every unit in order (`build_units`), checkpointed; the report at the end.
-    ``progress["done"]``: units finished so far (for the error message of a dead env worker)."""
+    ``progress``: "done", units finished so far, and "checkpoint", units in the last checkpoint (the
+    error message of a dead env worker says where --resume continues)."""
     # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
     started_group = distributed.init(cfg.run.device)
     is_main = distributed.is_main()
@@ -1240,12 +1246,11 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
     state = {"done": 0, "buffer": [], "evals": {}, "outcomes": {}, "timing": defaultdict(float),
              "arm": "", "branch": None, "banks": {}, "skipped_streak": 0, "config": dataclasses.asdict(cfg)}
     optimizer = make_optimizer(policy, cfg)
+    loaded = None
     if resume:
-        if (coldstart_dir / "COMPLETE").exists():
-            policy.load_base_weights(coldstart_dir)
         try:
             loaded = load_checkpoint(run_dir, policy, optimizer)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, ValueError) as e:
+        except Exception as e:  # any damage (truncated, garbled): the message says what to do
             raise RunError(f"--resume: the checkpoint in {run_dir} cannot be read ({type(e).__name__}: {e}); "
                            "it is damaged: start a new run.out_dir") from None
         seen = distributed.all_reduce_sum([loaded is not None])[0]
@@ -1261,13 +1266,20 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
             metrics.truncate(state["done"])
             trajectories.truncate(state["done"])
             print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
-    else:
-        metrics.truncate(0)  # a fresh run starts fresh metrics and trajectory files
+    # the cold-started base counts only if the checkpoint is past the cold start (a kill between
+    # saving it and the next checkpoint re-runs the cold start from the base model it started from)
+    cold = next((i for i, u in enumerate(units) if u.phase == "coldstart"), None)
+    if cold is not None and state["done"] > cold and (coldstart_dir / "COMPLETE").exists():
+        policy.load_base_weights(coldstart_dir)
+    elif is_main and coldstart_dir.exists():
+        shutil.rmtree(coldstart_dir)
+    if loaded is None:  # a fresh start: fresh metrics, trajectories and settings file
+        metrics.truncate(0)
         trajectories.truncate(0)
+        if is_main:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
-    if is_main and not (run_dir / "config.yaml").exists():  # a resume keeps the original settings file
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    progress["done"] = state["done"]
+    progress["done"] = progress["checkpoint"] = state["done"]
 
     interrupted = {"flag": False}
 
@@ -1329,6 +1341,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
             stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
             if is_main and (state["done"] % cfg.run.checkpoint_every == 0 or phase_end or stop):
                 save_checkpoint(run_dir, policy, optimizer, state)
+                progress["checkpoint"] = state["done"]
             if stop:
                 print(f"saved checkpoint at unit {state['done']}; continue with --resume")
                 break
@@ -1365,18 +1378,24 @@ def export(argv: list[str]) -> Path:
     layout, and adapter/ beside it, whose adapter_config.json names that folder by absolute path:
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out + "/adapter")`.
     With --merged: the adapter folded into the weights, `AutoModelForCausalLM.from_pretrained(out)`.
+    The base is the one the checkpoint's adapter names (the cold-started base, or the run's model);
+    a QLoRA run's base is loaded unquantised (the adapter applies unchanged). `out` must be a new
+    folder or an earlier export (it holds EXPORTED), never the run or a folder above it.
     """
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "run.out_dir" not in args:
         raise SystemExit("usage: python siri.py export run.out_dir=DIR [--merged] [out=PATH]")
     run_dir = Path(args["run.out_dir"])
     if not (run_dir / "checkpoint" / "COMPLETE").exists():
-        raise SystemExit(f"error: {run_dir} has no complete checkpoint to export")
-    cfg = load_config(str(run_dir / "config.yaml"), [])
+        raise RunError(f"{run_dir} has no complete checkpoint to export")
     out = Path(args.get("out", run_dir / "export"))
-    coldstarted = run_dir / "coldstart_model"
-    base = str(coldstarted) if (coldstarted / "COMPLETE").exists() else cfg.model.name  # with its tokenizer
-    policy = load_policy(dataclasses.replace(cfg.model, name=base), device="cpu")
+    if out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents) or \
+            (out.exists() and not (out / "EXPORTED").exists()):
+        raise RunError(f"out={out} exists and is not an earlier export (or it holds the run); choose a new folder")
+    cfg = load_config(str(run_dir / "config.yaml"), ["mining.initial_bank="])  # the bank file may have moved
+    adapter_cfg = json.loads((run_dir / "checkpoint" / "adapter" / "adapter_config.json").read_text())
+    base = adapter_cfg["base_model_name_or_path"]  # absolute: the cold-started base or the run's model
+    policy = load_policy(dataclasses.replace(cfg.model, name=base, qlora=False), device="cpu")
     params = dict(policy.model.named_parameters())
     with torch.no_grad():
         for name, tensor in torch.load(run_dir / "checkpoint" / "training.pt", weights_only=False)["trainable"].items():
@@ -1391,6 +1410,7 @@ def export(argv: list[str]) -> Path:
         policy.set_base_path(str(out))
         policy.model.save_pretrained(tmp / "adapter")
     policy.tokenizer.save_pretrained(tmp)
+    (tmp / "EXPORTED").write_text(f"{run_dir.resolve()}\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"exported {'merged model' if '--merged' in argv else 'base model + adapter/'} to {out}")
@@ -1405,10 +1425,13 @@ def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
 
 
 def check_skipped(state: dict, values: dict, unit: Unit, cfg: Config) -> None:
-    """Count consecutive optimiser steps skipped for non-finite numbers; stop the run at
-    run.max_skipped_updates (the last checkpoint holds the last finite weights)."""
-    skipped, steps = values.get(f"{unit.phase}/skipped_nonfinite", 0), values.get(f"{unit.phase}/optimizer_steps", 0)
-    state["skipped_streak"] = skipped if steps else state.get("skipped_streak", 0) + skipped
+    """Count consecutive optimiser steps skipped for non-finite numbers, across units; stop the run
+    at run.max_skipped_updates. A skipped step changes no weight, so the last checkpoint's are finite."""
+    get = lambda key: values.get(f"{unit.phase}/{key}", 0)  # noqa: E731
+    streak = state.get("skipped_streak", 0) + get("skipped_leading")  # the run of skips before the first step
+    if get("optimizer_steps") and not (cfg.run.max_skipped_updates and streak >= cfg.run.max_skipped_updates):
+        streak = get("skipped_trailing")  # a step was taken: only the skips after the last one count on
+    state["skipped_streak"] = streak
     if cfg.run.max_skipped_updates and state["skipped_streak"] >= cfg.run.max_skipped_updates:
         raise RunError(f"{state['skipped_streak']} consecutive updates skipped for a non-finite loss or gradient "
                        f"at unit {state['done']} ({unit.phase}); lower gigpo.lr (now {cfg.gigpo.lr}) and start again, "

@@ -77,7 +77,7 @@ def test_checkpoint_adapter_and_exports_load_with_plain_transformers_and_peft(fi
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     adapter_cfg = json.loads((run_dir / "checkpoint" / "adapter" / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == str((run_dir / "coldstart_model").resolve())
+    assert Path(adapter_cfg["base_model_name_or_path"]).resolve() == (run_dir / "coldstart_model").resolve()
     results = {"checkpoint": plain_load("adapter", (run_dir / "checkpoint" / "adapter").resolve(), ids, elsewhere)}
     siri.main(["export", f"run.out_dir={run_dir}"])
     siri.main(["export", f"run.out_dir={run_dir}", "--merged", f"out={run_dir / 'merged'}"])
@@ -92,3 +92,29 @@ def test_checkpoint_adapter_and_exports_load_with_plain_transformers_and_peft(fi
     random_base = load_policy(dataclasses.replace(pol.cfg, name=str(tiny)), device="cpu")
     with torch.no_grad():
         assert (random_base.model(torch.tensor([ids])).logits[0, -1] - logits).abs().max() > 1.0
+
+
+def test_export_of_a_run_without_cold_start_uses_the_runs_own_base(tmp_path_factory, tmp_path):
+    """No cold start: the base is the run's tiny model (built from its own corpus), which the
+    checkpoint's adapter names; a guard keeps export from deleting the run."""
+    cache = tmp_path_factory.mktemp("export_nocs")
+    run_dir = cache / "run"
+    siri.main(tiny_overrides(run_dir, cache, **{"coldstart.enabled": "off", "run.rounds": 0, "run.arms": "[gigpo]",
+                                                "warmup.iterations": 1}))
+    assert not (run_dir / "coldstart_model").exists()
+    cfg = siri.load_config(str(run_dir / "config.yaml"), [])
+    base = json.loads((run_dir / "checkpoint" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).parent.resolve() == Path(cfg.model.tiny_dir).resolve()
+    pol = load_policy(dataclasses.replace(cfg.model, name=base), device="cpu")
+    params = dict(pol.model.named_parameters())
+    with torch.no_grad():
+        for n, t in torch.load(run_dir / "checkpoint" / "training.pt", weights_only=False)["trainable"].items():
+            params[n].copy_(t)
+        ids = pol.chat_ids("Your task is to: put some apple in fridge.")
+        logits = pol.model(torch.tensor([ids])).logits[0, -1]
+    siri.main(["export", f"run.out_dir={run_dir}", "--merged"])
+    got = plain_load("merged", (run_dir / "export").resolve(), ids, tmp_path)
+    assert torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-4)
+    with pytest.raises(SystemExit, match="not an earlier export"):
+        siri.main(["export", f"run.out_dir={run_dir}", f"out={run_dir}"])
+    assert (run_dir / "checkpoint" / "COMPLETE").exists()

@@ -479,4 +479,4 @@ def test_skill_story_page_tells_sources_outcomes_and_distilled_tokens(tmp_path):
     assert f"| 0 | {rec['delta_g']:+.3f} |" in page
     assert "50 tokens of skill-guided actions, 30 in trajectories that beat their plain group" in page
     assert "12 also with a positive advantage: distilled" in page
-    assert "Skill bank after round 0" in SkillBank(str(tmp_path), [s]).story(0)
+    assert s.id not in SkillBank(str(tmp_path), [dataclasses.replace(s, round=1)]).story(0)  # not yet proposed

@@ -104,12 +104,22 @@ def test_a_nonfinite_cold_start_stops_and_saves_nothing(cache, tmp_path):
 def test_consecutive_skipped_updates_stop_the_run():
     cfg = siri.load_config(None, ["run.max_skipped_updates=3"])
     state, unit = {"done": 5, "skipped_streak": 0}, siri.Unit("warmup", 0)
-    siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0}, unit, cfg)
-    siri.check_skipped(state, {"warmup/skipped_nonfinite": 0, "warmup/optimizer_steps": 2}, unit, cfg)
+    skips = lambda n, steps=0: {"warmup/skipped_nonfinite": n, "warmup/optimizer_steps": steps,  # noqa: E731
+                                "warmup/skipped_leading": n if not steps else 0, "warmup/skipped_trailing": n if not steps else 0}
+    siri.check_skipped(state, skips(2), unit, cfg)
+    siri.check_skipped(state, skips(0, steps=2), unit, cfg)
     assert state["skipped_streak"] == 0  # a good step resets the count
-    siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0}, unit, cfg)
+    siri.check_skipped(state, skips(2), unit, cfg)
     with pytest.raises(siri.RunError, match="3 consecutive updates skipped.*gigpo.lr"):
-        siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 0}, unit, cfg)
+        siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 0, "warmup/skipped_leading": 1,
+                                   "warmup/skipped_trailing": 1}, unit, cfg)
+    # [skip, step] then [skip, skip]: only 2 in a row (the step in between resets the count)
+    state = {"done": 5, "skipped_streak": 0}
+    siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 1, "warmup/skipped_leading": 1,
+                               "warmup/skipped_trailing": 0}, unit, cfg)
+    siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0, "warmup/skipped_leading": 2,
+                               "warmup/skipped_trailing": 2}, unit, cfg)
+    assert state["skipped_streak"] == 2
 
 
 def test_a_dead_env_worker_is_one_clear_error(cache):
