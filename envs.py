@@ -956,9 +956,13 @@ def _worker_main(conn, cfg: EnvConfig) -> None:
     SIGINT is ignored: a Ctrl-C in the terminal reaches the whole process group, and the main
     process (which finishes its unit and checkpoints) still needs its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     slots = _Slots(cfg)
     try:
         while True:
+            while not conn.poll(1.0):  # the main process was killed (-9): the pipe may stay open in
+                if os.getppid() != parent:  # the other workers forked from it, so watch the parent
+                    return
             try:
                 cmd, items = conn.recv()
             except EOFError:

@@ -1207,6 +1207,7 @@ def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
     # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
     started_group = distributed.init(cfg.run.device)
     is_main = distributed.is_main()
+    threads = torch.get_num_threads()  # restored at the end: main() may be called in-process (tests)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
@@ -1234,6 +1235,7 @@ def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
         return run_units(cfg, run_dir, resume, progress, envs, policy, started_group, lock)
     finally:
         envs.close()
+        torch.set_num_threads(threads)
 
 
 def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, policy, started_group: bool,

@@ -12,7 +12,7 @@ import torch
 
 import siri
 from envs import EnvWorkerDied, make_envs
-from test_siri import run_cli, tiny_overrides
+from test_siri import ROOT, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,29 @@ def test_a_dead_env_worker_is_one_clear_error(cache):
             envs.reset(tasks)
     finally:
         envs.close()
+
+
+def test_env_workers_exit_when_the_main_process_is_killed(cache, tmp_path):
+    """kill -9 of the main process leaves no env worker behind (they watch their parent)."""
+    import subprocess
+    import sys
+
+    cfg_dir = cache / "games_workers"
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from envs import EnvConfig, make_envs\n"
+              f"m = make_envs(EnvConfig(num_workers=2, num_train_tasks=2, eval_per_type=1, receptacles=4, "
+              f"distractors=1, cache_dir={str(cfg_dir)!r}))\n"
+              "m.reset(m.task_ids('train')[:2]); print(*[p.pid for p, _ in m._workers], flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"orphaned env workers {alive}"
 
 
 def test_ctrl_c_with_env_workers_saves_exits_130_and_resumes(cache, tmp_path):
