@@ -225,7 +225,7 @@ GIGPO_DEFAULTS: dict[str, dict] = {
     "ours": {},
     "verl-agent": {"gigpo.invalid_penalty_mode": "row", "gigpo.episode_stats": "step",
                    "gigpo.entropy_coef": 0.001, "gigpo.old_logprobs": "recompute",
-                   "gigpo.clip_ratio_c": 3.0},
+                   "gigpo.clip_ratio_c": 3.0, "env.verl_agent_prompt": True},
 }
 
 # run.ablation -> the settings it stands for ("no_mining" also drops the mining units, see build_units)

@@ -281,9 +281,12 @@ def test_prompt_plain_and_with_skill(manager):
     skill = "SKILL-TEXT: find the object first, then go to the target."
     with_skill = manager.build_prompt(state, history, skill=skill)
     assert state.task in plain and state.obs in plain
-    assert "help" in state.admissible  # offered by the engine, not by the prompt (as verl-agent's)
-    assert envs.ACTION_SEPARATOR.join(a for a in state.admissible if a != "help") + "\n" in plain
-    assert "taken 3 step(s); this is step 4" in plain and "this is step 1." in manager.build_prompt(state, [])
+    assert envs.ACTION_SEPARATOR.join(state.admissible) + "\n" in plain and "step(s)" not in plain
+    verl = dataclasses.replace(manager.cfg, verl_agent_prompt=True)  # the public GiGPO code's prompt
+    assert "help" in state.admissible  # offered by the engine, not by that prompt
+    assert envs.ACTION_SEPARATOR.join(a for a in state.admissible if a != "help") + "\n" in envs.build_prompt(verl, state, history)
+    assert "taken 3 step(s); this is step 4" in envs.build_prompt(verl, state, history)
+    assert "this is step 1." in envs.build_prompt(verl, state, [])
     assert "<think>" in plain and "<action>" in plain
     assert "obs A" not in plain and "obs B" in plain and "(invalid)" in plain  # history_len = 2
     assert skill in with_skill and "SKILL" not in plain and "skill" not in plain.lower()

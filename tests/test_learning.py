@@ -3,7 +3,8 @@
 The setting (chosen by a sweep, see the README's "Does it learn?"): four small training games
 (4 receptacles, 2 distractors, 10 steps), a cold start (search demonstrations, 45 epochs: 20
 left it at 0 %, 35 at 3 %, 45 at 30 %, 60 at 84 %) that leaves the tiny model at about 30 %
-success when sampling at temperature 1 (it knows the format and most first moves, but picks
+success when sampling at temperature 1 (measured since: 0.08 to 0.30, see the precondition
+below; it knows the format and most first moves, but picks
 inadmissible actions in later states), then GiGPO with G = 16. What it has to learn is which
 admissible action to take in each state of these games, which is what the step-level
 advantage of the anchor states rewards.
@@ -56,5 +57,8 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
                                        timing=state["timing"])[0]["warmup/success"] for i in range(ITERATIONS)]
         after = success()
     report = json.dumps({"before": before, "after": after, "train": train})
-    assert 0.1 <= before <= 0.5, f"the cold start should leave room to learn: {report}"
+    # precondition, not the claim: the cold-started model wins some games (it knows the format)
+    # and leaves room to learn. 45 epochs sit on a steep part of the cold start's curve, so its
+    # start moves with numerics: 0.30 (the sweep), 0.08 (2 threads, this version), 0.17 (1 thread)
+    assert 0.05 <= before <= 0.5, f"the cold start should leave room to learn: {report}"
     assert after >= before + 0.15, report
