@@ -18,6 +18,7 @@ the PDDL problems come from: our own generator (below) instead of `alfworld-down
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -102,9 +103,11 @@ class EnvConfig:
     """WebShop: catalogue size (embedded: products generated; real: WebShop's product subset, 1000 = the
     data of its `setup.sh -d small`, 0 = all)"""
     num_train_goals: int = 2000
-    """WebShop: goals in the train split (the goals after the eval ones; real: capped by what WebShop has)"""
+    """WebShop: goals in the train split (embedded: the goals after the eval ones; real: WebShop's baseline
+    train split, goals 1500 on, capped by what WebShop has)"""
     num_eval_goals: int = 500
-    """WebShop: goals in the fixed eval split, goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]"""
+    """WebShop: goals in the fixed eval split, goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]
+    (real: at most 1500, its test and val goals)"""
     webshop_path: str = ""
     """WebShop, real: root of a princeton-nlp/WebShop checkout after its setup.sh ("" = none)"""
 
@@ -123,6 +126,13 @@ class EnvConfig:
                     "num_train_goals", "num_eval_goals"):
             if getattr(self, key) < 0:
                 raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
+        if self.name == "webshop" and self.source == "real":   # WebShop's search indexes; its baseline's splits
+            if self.num_products not in (0, 100, 1000, 100000):
+                raise ValueError(f"env.num_products={self.num_products}: real WebShop has search indexes for "
+                                 "100, 1000 or 100000 products, or 0 for all")
+            if self.num_eval_goals > 1500:
+                raise ValueError(f"env.num_eval_goals={self.num_eval_goals}: real WebShop's train split starts at "
+                                 "goal 1500, so at most 1500")
 
 
 @dataclass
@@ -312,9 +322,42 @@ def make_engine(plan: bool = False):
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs import PddlEnv
+    _memoize_textworld_parsers()
     infos = textworld.EnvInfos(won=True, admissible_commands=True,
                                extras=["walkthrough"] if plan else [])
     return AlfredInfos(AlfredDemangler(PddlEnv(infos)))
+
+
+def _memoize_textworld_parsers() -> None:
+    """Speed: TextWorld's PDDL engine parses strings with PEG parsers (tatsu) again and again: the
+    grammar's text templates at every observation and game load, logic expressions (rule
+    conditions, propositions) at every step. Profiled, those parses were about 60 % of an env
+    step. Each module-level parse is a pure function of its arguments, so we cache it and hand out
+    a deep copy (callers write into what they get). Same engine, same text: tests/test_envs.py
+    plays games with and without the cache and compares every observation. Idempotent; the
+    originals stay as `<module>._parse_uncached`."""
+    from textworld import logic
+    from textworld.envs.pddl import logic as pddl_logic, textgen
+    for module in (textgen, logic, pddl_logic):
+        if not hasattr(module, "_parse_uncached"):
+            module._parse_uncached = module._parse_and_convert
+            module._parse_and_convert = _memoized(module._parse_uncached)
+
+
+def _memoized(parse):
+    cache: dict = {}
+
+    def cached_parse(*args, **kwargs):
+        if kwargs.get("trace"):  # TW_CSG_TRACE debugging: parse for real, so the trace prints
+            return parse(*args, **kwargs)
+        key = (args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "trace")))
+        if key not in cache:
+            if len(cache) > 100_000:  # bound the memory over very many distinct games
+                cache.clear()
+            cache[key] = parse(*args, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    return cached_parse
 
 
 @contextlib.contextmanager

@@ -61,6 +61,30 @@ def test_every_task_type_generates_solvable_and_its_walkthrough_wins(manager):
     assert all("go to" in " ".join(s.admissible) for s in first)
 
 
+def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
+    """envs._memoize_textworld_parsers caches TextWorld's parses: every observation, admissible
+    list, reward and win of the eval walkthroughs (plus an invalid and a searching step) is the
+    same with TextWorld's own parsers (the cache would be a bug if anything differed)."""
+    from textworld import logic
+    from textworld.envs.pddl import logic as pddl_logic, textgen
+
+    def play():
+        with EnvManager(cfg) as m:
+            ids = m.task_ids("eval")
+            plans, history = play_walkthroughs(m, ids)
+            history.append(m.reset(ids))
+            history.append(m.step(["jump"] * len(ids)))
+            history.append(m.step([next(a for a in s.admissible if a.startswith("go to")) for s in history[-1]]))
+        return [[(s.obs, s.admissible, s.reward, s.won, s.done) for s in states] for states in history]
+
+    cached = play()
+    modules = (textgen, logic, pddl_logic)
+    assert all(m._parse_and_convert is not m._parse_uncached for m in modules)  # the cache is on
+    for m in modules:
+        monkeypatch.setattr(m, "_parse_and_convert", m._parse_uncached)
+    assert play() == cached
+
+
 def test_same_seed_same_game_and_different_seeds_differ():
     for task_type in TASK_TYPES:
         a = envs.generate_game(123, task_type, 5, 2)
