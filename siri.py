@@ -362,6 +362,13 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         print(f"note: env.source=real: env.max_steps {cfg.env.max_steps} (preset {preset}, sized for embedded rooms) "
               "-> 50, as GiGPO's ALFWorld script; set env.max_steps to choose")
         cfg.env.max_steps = 50
+    if cfg.env.name == "webshop" and cfg.env.source == "real" and cfg.coldstart.enabled != "off":
+        # no expert walkthroughs to imitate there (webshop.WebShopBackend.walkthrough returns [])
+        if cfg.coldstart.enabled == "on":
+            raise ConfigError("coldstart.enabled=on: real WebShop has no expert walkthroughs; set coldstart.enabled=off")
+        if cfg.model.name == "tiny":
+            print("note: env.source=real WebShop has no expert walkthroughs: no cold start (coldstart.enabled=off)")
+        cfg.coldstart.enabled = "off"
     if cfg.run.ablation not in ABLATIONS:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
     for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings
@@ -1078,7 +1085,11 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
     texts = []
     skill_example = mining.corpus_examples()[-1]
     for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
-        for state, history, action in demonstration(envs, tid, [], None)[0]:
+        demo = demonstration(envs, tid, [], None)[0]
+        if not demo:  # no expert walkthrough (real WebShop): the task's first prompt alone
+            (state,) = envs.reset([tid])
+            demo = [(state, [], state.admissible[0] if state.admissible else "")]
+        for state, history, action in demo:
             texts.append(envs.build_prompt(state, history))
             texts.append(envs.build_prompt(state, history, skill=skill_example))
             texts.append(f"<think>{think}</think><action>{action}</action>")

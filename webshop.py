@@ -21,12 +21,17 @@ which evaluation reports WebShop's two numbers (``summarize``: score = 100 x mea
 The knobs (num_products, num_train_goals, num_eval_goals, webshop_path, seed) are fields of
 envs.EnvConfig, defined there only. Episodes are capped by the manager (EnvConfig.max_steps;
 15 in GiGPO's WebShop setting, ``python siri.py env=webshop``).
-``source == "real"`` drives a local WebShop checkout in-process (``_RealWebShop``); without
-one, ``WebShopNotInstalled`` says what to install. Run ``python webshop.py bench`` for the
-catalogue size, step latency and a scripted buyer's score / success rate.
+``source == "real"`` drives a local WebShop checkout in-process (``_RealWebShop``): its text
+pages with the instruction cut (the prompt shows it) and the chosen options noted, its human
+goals split as its baseline's (test 0-499, train 1500+), our random state kept apart from its
+own, and no expert walkthrough (so no cold start); without one, ``WebShopNotInstalled`` says
+what to install. ``python webshop.py bench``: catalogue size, step latency, a scripted buyer's
+score / success rate; ``python webshop.py agree PATH``: our reward against WebShop's own option
+and attribute rules from the checkout at PATH, on 5,000 purchases.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -44,17 +49,21 @@ from envs import WIN_REWARD, EnvConfig   # envs imports this module only lazily 
 
 
 class WebShopNotInstalled(RuntimeError):
-    """source == "real" was asked for but no usable WebShop checkout was found."""
+    """source == "real" was asked for but WebShop is not usable: no checkout at env.webshop_path,
+    its packages, product data or search index missing, or too few goals for the train split."""
 
 
 # ---------------------------------------------------------------------------------------
 # Catalogue: product types per category. Columns: query (what instructions ask for),
 # product_category breadcrumb, title heads, nouns of those heads (our stand-in for spaCy's
 # noun tags, see title_nouns), attribute pool, option groups, price range in dollars.
+# Our choice: no two values of one option group match under WebShop's fuzzy option rule
+# (option_matches: "x-large" would meet "large", "20 count" "50 count"), so a wrong click never
+# scores; hence "xl", and size numbers that share few digits.
 # ---------------------------------------------------------------------------------------
 BEAUTY, ELEC, FASH, FOOD, FURN = ("Beauty & Personal Care", "Electronics", "Clothing, Shoes & Jewelry",
                                   "Grocery & Gourmet Food", "Home & Kitchen › Furniture")
-SIZES = ["small", "medium", "large", "x-large"]
+SIZES = ["small", "medium", "large", "xl"]
 TYPES = {
     "beauty": [
         ("lipstick", f"{BEAUTY} › Makeup › Lips › Lipstick",
@@ -72,7 +81,7 @@ TYPES = {
         ("hair extensions", f"{BEAUTY} › Hair Care › Hair Extensions, Wigs & Accessories › Extensions",
          ["Clip In Hair Extensions", "Hair Extensions", "Tape In Hair Extensions"], "hair extensions",
          ["natural looking", "heat resistant", "high quality", "easy to apply", "human hair"],
-         {"color": ["jet black", "dark brown", "honey blonde", "auburn"], "size": ["16 inch", "20 inch", "24 inch"]}, (15, 90)),
+         {"color": ["jet black", "dark brown", "honey blonde", "auburn"], "size": ["14 inch", "20 inch", "36 inch"]}, (15, 90)),
         ("face moisturizer", f"{BEAUTY} › Skin Care › Face › Moisturizers",
          ["Face Moisturizer", "Night Moisturizer Cream", "Daily Face Moisturizer"], "face moisturizer cream",
          ["fragrance free", "sensitive skin", "hyaluronic acid", "non greasy", "dermatologist tested"],
@@ -94,7 +103,7 @@ TYPES = {
         ("phone case", f"{ELEC} › Cell Phones & Accessories › Cases, Holsters & Sleeves › Basic Cases",
          ["Phone Case", "Slim Phone Case", "Rugged Phone Case"], "phone case",
          ["shock absorbing", "slim fit", "wireless charging compatible", "scratch resistant", "easy to install"],
-         {"color": ["clear", "black", "pink", "midnight green"], "size": ["iphone 13", "iphone 14", "iphone 15"]}, (6, 30)),
+         {"color": ["clear", "black", "pink", "midnight green"], "size": ["iphone 15", "galaxy s24", "pixel 8"]}, (6, 30)),
         ("hdmi cable", f"{ELEC} › Computers & Accessories › Cables & Accessories › Cables & Interconnects › HDMI Cables",
          ["HDMI Cable", "High Speed HDMI Cable", "Braided HDMI Cable"], "hdmi cable",
          ["high speed", "gold plated", "braided cord", "ultra hd", "easy to install"],
@@ -107,7 +116,7 @@ TYPES = {
          f"{ELEC} › Television & Video › Accessories › TV Mounts, Stands & Turntables › TV Wall & Ceiling Mounts",
          ["TV Wall Mount", "Full Motion TV Mount", "Tilting TV Wall Mount"], "tv wall mount motion",
          ["heavy duty", "easy to install", "full motion", "space saving", "cable management"],
-         {"size": ["32 to 55 inch", "42 to 70 inch", "55 to 85 inch"]}, (20, 90)),
+         {"size": ["32 to 55 inch", "42 to 70 inch", "60 to 90 inch"]}, (20, 90)),
     ],
     "fashion": [
         ("running shoes", f"{FASH} › Men › Shoes › Athletic › Running",
@@ -121,7 +130,7 @@ TYPES = {
         ("jeans", f"{FASH} › Women › Clothing › Jeans",
          ["Skinny Jeans", "High Waist Jeans", "Bootcut Jeans"], "jeans waist",
          ["stretch fabric", "machine wash", "button closure", "slim fit", "high waist"],
-         {"color": ["light wash", "dark wash", "black"], "size": ["26", "28", "30", "32"]}, (20, 70)),
+         {"color": ["light blue", "indigo", "black"], "size": ["26", "28", "30", "32"]}, (20, 70)),
         ("winter jacket", f"{FASH} › Women › Clothing › Coats, Jackets & Vests › Down Jackets & Parkas",
          ["Puffer Jacket", "Winter Jacket", "Hooded Winter Jacket"], "jacket winter",
          ["water resistant", "warm and cozy", "detachable hood", "zipper closure", "machine wash"],
@@ -140,15 +149,15 @@ TYPES = {
          ["Protein Bars", "Protein Snack Bars", "Keto Protein Bars"], "protein bars snack",
          ["gluten free", "low sugar", "high protein", "non gmo", "keto friendly"],
          {"flavor": ["chocolate peanut butter", "cookie dough", "salted caramel", "birthday cake"],
-          "size": ["12 count", "24 count"]}, (15, 45)),
+          "size": ["12 count", "30 count"]}, (15, 45)),
         ("coffee beans", f"{FOOD} › Beverages › Coffee, Tea & Cocoa › Coffee › Whole Coffee Beans",
          ["Whole Bean Coffee", "Coffee Beans", "Espresso Coffee Beans"], "bean coffee beans espresso",
          ["medium roast", "dark roast", "fair trade", "single origin", "usda organic"],
-         {"size": ["12 ounce", "2 pound", "5 pound"]}, (9, 60)),
+         {"size": ["12 ounce", "2 pound", "3 kilogram"]}, (9, 60)),
         ("green tea", f"{FOOD} › Beverages › Coffee, Tea & Cocoa › Tea › Green",
          ["Green Tea Bags", "Matcha Green Tea", "Loose Leaf Green Tea"], "tea bags matcha leaf",
          ["usda organic", "non gmo", "individually wrapped", "natural ingredients", "gluten free"],
-         {"flavor": ["jasmine", "mint", "lemon ginger", "original"], "size": ["20 count", "50 count", "100 count"]}, (5, 25)),
+         {"flavor": ["jasmine", "mint", "lemon ginger", "original"], "size": ["16 count", "40 count", "100 count"]}, (5, 25)),
         ("trail mix", f"{FOOD} › Snacks & Sweets › Snack Foods › Trail Mix",
          ["Trail Mix", "Nut Trail Mix", "Snack Mix"], "trail mix nut snack",
          ["gluten free", "resealable bag", "non gmo", "high protein", "no added sugar"],
@@ -156,7 +165,7 @@ TYPES = {
         ("olive oil", f"{FOOD} › Pantry Staples › Cooking & Baking › Oils, Vinegars & Salad Dressings › Oils › Olive",
          ["Extra Virgin Olive Oil", "Olive Oil", "Cold Pressed Olive Oil"], "olive oil",
          ["cold pressed", "usda organic", "non gmo", "single origin", "glass bottle"],
-         {"size": ["500 ml", "1 liter", "3 liter"]}, (8, 55)),
+         {"size": ["500 ml", "1 liter", "1 gallon"]}, (8, 55)),
         ("dark chocolate", f"{FOOD} › Snacks & Sweets › Candy & Chocolate › Chocolate Bars",
          ["Dark Chocolate Bar", "Dark Chocolate Squares", "Chocolate Bar"], "chocolate bar squares",
          ["fair trade", "low sugar", "dairy free", "usda organic", "individually wrapped"],
@@ -204,12 +213,16 @@ REVIEWS = ["Works as described.", "Good value for the money.", "Arrived quickly 
 # Proper nouns (brands) and the head nouns of every type: the words title_nouns keeps.
 NOUNS = frozenset(w.lower() for c in BRANDS.values() for w in c) | frozenset(
     w for types in TYPES.values() for t in types for w in t[3].split())
-# normalize_color: WebShop maps every option value to the first colour of an alphabetical
-# list that occurs in it. Our list covers the colour words our catalogue uses.
-COLOR_SET = ["auburn", "beige", "berry", "black", "blonde", "blue", "brown", "burgundy", "camel", "caramel",
-             "chocolate", "clear", "coral", "dark", "gold", "gray", "green", "light", "mint", "natural", "navy",
-             "nude", "orange", "pink", "plum", "red", "rose", "silver", "walnut", "white"]
-EXACT_MATCH_OPTS = ["size"]          # WebShop: option names matched exactly, not fuzzily
+# normalize_color: WebShop maps every option value to the first colour of its alphabetical
+# COLOR_SET (web_agent_site/engine/normalize.py) that occurs in it; the same 102 words here.
+COLOR_SET = sorted("""
+    alabaster apricot aqua ash asphalt azure banana beige black blue blush bordeaux bronze brown burgundy
+    camel camo caramel champagne charcoal cheetah chestnut chocolate christmas coffee cognac copper coral
+    cranberry cream crystal dark denim eggplant elephant espresso fuchsia gold granite grape graphite grass
+    gray green grey heather indigo ivory ivy khaki lavender lemon leopard light lilac lime magenta maroon
+    mauve merlot midnight mint mocha multicolor mushroom mustard natural navy nude olive orange peach pewter
+    pink plum purple rainbow red rose royal rust sand sapphire seashell silver skull slate steel stone
+    stonewash sunflower tan taupe teal tiger turquoise violet walnut wheat white wine yellow""".split())
 PRICE_RANGE = [10.0 * i for i in range(1, 100)]   # WebShop's price_upper grid
 SEARCH_RETURN_N, PRODUCT_WINDOW = 50, 10           # WebShop: top 50 results, 10 per page
 STOPWORDS = frozenset("a an and are as at be by for from i in is it looking me need of on or that the to want "
@@ -310,11 +323,13 @@ def generate_goals(products: list[Product], n: int, seed: int) -> list[Goal]:
 # ALGO LOGIC: WebShop's reward (web_agent_site/engine/goal.py::get_reward, read for facts).
 # ---------------------------------------------------------------------------------------
 def token_set_ratio(a: str, b: str) -> int:
-    """thefuzz's ``fuzz.token_set_ratio`` (0-100): split both strings into token sets, and
-    return the best similarity among (common, common+rest_a), (common, common+rest_b),
-    (common+rest_a, common+rest_b); one token set inside the other scores 100.
-    Our choice: difflib's ratio (stdlib) as the string similarity instead of thefuzz's
-    Levenshtein-based one, to avoid a dependency; on short phrases they differ by a few points."""
+    """thefuzz's ``fuzz.token_set_ratio`` (0-100) as WebShop runs it: split both strings into
+    token sets, and return the best similarity among (common, common+rest_a), (common,
+    common+rest_b), (common+rest_a, common+rest_b); one token set inside the other scores 100.
+    The similarity is difflib's ratio, rounded: WebShop pins thefuzz 0.19 and does not install
+    python-Levenshtein, and that thefuzz then falls back to difflib. Our choice: tokens are runs
+    of ASCII letters and digits (thefuzz: word characters after dropping bytes 128-255), the
+    same on every text our catalogue makes."""
     ta, tb = set(_tokens(a)), set(_tokens(b))
     common = " ".join(sorted(ta & tb))
     ca = f"{common} {' '.join(sorted(ta - tb))}".strip()
@@ -348,14 +363,12 @@ def type_reward(product: Product, goal: Goal) -> float:
     return r_type
 
 
-def _in_text(value: str, product: Product) -> bool:
-    """WebShop's fallback: the phrase occurs (as a substring) in title, features or description."""
-    return any(value in t.lower() for t in (product.title, " ".join(product.features), product.description))
-
-
 def attribute_matches(product: Product, goal: Goal) -> int:
-    """Goal attributes found: fuzzy match (token_set_ratio > 85) to a product attribute, or a substring of its texts."""
-    return sum(any(token_set_ratio(p, g) > 85 for p in product.attributes) or _in_text(g, product)
+    """n_att (WebShop get_attribute_reward): goal attributes found, each counted once: fuzzy
+    match (token_set_ratio > 85) to one of the product's attributes, or else the phrase occurs
+    as a substring of its title, features or description (lower-cased)."""
+    texts = [t.lower() for t in (product.title, " ".join(product.features), product.description)]
+    return sum(any(token_set_ratio(p, g) > 85 for p in product.attributes) or any(g in t for t in texts)
                for g in goal.attributes)
 
 
@@ -364,34 +377,28 @@ def normalize_color(value: str) -> str:
     return next((c for c in COLOR_SET if c in value), value)
 
 
-def option_matches(product: Product, goal: Goal, chosen: dict[str, str]) -> int:
-    """Chosen options that match a goal option (WebShop counts over the *chosen* options):
-    names in EXACT_MATCH_OPTS ("size") need the exact value, others token_set_ratio > 85,
-    both after normalize_color; else a substring of the product's texts."""
-    wanted = [normalize_color(v) for v in goal.goal_options.values()]
-    n = 0
-    for name, value in chosen.items():
-        v = normalize_color(value)
-        if name.lower() in EXACT_MATCH_OPTS:
-            hit = v in wanted
-        else:
-            hit = any(token_set_ratio(g, v) > 85 for g in wanted)
-        n += hit or _in_text(v, product)
-    return n
+def option_matches(goal: Goal, chosen: dict[str, str]) -> int:
+    """n_opt (WebShop get_option_reward): goal options met by a chosen option value, each goal
+    option counted once. Both sides go through normalize_color, then match fuzzily
+    (token_set_ratio > 85), size as every other option; the product's text plays no part (that
+    fallback is for attributes). Option names play no part either: our goals keep them for the
+    instruction text ("with color: x"), but the match is on values, as for WebShop's human goals
+    (the ones its baseline and GiGPO train and test on), whose options are a list of values."""
+    picked = [normalize_color(v) for v in chosen.values()]
+    return sum(any(token_set_ratio(p, normalize_color(g)) > 85 for p in picked)
+               for g in goal.goal_options.values())
 
 
 def webshop_reward(product: Product, goal: Goal, price: float, chosen: dict[str, str]) -> tuple[float, dict]:
     """WebShop reward (Yao et al. 2022, Sec. 3.1; goal.py get_reward):
         r = r_type · (n_att + n_opt + 1[price <= u]) / (|U_att| + |U_opt| + 1)
-    with n_att / n_opt the matched goal attributes / chosen options, U_att / U_opt those the
-    goal asks for, u the price bound. Success = (r == 1).
-    Our choice: the result is clipped at 1, because WebShop counts matches over the chosen
-    options, so a product with more option groups than the goal asks for could exceed 1."""
-    n_att, n_opt = attribute_matches(product, goal), option_matches(product, goal, chosen)
+    with n_att / n_opt the goal attributes / goal options met (each at most once, so r <= 1),
+    U_att / U_opt those the goal asks for, u the price bound. Success = (r == 1)."""
+    n_att, n_opt = attribute_matches(product, goal), option_matches(goal, chosen)
     r_price = float(price <= goal.price_upper)
     r_type = type_reward(product, goal)
     r = r_type * (n_att + n_opt + r_price) / (len(goal.attributes) + len(goal.goal_options) + 1)
-    return min(1.0, r), dict(r_type=r_type, n_att=n_att, n_opt=n_opt, r_price=r_price)
+    return r, dict(r_type=r_type, n_att=n_att, n_opt=n_opt, r_price=r_price)
 
 
 def summarize(rewards: list[float]) -> dict[str, float]:
@@ -597,9 +604,11 @@ class WebShopBackend:
     def walkthrough(self, task_id: str) -> list[str]:
         """Expert actions that earn reward 1: search the instruction without its price clause,
         page to the first result that can score 1 (choosing the goal's option values), click
-        its options, buy. Falls back to searching the target's title (always in the top 50)."""
+        its options, buy. Falls back to searching the target's title (always in the top 50).
+        Real WebShop: [] (no expert; it has human demonstrations, not a plan per goal), as
+        envs.AlfworldBackend returns [] when its planner finds none; so no cold start there."""
         if self.real:
-            raise NotImplementedError("walkthrough: real WebShop has human demonstrations, not an expert per goal")
+            return []
         g = self._goal(task_id)
         for query in (g.instruction.split(", and price lower than")[0], g.name.lower()):
             for rank, asin in enumerate(self.engine.search(query)):
@@ -615,77 +624,132 @@ class WebShopBackend:
 # ---------------------------------------------------------------------------------------
 # Real WebShop (princeton-nlp/WebShop checkout), same backend API.
 # ---------------------------------------------------------------------------------------
-INSTALL_HINT = ("source='real' needs a local WebShop: git clone https://github.com/princeton-nlp/WebShop, "
-                "run its `./setup.sh -d small` (product data, search index, spaCy model), then set "
-                "env.webshop_path to the checkout in config.yaml.")
-
+INSTALL_HINT = ("env.source=real needs a local princeton-nlp/WebShop checkout with its packages, product data "
+                "and search index, installed as README.md says (Environments: real WebShop; not its setup.sh, "
+                "which pins torch 1.11 and transformers 4.19), and env.webshop_path set to it")
+REAL_VAL_END = 1500   # WebShop's baseline (baseline_models/env.py): test goals 0-499, val 500-1499, train 1500+
+DEBUG_SEARCHES = ("<r>", "<a>", "<c>", "<q>")   # first words that switch WebShop's search to a listing mode
 
 _SLOTS = itertools.count()
 
 
+@contextlib.contextmanager
+def _own_random(seed: int | None = None):
+    """Leaves Python's global random state as it was around a call into WebShop, which seeds it
+    (SimServer: random.seed(233)) and draws from it (prices, price bounds, session names).
+    seed: where WebShop's draws start inside the block (None: from the state as it is)."""
+    state = random.getstate()
+    if seed is not None:
+        random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 @functools.lru_cache(maxsize=2)
-def _real_server(path: str, num_products: int | None):
-    """Load WebShop's SimServer once per (checkout, product subset): it holds the products,
-    search index and goals (goal order fixed by WebShop's own seed 233)."""
-    sys.path.insert(0, path)
-    from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
-    return WebAgentTextEnv(observation_mode="text", num_products=num_products, human_goals=True).server
+def _real_server(path: str, num_products: int | None, seed: int):
+    """Load WebShop's SimServer once per (checkout, product subset, seed): products, search
+    index and human goals, in WebShop's goal order (shuffled with its own seed 233).
+    Our choice: WebShop draws product prices (inside a price range) and each goal's price bound
+    from the global random state before it reseeds, so those draws start from env.seed: the goal
+    list is then fixed by (checkout, num_products, seed), and our own random state is untouched."""
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    with _own_random(seed):
+        from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
+        return WebAgentTextEnv(observation_mode="text", num_products=num_products, human_goals=True).server
+
+
+def _plain_query(query: str) -> str:
+    """Our choice: a query is searched as words. Brackets go (WebShop would misread
+    ``search[a [b]]``), and a first word among DEBUG_SEARCHES loses its angle brackets, because
+    WebShop reads those as its developers' listing modes (random items, by attribute, ...)."""
+    words = query.replace("[", " ").replace("]", " ").split()
+    if words and words[0] in DEBUG_SEARCHES:
+        words[0] = words[0].strip("<>")
+    return " ".join(words)
 
 
 class _RealWebShop:
-    """Drives ``web_agent_site.envs.WebAgentTextEnv`` in-process (its SimServer, no Flask).
-    Goal i is WebShop session i; eval = goals[:num_eval_goals] as WebShop's test split."""
+    """Drives ``web_agent_site.envs.WebAgentTextEnv`` in-process (its SimServer, no Flask), in
+    WebShop's "text" observation mode. Goal i is WebShop's goal i; splits as WebShop's baseline:
+    eval = goals[:num_eval_goals] (its test split is 0-499), train = goals from 1500 on (its val
+    split, 500-1499, is left out). What the policy sees differs from the raw text mode in two
+    ways: the "Instruction: [SEP] <text>" block is cut (the prompt shows the task once), and the
+    item page starts with "You have clicked <value>." per chosen option, as the embedded shop's
+    and WebShop's own "text_rich" mode do, because the text mode renders that page the same
+    before and after an option click (the policy could not see its choice, and GiGPO would take
+    the two pages for one anchor state). No expert: walkthrough() is empty."""
 
     def __init__(self, cfg: EnvConfig):
+        """cfg.num_products and cfg.num_eval_goals were checked by EnvConfig (WebShop's index sizes, splits)."""
         path = cfg.webshop_path
         if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
             raise WebShopNotInstalled(f"{INSTALL_HINT} (webshop_path={path!r} has no web_agent_site/)")
         try:
-            server = _real_server(os.path.abspath(path), cfg.num_products or None)
+            server = _real_server(os.path.abspath(path), cfg.num_products or None, cfg.seed)
             from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
         except Exception as e:   # missing packages, data or index
             raise WebShopNotInstalled(f"{INSTALL_HINT} (loading it failed: {e!r})") from e
+        if cfg.num_train_goals and len(server.goals) <= REAL_VAL_END:
+            raise WebShopNotInstalled(f"real WebShop loaded {len(server.goals)} goals, but its train split starts at "
+                                      f"goal {REAL_VAL_END}: load more products (env.num_products=0 with its full "
+                                      "product data) or set env.num_train_goals=0 to evaluate only")
         # one server (products, index, goals) for all slots; a session prefix per slot, because
         # WebShop keys its browser state by session id and group rollouts share a goal index
-        self.env = WebAgentTextEnv(observation_mode="text", server=server, session_prefix=f"slot{next(_SLOTS)}-")
-        self.cfg, self.goals = cfg, self.env.server.goals
-        self.instruction, self.task_type_, self.score = "", "", 0.0
+        with _own_random():   # the constructor resets to a random session name
+            self.env = WebAgentTextEnv(observation_mode="text", server=server, session_prefix=f"slot{next(_SLOTS)}-")
+        self.cfg, self.goals = cfg, server.goals
+        self.goal: dict = {}
+        self.last, self.admissible, self.score, self.done = "", [], 0.0, False
 
     def task_ids(self, split: str) -> list[str]:
-        n_eval = min(self.cfg.num_eval_goals, len(self.goals))
-        idx = range(n_eval) if split == "eval" else range(n_eval, min(len(self.goals), n_eval + self.cfg.num_train_goals))
+        n = len(self.goals)
+        idx = (range(min(self.cfg.num_eval_goals, n)) if split == "eval"
+               else range(REAL_VAL_END, min(n, REAL_VAL_END + self.cfg.num_train_goals)))
         return [f"webshop:{i}" for i in idx]
 
     def task_type(self, task_id: str) -> str:
         return self.goals[int(task_id.split(":")[1])]["category"]
 
-    def _admissible(self) -> list[str]:
+    def _observe(self, obs: str) -> str:
+        """WebShop's text page -> what the policy sees (see the class docstring); updates the admissible actions."""
         avail = self.env.get_available_actions()
-        clicks = [f"click[{c}]" for c in avail["clickables"] if c != "search"]
-        return [SEARCH_TEMPLATE] * avail["has_search_bar"] + clicks
-
-    def _obs(self, obs: str) -> str:
-        return obs.replace(f"Instruction: [SEP] {self.instruction} [SEP] ", "")   # the prompt shows it
+        self.admissible = [SEARCH_TEMPLATE] * avail["has_search_bar"] + [
+            f"click[{c}]" for c in avail["clickables"] if c != "search"]
+        parts = obs.split(" [SEP] ")
+        if "Instruction:" in parts:   # the label, then the instruction
+            i = parts.index("Instruction:")
+            del parts[i:i + 2]
+        if self.env.server.get_page_name(self.env.browser.current_url) == "item_page":
+            chosen = self.env.server.user_sessions[self.env.session]["options"]
+            parts = [f"You have clicked {v}." for v in chosen.values()] + parts
+        self.last = " [SEP] ".join(parts)
+        return self.last
 
     def _info(self, invalid=False) -> dict:
-        return dict(admissible=self._admissible(), won=self.score == 1.0, task=self.instruction,
-                    task_type=self.task_type_, score=self.score, invalid=invalid)
+        return dict(admissible=list(self.admissible), won=self.score == 1.0, task=self.goal["instruction_text"].strip(),
+                    task_type=self.goal["category"], score=self.score, invalid=invalid)
 
     def reset(self, task_id: str) -> tuple[str, dict]:
-        obs, _ = self.env.reset(session=int(task_id.split(":")[1]))
-        self.instruction, self.task_type_ = self.env.instruction_text, self.task_type(task_id)
-        self.last, self.score = self._obs(obs), 0.0
-        return self.last, self._info()
+        i = int(task_id.split(":")[1])
+        with _own_random():
+            obs, _ = self.env.reset(session=i)
+        self.goal, self.score, self.done = self.goals[i], 0.0, False
+        return self._observe(obs), self._info()
 
     def step(self, action: str) -> tuple[str, float, bool, dict]:
         """As WebShopBackend.step: WebShop's reward (paid when buying) -> info["score"], reward 10 x won."""
-        if not is_admissible(action, self._admissible()):
-            return self.last, 0.0, False, self._info(invalid=True)
-        obs, reward, done, _ = self.env.step(" ".join(action.lower().split()))
-        self.last = self._obs(obs)
+        kind, arg = parse_action(action)
+        arg = _plain_query(arg) if kind == "search" else arg
+        if not is_admissible(action, self.admissible) or not arg:
+            return self.last, 0.0, self.done, self._info(invalid=True)
+        with _own_random():
+            obs, reward, done, _ = self.env.step(f"{kind}[{arg}]")
         if done:
-            self.score = float(reward)
-        return self.last, WIN_REWARD if self.score == 1.0 else 0.0, bool(done), self._info()
+            self.score, self.done = float(reward), True
+        return self._observe(obs), WIN_REWARD if self.score == 1.0 else 0.0, self.done, self._info()
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,8 +809,58 @@ def bench(seed: int = 0) -> None:
           f"mean length {sum(lengths) / len(lengths):.1f}, max {max(lengths)}")
 
 
+def upstream_goal_module(path: str):
+    """WebShop's own ``web_agent_site.engine.goal`` from the checkout at `path` (for ``agree`` and
+    the tests). Importing it loads spaCy's en_core_web_sm, which only its type reward uses;
+    where that model is missing, a blank English pipeline stands in while it imports."""
+    import importlib
+
+    import spacy
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    spacy_load = spacy.load
+
+    def load(name, *args, **kwargs):
+        try:
+            return spacy_load(name, *args, **kwargs)
+        except OSError:
+            return spacy.blank("en")
+    spacy.load = load
+    try:
+        return importlib.import_module("web_agent_site.engine.goal")
+    finally:
+        spacy.load = spacy_load
+
+
+def agree(path: str, seed: int = 0) -> None:
+    """Our reward against WebShop's own rules (goal.py get_attribute_reward and get_option_reward,
+    run from the checkout at `path`) on 5,000 purchases: the 500 eval goals x the top 5 search
+    results for the instruction x 2 option choices (the goal's value where the item offers it,
+    else its first; the first value of every option). Both sides take our type reward (WebShop
+    tags nouns with spaCy, see title_nouns) and the price rule, so only n_att and n_opt can differ."""
+    up = upstream_goal_module(path)
+    ws = WebShopBackend(EnvConfig(name="webshop", seed=seed))
+    n = differ = flips = 0
+    for tid in ws.task_ids("eval"):
+        g = ws._goal(tid)
+        for asin in ws.engine.search(g.instruction)[:5]:
+            p = ws.by_asin[asin]
+            wanted = {k: g.goal_options[k] if g.goal_options.get(k) in vs else vs[0] for k, vs in p.options.items()}
+            for chosen in (wanted, {k: vs[0] for k, vs in p.options.items()}):
+                ours = webshop_reward(p, g, p.price, chosen)[0]
+                item = dict(Attributes=p.attributes, Title=p.title, BulletPoints=p.features, Description=p.description)
+                _, n_att = up.get_attribute_reward(item, dict(attributes=g.attributes))
+                _, n_opt = up.get_option_reward(list(chosen.values()), list(g.goal_options.values()))
+                theirs = (type_reward(p, g) * (n_att + n_opt + (p.price <= g.price_upper))
+                          / (len(g.attributes) + len(g.goal_options) + 1))
+                n, differ, flips = n + 1, differ + (abs(ours - theirs) > 1e-9), flips + ((ours == 1) != (theirs == 1))
+    print(f"{n} purchases: {differ} rewards differ from WebShop's rules, {flips} flip success")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         bench()
+    elif sys.argv[1:2] == ["agree"] and len(sys.argv) == 3:
+        agree(sys.argv[2])
     else:
-        print("usage: python webshop.py bench")
+        print("usage: python webshop.py bench | python webshop.py agree PATH_TO_WEBSHOP_CHECKOUT")

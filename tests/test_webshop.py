@@ -1,10 +1,19 @@
 """Embedded WebShop: the reward on hand-made goal/product pairs, pages and navigation,
 invalid actions, a scripted buyer with a hand-computed reward, determinism, splits, and the
-shop through envs.EnvManager (parsing, prompts, rewards 10 x won with the score beside, workers)."""
+shop through envs.EnvManager (parsing, prompts, rewards 10 x won with the score beside, workers).
+Real WebShop: the adapter on a stand-in package, and, with WEBSHOP_PATH set to a checkout,
+against WebShop's own reward functions and text env (skipped, with the reason, otherwise)."""
 import dataclasses
+import difflib
+import importlib.util
+import json
+import os
 import random
+import shutil
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,17 +77,57 @@ def test_attribute_found_fuzzily_or_in_text():
     assert webshop.token_set_ratio("sulfate free", "cruelty free") <= 85
 
 
-def test_size_exact_other_options_fuzzy_and_colour_normalised():
-    goal = Goal(**{**GOAL.__dict__, "goal_options": {"size": "large"}})
-    p = lipstick(options={"size": ["large", "x-large"]})
-    assert webshop_reward(p, goal, 15.99, {"size": "large"})[0] == 1.0
-    assert webshop_reward(p, goal, 15.99, {"size": "x-large"})[0] == pytest.approx(3 / 4)   # size: exact only
-    goal = Goal(**{**GOAL.__dict__, "goal_options": {"style": "large"}})
-    p = lipstick(options={"style": ["x-large"]})
-    assert webshop_reward(p, goal, 15.99, {"style": "x-large"})[0] == 1.0   # other names: token_set_ratio 100
-    goal = Goal(**{**GOAL.__dict__, "goal_options": {"color": "ruby red"}})
+def goal_with(options: dict[str, str]) -> Goal:
+    return Goal(**{**GOAL.__dict__, "goal_options": options})
+
+
+def test_size_matched_fuzzily_as_every_option():
+    # WebShop's get_option_reward matches every option by token_set_ratio > 85, size included:
+    # "x-large" = {x, large} holds {large}: 100, so a size-exact rule would give 3/4 here.
+    p = lipstick(options={"size": ["large", "x-large", "small"]})
+    assert webshop.token_set_ratio("x-large", "large") == 100
+    assert webshop_reward(p, goal_with({"size": "large"}), 15.99, {"size": "x-large"})[0] == 1.0
+    # "iphone 13" vs "iphone 14": common "iphone"; difflib matches "iphone 1", 2·8/18 = 0.889 -> 89 > 85
+    assert webshop.token_set_ratio("iphone 13", "iphone 14") == 89
+    phone = lipstick(options={"size": ["iphone 13", "iphone 14"]})
+    assert webshop_reward(phone, goal_with({"size": "iphone 14"}), 15.99, {"size": "iphone 13"})[0] == 1.0
+    # "small" vs "large": no common token, difflib matches one letter, 2·1/10 -> 20: a miss, (2 + 0 + 1) / 4
+    assert webshop.token_set_ratio("small", "large") == 20
+    assert webshop_reward(p, goal_with({"size": "large"}), 15.99, {"size": "small"})[0] == pytest.approx(3 / 4)
+
+
+def test_each_goal_option_counted_once():
+    # goal asks color black and size large; two chosen values meet "black", none meets "large":
+    # n_opt = 1 (counting chosen values would give 2 and a winning 5/5), r = (2 + 1 + 1) / 5
+    goal = goal_with({"color": "black", "size": "large"})
+    p = lipstick(options={"color": ["black", "white"], "size": ["small", "large"], "style": ["black edition"]})
+    chosen = {"color": "black", "size": "small", "style": "black edition"}
+    r, parts = webshop_reward(p, goal, 15.99, chosen)
+    assert parts["n_opt"] == 1 and r == pytest.approx(4 / 5)
+
+
+def test_option_in_product_text_does_not_count():
+    # the text fallback is for attributes only: the chosen "pink" is in the description but
+    # the goal asks for "nude", r = (2 + 0 + 1) / 4 (a text fallback for options would give 1)
+    p = lipstick(description="Nude or pink: pick your shade.", options={"color": ["nude", "pink"]})
+    assert webshop_reward(p, GOAL, 15.99, {"color": "pink"})[0] == pytest.approx(3 / 4)
+    assert webshop_reward(p, GOAL, 15.99, {})[0] == pytest.approx(3 / 4)     # nothing chosen: "nude" in text is no choice
+
+
+def test_webshop_colour_list():
+    # WebShop's COLOR_SET: 102 colour words in alphabetical order; the first one found wins
+    assert len(webshop.COLOR_SET) == 102 and webshop.COLOR_SET == sorted(webshop.COLOR_SET)
     assert webshop.normalize_color("classic red") == webshop.normalize_color("ruby red") == "red"
-    assert webshop_reward(lipstick(options={"color": ["classic red"]}), goal, 15.99, {"color": "classic red"})[0] == 1.0
+    assert webshop.normalize_color("rose gold") == "gold" and webshop.normalize_color("navy blue") == "blue"
+    # "ivory" is one of WebShop's colours: "ivory white" -> "ivory" meets a chosen "ivory"
+    # (with "white" as the colour it would not: token_set_ratio("white", "ivory") = 20)
+    p = lipstick(options={"color": ["ivory", "black"]})
+    assert webshop.token_set_ratio("white", "ivory") == 20
+    assert webshop_reward(p, goal_with({"color": "ivory white"}), 15.99, {"color": "ivory"})[0] == 1.0
+    # and WebShop's quirk: "ash" is a colour, so "light wash" and "dark wash" both read "ash"
+    assert webshop.normalize_color("light wash") == webshop.normalize_color("dark wash") == "ash"
+    jeans = lipstick(options={"color": ["light wash", "dark wash"]})
+    assert webshop_reward(jeans, goal_with({"color": "light wash"}), 15.99, {"color": "dark wash"})[0] == 1.0
 
 
 def test_type_reward_rules():
@@ -209,11 +258,12 @@ def test_catalogue_is_fast_and_covers_webshop_categories():
     assert time.perf_counter() - t0 < 2.0
     assert {p.category for p in shop.products} == {"beauty", "electronics", "fashion", "food", "furniture"}
     assert len({p.asin for p in shop.products}) == 1000
-    for p in shop.products:   # a value clicks to one option name; colours stay distinct after normalising
+    for p in shop.products:   # a value clicks to one option name; no two values of a group match each other
         values = [v for vs in p.options.values() for v in vs]
         assert len(values) == len(set(values))
         for vs in p.options.values():
-            assert len({webshop.normalize_color(v) for v in vs}) == len(vs)
+            norm = [webshop.normalize_color(v) for v in vs]
+            assert all(webshop.token_set_ratio(a, b) <= 85 for i, a in enumerate(norm) for b in norm[i + 1:])
 
 
 def test_wrong_option_or_missing_attribute_never_wins(shop):
@@ -253,62 +303,337 @@ def test_splits_disjoint_fixed_and_deterministic():
     assert [p.title for p in other.products] != [p.title for p in a.products]
 
 
+# --- real WebShop: a stand-in package here, WebShop's own code below ------------------------
+
+def real_cfg(path, **kw):
+    return cfg(**{"source": "real", "webshop_path": str(path), "num_products": 100, "num_eval_goals": 2, **kw})
+
+
 def test_real_webshop_missing_gives_one_clear_error(tmp_path):
     for path in ("", str(tmp_path)):
-        with pytest.raises(webshop.WebShopNotInstalled, match="princeton-nlp/WebShop.*setup.sh"):
-            WebShopBackend(cfg(source="real", webshop_path=path))
+        with pytest.raises(webshop.WebShopNotInstalled, match="princeton-nlp/WebShop.*not its setup.sh.*webshop_path"):
+            WebShopBackend(real_cfg(path))
+
+
+@pytest.mark.parametrize("key, value, fix", [("num_products", 300, "100, 1000 or 100000 products, or 0"),
+                                             ("num_eval_goals", 1600, "at most 1500")])
+def test_real_webshop_bad_sizes_are_config_errors(key, value, fix):
+    # WebShop has search indexes for 100/1k/100k products only; its train split starts at goal 1500
+    with pytest.raises(ValueError, match=f"env.{key}={value}: .*{fix}"):
+        cfg(source="real", **{"num_products": 100, key: value})
+    cfg(source="real", num_products=0, num_eval_goals=1500)          # all products, test + val goals
+    cfg(num_products=300, num_eval_goals=1600)                        # the embedded shop has no such limits
 
 
 FAKE_WEBSHOP = '''
-from types import SimpleNamespace
+import random
+
+N_GOALS = 1503
+
+
+class SimServer:
+    """Stand-in for WebShop's SimServer: the attributes our adapter reads, and its global reseed."""
+    def __init__(self):
+        random.seed(233)
+        self.goals = [dict(category=["fashion", "food", "beauty"][i % 3], instruction_text=f"i need item {i}")
+                      for i in range(N_GOALS)]
+        self.user_sessions = {}
+
+    def get_page_name(self, url):
+        return {"results": "search_results", "item": "item_page", "done": "done"}.get(url, "")
+
+
+class SimBrowser:
+    current_url = None
+
 
 class WebAgentTextEnv:
-    """Stand-in for WebShop's text env: the calls our adapter makes, nothing more."""
+    """Stand-in for WebShop's text env: its pages in "text" mode, as far as our adapter reads them."""
+    actions = []
+
     def __init__(self, observation_mode="html", server=None, num_products=None, human_goals=True, session_prefix=None):
         assert observation_mode == "text"
-        self.server = server or SimpleNamespace(goals=[dict(category=c, instruction_text=f"i need item {i}")
-                                                       for i, c in enumerate(["fashion", "food", "beauty"])])
+        self.server, self.browser, self.session_prefix = server or SimServer(), SimBrowser(), session_prefix
+        self.reset()
+
     def reset(self, session=None):
-        self.instruction_text, self.page = self.server.goals[session]["instruction_text"], "search"
-        return f"WebShop [SEP] Instruction: [SEP] {self.instruction_text} [SEP] Search", None
+        name = str(session) if session is not None else "".join(random.choices("abcdef", k=10))
+        self.session = (self.session_prefix or "") + name
+        self.goal = self.server.goals[session or 0]
+        self.server.user_sessions[self.session] = dict(goal=self.goal, options={})
+        self.instruction_text = "Instruction: " + self.goal["instruction_text"]   # WebShop's <h4> text
+        self.browser.current_url = "index"
+        return self.observation, None
+
+    @property
+    def observation(self):
+        head = ["Instruction:", self.goal["instruction_text"]]
+        page = {"index": ["WebShop", *head, "Search"],
+                "results": [*head, "Back to Search", "Page 1 (Total results: 1)", "Next >", "B0FAKE0001",
+                            "Fake Jacket", "$10.0"],
+                # the item page in text mode reads the same before and after an option click
+                "item": [*head, "Back to Search", "< Prev", "color", "black", "white", "Fake Jacket",
+                         "Price: $10.0", "Rating: N.A.", "Description", "Features", "Reviews", "Buy Now"],
+                "done": ["Thank you for shopping with us!", "Your score (min 0.0, max 1.0)", "1.0"]}
+        return " [SEP] ".join(page[self.browser.current_url])
+
     def get_available_actions(self):
-        if self.page == "search":
-            return dict(has_search_bar=True, clickables=["search"])
-        return dict(has_search_bar=False, clickables=["back to search", "b0fake0001"])
+        clicks = {"index": ["search"], "results": ["back to search", "next >", "b0fake0001"],
+                  "item": ["back to search", "< prev", "black", "white", "description", "features", "reviews",
+                           "buy now"], "done": []}[self.browser.current_url]
+        return dict(has_search_bar=self.browser.current_url == "index", clickables=clicks)
+
     def step(self, action):
+        WebAgentTextEnv.actions.append(action)
+        random.random()                                   # WebShop draws from the global state too
+        options = self.server.user_sessions[self.session]["options"]
+        arg = action[action.index("[") + 1:-1]
+        reward, done = 0.0, False
         if action.startswith("search["):
-            self.page = "results"
-            return f"Instruction: [SEP] {self.instruction_text} [SEP] Back to Search [SEP] b0fake0001", 0.0, False, None
-        return "Thank you for shopping with us!", 1.0, True, None
+            self.browser.current_url = "results"
+        elif arg == "b0fake0001":
+            self.browser.current_url = "item"
+        elif arg in ("black", "white"):
+            options["color"] = arg
+        elif arg == "buy now":
+            self.browser.current_url, done = "done", True
+            reward = 1.0 if options.get("color") == "black" else 0.5
+        return self.observation, reward, done, None
 '''
 
 
-def test_real_source_drives_webshop_text_env(tmp_path, monkeypatch):
+def forget_webshop_modules():
+    webshop._real_server.cache_clear()
+    for mod in [m for m in sys.modules if m.startswith("web_agent_site")]:
+        del sys.modules[mod]
+
+
+@pytest.fixture
+def fake_webshop(tmp_path, monkeypatch):
+    """A package named web_agent_site at tmp_path that stands in for a WebShop checkout."""
     pkg = tmp_path / "web_agent_site" / "envs"
     pkg.mkdir(parents=True)
     (tmp_path / "web_agent_site" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "web_agent_text_env.py").write_text(FAKE_WEBSHOP)
     monkeypatch.setattr(sys, "path", list(sys.path))          # the adapter prepends webshop_path
-    try:
-        shop = WebShopBackend(cfg(source="real", webshop_path=str(tmp_path), num_eval_goals=2))
-        other = WebShopBackend(cfg(source="real", webshop_path=str(tmp_path), num_eval_goals=2))
-        assert other.real.env.server is shop.real.env.server       # loaded once, shared by the slots
-    finally:                                                   # forget the fake package afterwards
-        webshop._real_server.cache_clear()
-        for mod in [m for m in sys.modules if m.startswith("web_agent_site")]:
-            del sys.modules[mod]
-    assert shop.task_ids("eval") == ["webshop:0", "webshop:1"] and shop.task_ids("train") == ["webshop:2"]
-    assert shop.task_type("webshop:1") == "food"
+    yield tmp_path
+    forget_webshop_modules()                                   # forget the fake package afterwards
+
+
+def test_real_source_drives_webshop_text_env(fake_webshop):
+    shop = WebShopBackend(real_cfg(fake_webshop))
+    other = WebShopBackend(real_cfg(fake_webshop))
+    assert other.real.env.server is shop.real.env.server           # loaded once, shared by the slots
+    # splits as WebShop's baseline: eval = its test goals from 0, train from goal 1500 (val 500-1499 unused)
+    assert shop.task_ids("eval") == ["webshop:0", "webshop:1"]
+    assert shop.task_ids("train") == ["webshop:1500", "webshop:1501", "webshop:1502"]
+    assert shop.task_type("webshop:1") == "food" and shop.walkthrough("webshop:1") == []   # no expert
     obs, info = shop.reset("webshop:1")
     assert obs == "WebShop [SEP] Search" and info["task"] == "i need item 1" and info["task_type"] == "food"
     assert info["admissible"] == ["search[<your query>]"]
     assert shop.step("click[nothing]")[3]["invalid"] is True
     obs, r, done, info = shop.step("search[item]")
-    assert obs == "Back to Search [SEP] b0fake0001"
-    assert info["admissible"] == ["click[back to search]", "click[b0fake0001]"]
-    obs, r, done, info = shop.step("click[b0fake0001]")
+    assert obs == ("Back to Search [SEP] Page 1 (Total results: 1) [SEP] Next > [SEP] B0FAKE0001 [SEP] Fake Jacket "
+                   "[SEP] $10.0")
+    assert info["admissible"] == ["click[back to search]", "click[next >]", "click[b0fake0001]"]
+    plain, _, _, _ = shop.step("click[b0fake0001]")
+    assert plain.startswith("Back to Search [SEP] < Prev [SEP] color") and "i need item" not in plain
+    # WebShop's text mode shows the same page after an option click; ours notes the choice
+    white, _, _, _ = shop.step("click[white]")
+    black, _, _, _ = shop.step("click[black]")
+    assert white == "You have clicked white. [SEP] " + plain and black == "You have clicked black. [SEP] " + plain
+    obs, r, done, info = shop.step("click[buy now]")
     assert (r, done, info["won"], info["score"]) == (envs.WIN_REWARD, True, True, 1.0)
+    obs, r, done, info = shop.step("click[buy now]")                     # over: invalid, the score stays
+    assert (r, done, info["invalid"], info["score"]) == (0.0, True, True, 1.0)
+
+
+def test_real_webshop_leaves_our_random_state_alone(fake_webshop):
+    random.seed(5)
+    expected = [random.random() for _ in range(3)]
+    random.seed(5)
+    got = [random.random()]
+    shop = WebShopBackend(real_cfg(fake_webshop))       # WebShop reseeds with 233 and draws a session name
+    shop.reset("webshop:0")
+    shop.step("search[item]")                           # the stand-in draws on every step
+    got.append(random.random())
+    WebShopBackend(real_cfg(fake_webshop)).reset("webshop:1")
+    got.append(random.random())
+    assert got == expected
+
+
+def test_real_webshop_searches_words_only(fake_webshop):
+    # WebShop reads a first word "<r>", "<a>", "<c>", "<q>" as a listing mode ("<a>" crashes it)
+    shop = WebShopBackend(real_cfg(fake_webshop))
+    for query, sent in [("<a> red jacket", "search[a red jacket]"), ("red [xl] jacket", "search[red xl jacket]"),
+                        ("<r>", "search[r]")]:
+        shop.reset("webshop:0")
+        shop.step(f"search[{query}]")
+        assert shop.real.env.actions[-1] == sent
+    shop.reset("webshop:0")
+    assert shop.step("search[[ ]]")[3]["invalid"] and shop.real.env.actions[-1] == "search[r]"   # no words: not sent
+
+
+def test_real_webshop_too_few_goals_for_the_train_split(fake_webshop, monkeypatch):
+    WebShopBackend(real_cfg(fake_webshop))                               # 1503 goals: train = 1500-1502
+    monkeypatch.setattr(sys.modules["web_agent_site.envs.web_agent_text_env"], "N_GOALS", 1500)
+    webshop._real_server.cache_clear()
+    with pytest.raises(webshop.WebShopNotInstalled, match="loaded 1500 goals.*starts at goal 1500.*num_train_goals=0"):
+        WebShopBackend(real_cfg(fake_webshop))
+    assert WebShopBackend(real_cfg(fake_webshop, num_train_goals=0)).task_ids("train") == []   # evaluate only
+
+
+# --- against WebShop's own code: WEBSHOP_PATH=<princeton-nlp/WebShop checkout> ---------------
+# Each test skips, saying why, where the checkout or a package it needs is missing.
+
+WEBSHOP_PATH = os.environ.get("WEBSHOP_PATH", "")
+
+
+def need_webshop(*packages):
+    if not WEBSHOP_PATH:
+        pytest.skip("set WEBSHOP_PATH to a princeton-nlp/WebShop checkout to compare with its own code")
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"WebShop's code needs {', '.join(missing)} (README.md: real WebShop)")
+
+
+@pytest.fixture
+def upstream_goal(monkeypatch):
+    need_webshop("thefuzz", "spacy")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield webshop.upstream_goal_module(WEBSHOP_PATH)
+    forget_webshop_modules()
+
+
+def test_token_set_ratio_is_webshops():
+    need_webshop("thefuzz")
+    from thefuzz import fuzz
+    if getattr(fuzz, "SequenceMatcher", None) is not difflib.SequenceMatcher:
+        pytest.skip("this thefuzz scores with rapidfuzz; WebShop pins thefuzz 0.19, which scores with difflib")
+    phrases = ["large", "x-large", "small", "iphone 13", "iphone 14", "20 count", "50 count", "ivory white", "ivory",
+               "long lasting", "long-lasting formula", "cruelty free", "sulfate free", "light wash", "dark wash",
+               "black edition", "rose gold", "gold", "3 tier", "5 tier", "8 fl oz", "16 fl oz"]
+    for a in phrases:
+        for b in phrases:
+            assert webshop.token_set_ratio(a, b) == fuzz.token_set_ratio(a, b), (a, b)
+
+
+HAND_CASES = [   # (product options/texts, goal options, chosen): the hand-computed cases above
+    (dict(options={"size": ["large", "x-large"]}), {"size": "large"}, {"size": "x-large"}),
+    (dict(options={"size": ["iphone 13", "iphone 14"]}), {"size": "iphone 14"}, {"size": "iphone 13"}),
+    (dict(options={"size": ["large", "small"]}), {"size": "large"}, {"size": "small"}),
+    (dict(options={"color": ["black", "white"], "size": ["small", "large"], "style": ["black edition"]}),
+     {"color": "black", "size": "large"}, {"color": "black", "size": "small", "style": "black edition"}),
+    (dict(description="Nude or pink: pick your shade.", options={"color": ["nude", "pink"]}), {"color": "nude"},
+     {"color": "pink"}),
+    (dict(options={"color": ["ivory", "black"]}), {"color": "ivory white"}, {"color": "ivory"}),
+    (dict(options={"color": ["light wash", "dark wash"]}), {"color": "light wash"}, {"color": "dark wash"}),
+    (dict(attributes=["long-lasting formula", "cruelty free"]), {"color": "nude"}, {"color": "nude"}),
+    (dict(attributes=["long lasting"], features=["CRUELTY FREE: never tested on animals."]), {"color": "nude"}, {}),
+    (dict(attributes=["sulfate free"]), {"color": "nude"}, {"color": "nude"}),
+]
+
+
+@pytest.mark.parametrize("product, goal_options, chosen", HAND_CASES)
+def test_reward_parts_match_webshops_own(upstream_goal, product, goal_options, chosen):
+    p, g = lipstick(**product), goal_with(goal_options)
+    _, parts = webshop_reward(p, g, 15.99, chosen)
+    theirs = dict(Attributes=p.attributes, Title=p.title, BulletPoints=p.features, Description=p.description)
+    assert parts["n_att"] == upstream_goal.get_attribute_reward(theirs, dict(attributes=g.attributes))[1]
+    assert parts["n_opt"] == upstream_goal.get_option_reward(list(chosen.values()), list(goal_options.values()))[1]
+
+
+def test_colour_list_is_webshops(monkeypatch):
+    need_webshop()
+    monkeypatch.setattr(sys, "path", [WEBSHOP_PATH, *sys.path])
+    try:
+        assert webshop.COLOR_SET == importlib.import_module("web_agent_site.engine.normalize").COLOR_SET
+    finally:
+        forget_webshop_modules()
+
+
+REAL_PACKAGES = ("pyserini", "thefuzz", "spacy", "gym", "flask", "bs4", "cleantext", "selenium", "torch")
+
+
+@pytest.fixture(scope="module")
+def webshop_checkout(tmp_path_factory):
+    """WEBSHOP_PATH's code with a small catalogue of ours in WebShop's product-file format
+    (items_shuffle / items_ins_v2 / items_human_ins), indexed by WebShop's own script and
+    pyserini: 30 products, 51 human-style instructions each (1530 goals, so a train split)."""
+    need_webshop(*REAL_PACKAGES)
+    if shutil.which("java") is None:
+        pytest.skip("pyserini's search index needs Java (README.md: real WebShop)")
+    root = tmp_path_factory.mktemp("webshop")
+    shutil.copytree(Path(WEBSHOP_PATH) / "web_agent_site", root / "web_agent_site")
+    (root / "search_engine").mkdir()
+    shutil.copy(Path(WEBSHOP_PATH) / "search_engine" / "convert_product_file_format.py", root / "search_engine")
+    products = webshop.generate_catalogue(0, 30)
+    items = [dict(asin=p.asin.upper(), name=p.title, full_description=p.description, small_description=p.features,
+                  pricing=f"${p.price:.2f}", category=p.category, query=p.query, product_category=p.product_category,
+                  customization_options={k: [dict(value=v, image=None) for v in vs] for k, vs in p.options.items()},
+                  images=["https://example.invalid/no-image.jpg"]) for p in products]
+    human = {p.asin.upper(): [dict(instruction=f"i want {p.query} that is {p.attributes[0]} with "
+                                   f"{', '.join(vs[k % len(vs)] for vs in p.options.values())}, number {k}.",
+                                   instruction_attributes=p.attributes[:1],
+                                   instruction_options=[vs[k % len(vs)] for vs in p.options.values()])
+                              for k in range(51)] for p in products}
+    (root / "data").mkdir()
+    for name, data in [("items_shuffle_1000.json", items), ("items_human_ins.json", human),
+                       ("items_ins_v2_1000.json", {p.asin.upper(): dict(attributes=p.attributes) for p in products})]:
+        (root / "data" / name).write_text(json.dumps(data))
+    se = root / "search_engine"
+    for d in ("resources", "resources_100", "resources_1k", "resources_100k"):
+        (se / d).mkdir()
+    subprocess.run([sys.executable, "convert_product_file_format.py"], cwd=se, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pyserini.index.lucene", "--collection", "JsonCollection", "--input",
+                    "resources_100", "--index", "indexes_100", "--generator", "DefaultLuceneDocumentGenerator",
+                    "--threads", "1", "--storePositions", "--storeDocvectors", "--storeRaw"],
+                   cwd=se, check=True, capture_output=True)
+    return root, {p.asin.upper(): p for p in products}
+
+
+def test_real_webshop_checkout(webshop_checkout, monkeypatch):
+    """Our adapter on WebShop's own env: the instruction shown once, the chosen option noted,
+    the baseline's splits, our random state untouched, and WebShop's reward of a purchase equal
+    to ours for the same product and goal. Where spaCy's en_core_web_sm is missing, WebShop's
+    goal module is imported first with a blank pipeline (only its type reward uses the model)."""
+    root, products = webshop_checkout
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    webshop.upstream_goal_module(str(root))
+    try:
+        random.seed(7)
+        expected = [random.random() for _ in range(2)]
+        random.seed(7)
+        got = [random.random()]
+        shop = WebShopBackend(real_cfg(root, num_eval_goals=3, num_train_goals=5))
+        assert len(shop.real.goals) == 1530
+        assert shop.task_ids("eval") == ["webshop:0", "webshop:1", "webshop:2"]
+        assert shop.task_ids("train") == [f"webshop:{i}" for i in range(1500, 1505)]
+        for tid in shop.task_ids("eval"):
+            goal = shop.real.goals[int(tid.split(":")[1])]
+            p = products[goal["asin"]]
+            ours = Goal(p.asin, p.category, p.query, goal["name"], p.product_category, goal["instruction_text"],
+                        goal["attributes"], dict(enumerate(goal["goal_options"])), goal["price_upper"])
+            wrong = {k: next(v for v in vs if v not in goal["goal_options"]) for k, vs in p.options.items()}
+            for chosen in (dict(zip(p.options, goal["goal_options"])), wrong):
+                obs, info = shop.reset(tid)
+                assert obs == "WebShop [SEP] Search" and info["task"] == goal["instruction_text"].strip()
+                obs, _, _, info = shop.step(f"search[{p.title}]")
+                assert f"click[{p.asin}]" in info["admissible"] and info["task"] not in obs
+                item, _, _, _ = shop.step(f"click[{p.asin}]")
+                assert "Instruction:" not in item and info["task"] not in item
+                for value in chosen.values():
+                    obs, _, _, _ = shop.step(f"click[{value}]")
+                assert obs == " [SEP] ".join([f"You have clicked {v}." for v in chosen.values()] + [item])
+                obs, r, done, info = shop.step("click[buy now]")
+                score = webshop_reward(p, ours, products[goal["asin"]].price, chosen)[0]
+                assert done and info["score"] == pytest.approx(score) and r == envs.WIN_REWARD * (score == 1.0)
+                assert (score == 1.0) == (chosen != wrong)
+        got.append(random.random())
+        assert got == expected
+    finally:
+        forget_webshop_modules()
 
 
 def test_slots_share_the_shop_but_not_the_session():
