@@ -365,19 +365,12 @@ def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) 
             for s, a in zip(traj.steps, adv) if s.response_ids]
 
 
-def micro_batches(samples: Sequence[Sample], token_budget: int) -> list[list[Sample]]:
-    """Greedy split into micro-batches whose padded size (rows × longest row) fits the budget."""
-    batches, current, longest = [], [], 0
-    for s in samples:
-        n = len(s.prompt_ids) + len(s.response_ids)
-        if current and max(longest, n) * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(s)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+def padded_tokens(lengths: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(real, padded) token counts of micro-batches of rows in `Policy.score`'s layout: each batch
+    is a (b, longest prompt + longest response) tensor."""
+    real = sum(sum(lengths[k]) for b in batches for k in b)
+    padded = sum(len(b) * (max(lengths[k][0] for k in b) + max(lengths[k][1] for k in b)) for b in batches if b)
+    return real, padded
 
 
 def old_logprobs_source(cfg: GiGPOConfig, device: torch.device) -> str:
@@ -389,22 +382,16 @@ def old_logprobs_source(cfg: GiGPOConfig, device: torch.device) -> str:
     return cfg.old_logprobs
 
 
-def recompute_old_logprobs(policy, samples: list[Sample], token_budget: int) -> tuple[list[Sample], float]:
-    """The policy-gradient samples with π_old re-scored by the current policy (no grad), before
-    the first optimiser step, as verl-agent does; distillation samples are returned unchanged.
-    Also returns max |π_old − π_sampler| over the re-scored tokens, in probability (verl-agent's
-    ``training/rollout_probs_diff_max``), to show how far the sampler's numbers were off."""
-    pg = [k for k, s in enumerate(samples) if s.kind == "pg"]
-    if not pg:
-        return samples, 0.0
+def score_rows(policy, samples: Sequence[Sample], rows: Sequence[int], token_budget: int,
+               reference: bool = False) -> dict[int, torch.Tensor]:
+    """{k: log π(response | prompt) of samples[k]} for k in rows, no grad, float32, in one pass of
+    `Policy.score` (length-sorted micro-batches); reference=True scores with the adapter disabled."""
+    if not rows:
+        return {}
     with torch.no_grad():
-        logps = policy.score([samples[k].prompt_ids for k in pg], [samples[k].response_ids for k in pg], token_budget)
-    out, diff = list(samples), 0.0
-    for k, lp in zip(pg, logps):
-        lp = lp.float().cpu()
-        diff = max(diff, (lp.exp() - torch.tensor(samples[k].old_logprobs).exp()).abs().max().item())
-        out[k] = Sample(samples[k].prompt_ids, samples[k].response_ids, lp.tolist(), samples[k].advantage, "pg")
-    return out, diff
+        logps = policy.score([samples[k].prompt_ids for k in rows], [samples[k].response_ids for k in rows],
+                             token_budget, reference=reference)
+    return {k: lp.float() for k, lp in zip(rows, logps)}
 
 
 def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_cfg=None,
@@ -415,8 +402,20 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
         L = agg(L_clip + β·KL − c_ent·H)[pg tokens] + λ · agg(L_distill)[distill tokens]
     A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
     Returns metrics averaged over optimiser steps, and the seconds spent scoring with the policy
-    (forward with grad: ``score_s``), scoring with the reference (``ref_score_s``) and in backward
-    passes (``backward_s``); the rest of the update is bookkeeping and optimiser steps.
+    (forward with grad: ``score_s``), scoring with the reference (``ref_score_s``), re-scoring
+    π_old (``old_score_s``) and in backward passes (``backward_s``); the rest of the update is
+    bookkeeping and optimiser steps. ``pad_frac``: the share of the grad forwards' tokens that
+    was padding.
+
+    Forwards (our choice: as few as the math allows). Each response is scored with grad once per
+    epoch (log π and the entropy, from the same logits). log π_ref needs other weights (the
+    adapter off), so one more forward, no grad, once per update, not per epoch: the base is
+    frozen. It is a separate pass rather than extra rows of the grad forward, because such rows
+    would go through the backward pass too (zero gradient, full cost). π_old with
+    ``old_logprobs=recompute``: the first mini-batch of the first epoch is scored before any
+    optimiser step, so its grad forward *is* π_old (taken detached: the ratio starts at exactly
+    1); only the other mini-batches' rows are re-scored beforehand (none with one mini-batch).
+    Every pass cuts its rows into length-sorted micro-batches with little padding (`Policy.pack_rows`).
 
     Data-parallel (torchrun, see distributed.py): each rank passes its own samples; mini-batch
     k is the union of every rank's k-th mini-batch. The token / response totals that ``aggregate``
@@ -427,29 +426,44 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     from distill import distill_token_loss  # Phase 2 term; imported here to keep the import graph flat
 
     params = [p for p in policy.model.parameters() if p.requires_grad]
-    rng = random.Random(seed)
-    sums: dict[str, float] = defaultdict(float)
-    seconds = {"score_s": 0.0, "ref_score_s": 0.0, "backward_s": 0.0, "old_score_s": 0.0}  # wall time, summed
     if distill_cfg is None and any(s.kind == "distill" for s in samples):
         raise ValueError("update() got distillation samples but no distill_cfg (pass cfg.distill)")
-    old_diff = None
-    if old_logprobs_source(cfg, policy.device) == "recompute":
-        t0 = time.perf_counter()
-        samples, old_diff = recompute_old_logprobs(policy, samples, cfg.token_budget)
-        seconds["old_score_s"] = time.perf_counter() - t0
-    n_steps = skipped = 0
-    outcomes: list[bool] = []  # per mini-batch: step taken (True) or skipped as non-finite (False)
+    rng = random.Random(seed)
+    size = math.ceil(len(samples) / max(cfg.minibatches, 1)) or 1
+    epochs = []  # epochs[e] = mini-batches (lists of sample indices), shuffled as before any step
     for _epoch in range(cfg.ppo_epochs):
-        order = list(samples)
+        order = list(range(len(samples)))
         rng.shuffle(order)
-        size = math.ceil(len(order) / max(cfg.minibatches, 1)) or 1
         minis = [order[start:start + size] for start in range(0, len(order), size)]
         if distributed.world_size() > 1:  # same step count on every rank (len(minis) <= minibatches)
             minis += [[] for _ in range(max(cfg.minibatches, 1) - len(minis))]
+        epochs.append(minis)
+    pg_rows = [k for k, s in enumerate(samples) if s.kind == "pg"]
+    lengths = [(len(s.prompt_ids), len(s.response_ids)) for s in samples]
+    seconds = {"score_s": 0.0, "ref_score_s": 0.0, "backward_s": 0.0, "old_score_s": 0.0}  # wall time, summed
+
+    # Before the first step, no grad: π_old where it is re-scored, π_ref of every pg row.
+    old = {k: torch.tensor(s.old_logprobs, dtype=torch.float32) for k, s in enumerate(samples)}  # sampler's
+    recompute = old_logprobs_source(cfg, policy.device) == "recompute"
+    from_forward = [k for k in (epochs[0][0] if epochs and epochs[0] else []) if samples[k].kind == "pg"] \
+        if recompute else []
+    old.update({k: None for k in from_forward})  # filled by the first grad forward
+    t0 = time.perf_counter()
+    if recompute:
+        old.update(score_rows(policy, samples, [k for k in pg_rows if k not in from_forward], cfg.token_budget))
+    t1 = time.perf_counter()
+    ref = score_rows(policy, samples, pg_rows, cfg.token_budget, reference=True) if cfg.beta_kl > 0 else {}
+    seconds["old_score_s"], seconds["ref_score_s"] = t1 - t0, time.perf_counter() - t1
+
+    sums: dict[str, float] = defaultdict(float)
+    n_steps = skipped = 0
+    n_real = n_padded = 0  # tokens of the grad forwards, and with their padding
+    outcomes: list[bool] = []  # per mini-batch: step taken (True) or skipped as non-finite (False)
+    for minis in epochs:
         for mini in minis:
-            pg = [s for s in mini if s.kind == "pg"]
-            dist = [s for s in mini if s.kind == "distill"]
-            n_pg, n_dist = sum(len(s.response_ids) for s in pg), sum(len(s.response_ids) for s in dist)
+            pg = [k for k in mini if samples[k].kind == "pg"]
+            dist = [k for k in mini if samples[k].kind == "distill"]
+            n_pg, n_dist = sum(lengths[k][1] for k in pg), sum(lengths[k][1] for k in dist)
             n_pg, n_dist, n_pg_seqs, n_dist_seqs = distributed.all_reduce_sum(  # totals over ranks
                 [n_pg, n_dist, len(pg), len(dist)])
             if n_pg_seqs + n_dist_seqs == 0:
@@ -457,37 +471,35 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = defaultdict(float)
             finite = True
-            for mb in micro_batches(mini, cfg.token_budget):
-                prompts = [s.prompt_ids for s in mb]
-                responses = [s.response_ids for s in mb]
+            batches = [[mini[j] for j in b] for b in policy.pack_rows([lengths[k] for k in mini], cfg.token_budget)]
+            real, padded = padded_tokens(lengths, batches)
+            n_real, n_padded = n_real + real, n_padded + padded
+            for mb in batches:
                 t0 = time.perf_counter()
-                logps, ents = policy.score(prompts, responses, cfg.token_budget, with_entropy=True)
-                t1 = time.perf_counter()
-                ref = None
-                if cfg.beta_kl > 0 and any(s.kind == "pg" for s in mb):
-                    with torch.no_grad():
-                        ref = policy.score(prompts, responses, cfg.token_budget, reference=True)
-                seconds["score_s"] += t1 - t0
-                seconds["ref_score_s"] += time.perf_counter() - t1
+                logps, ents = policy.score([samples[k].prompt_ids for k in mb], [samples[k].response_ids for k in mb],
+                                           cfg.token_budget, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+                seconds["score_s"] += time.perf_counter() - t0
                 pg_terms, dist_terms = [], []
-                for j, s in enumerate(mb):
-                    logp = logps[j]
-                    old = torch.tensor(s.old_logprobs, dtype=logp.dtype, device=logp.device)
+                for k, logp, ent in zip(mb, logps, ents):
+                    s = samples[k]
+                    if old[k] is None:  # first mini-batch, no step taken yet: π_old = this very forward
+                        old[k] = logp.detach().float()
+                    old_k = old[k].to(logp.device, logp.dtype)
                     adv = torch.full_like(logp, s.advantage)
                     if s.kind == "pg":
-                        loss_t = ppo_clip_loss(logp, old, adv, cfg.clip_eps, cfg.clip_ratio_c)
+                        loss_t = ppo_clip_loss(logp, old_k, adv, cfg.clip_eps, cfg.clip_ratio_c)  # Eq. 10
                         stats["pg_loss"] += loss_t.detach().sum().item()
-                        stats["clip_frac"] += ((logp - old).exp().sub(1).abs() > cfg.clip_eps).sum().item()
-                        if ref is not None:
-                            kl = kl_penalty(logp, ref[j].to(logp.dtype), cfg.kl_estimator)
+                        stats["clip_frac"] += ((logp - old_k).exp().sub(1).abs() > cfg.clip_eps).sum().item()
+                        if k in ref:
+                            kl = kl_penalty(logp, ref[k].to(logp.device, logp.dtype), cfg.kl_estimator)
                             loss_t = loss_t + cfg.beta_kl * kl
                             stats["kl"] += kl.detach().sum().item()
                         if cfg.entropy_coef:
-                            loss_t = loss_t - cfg.entropy_coef * ents[j]
-                        stats["entropy"] += ents[j].detach().sum().item()
+                            loss_t = loss_t - cfg.entropy_coef * ent
+                        stats["entropy"] += ent.detach().sum().item()
                         pg_terms.append(loss_t)
                     else:
-                        loss_t = distill_token_loss(logp, old, adv, distill_cfg.clip_eps)
+                        loss_t = distill_token_loss(logp, old_k, adv, distill_cfg.clip_eps)
                         stats["distill_loss"] += loss_t.detach().sum().item()
                         dist_terms.append(loss_t)
                 loss = aggregate(pg_terms, cfg.loss_agg, n_pg, n_pg_seqs) if pg_terms else 0.0
@@ -502,6 +514,8 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                 loss.backward()
                 seconds["backward_s"] += time.perf_counter() - t0
                 stats["loss"] += loss.item()
+            missing = [k for k in mini if old[k] is None]  # a non-finite loss broke off first: no step follows
+            old.update(score_rows(policy, samples, missing, cfg.token_budget))
             keys = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "distill_loss")
             reduced = distributed.all_reduce_sum([float(not finite)] + [stats[k] for k in keys])
             finite = reduced[0] == 0  # a non-finite loss on any rank skips the step on every rank
@@ -531,9 +545,10 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     out = {k: v / max(n_steps, 1) for k, v in sums.items()}
     pg_tokens, distill_tokens = distributed.all_reduce_sum(
         [sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("pg", "distill")])
-    out.update(seconds)
-    if old_diff is not None:
-        out["old_prob_diff_max"] = old_diff
+    out.update(seconds, pad_frac=1.0 - n_real / n_padded if n_padded else 0.0)
+    if recompute and pg_rows:  # verl-agent's training/rollout_probs_diff_max: how far the sampler was off
+        out["old_prob_diff_max"] = max(
+            (old[k].cpu().exp() - torch.tensor(samples[k].old_logprobs).exp()).abs().max().item() for k in pg_rows)
     taken = [k for k, ok in enumerate(outcomes) if ok]
     out.update(skipped_leading=taken[0] if taken else len(outcomes),  # skipped before the first step taken
                skipped_trailing=len(outcomes) - 1 - taken[-1] if taken else len(outcomes))

@@ -5,8 +5,10 @@ Read it top to bottom:
 1. configs            `ModelConfig`, `SamplingConfig` (every default is defined here, once)
 2. tiny model         `build_tiny_model`: a random Qwen2 + a BPE tokenizer trained on env text, offline
 3. loading            `load_policy`: hub id / local path / "tiny" -> `Policy` (LoRA via peft, QLoRA on CUDA)
-4. decoding           `Policy.generate`: our KV-cached decoder (default) or HF `generate` (the oracle)
-5. scoring            `Policy.score`: per-token log-probs (+ entropy) of responses, with or without grad
+4. decoding           `Policy.generate`: our KV-cached decoder (default; it samples from a copy with the
+                      LoRA adapter merged into the weights, `merged_copy`) or HF `generate` (the oracle)
+5. scoring            `Policy.score`: per-token log-probs (+ entropy) of responses, with or without grad,
+                      in length-sorted micro-batches (`Policy.pack_rows`)
 6. rollouts           `rollout`: G episodes per task played together, returned as `Trajectory`s
 
 The KL reference policy of GiGPO/SIRI is the same model with the LoRA adapter disabled
@@ -15,6 +17,7 @@ The KL reference policy of GiGPO/SIRI is the same model with the LoRA adapter di
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -124,6 +127,14 @@ class SamplingConfig:
     kv_cache: str = "preallocated"
     """custom engine's KV cache: "preallocated" (allocated once per call, written in place) |
     "dynamic" (HF's DynamicCache, grown by concatenation); same outputs, `bench.py decode` times both"""
+    merge_adapter: bool = True
+    """custom engine: sample from a copy of the model with the LoRA adapter folded into its weights,
+    W + (lora_alpha / lora_r)·B·A (`merged_copy`), built once per rollout and dropped after it.
+    our choice: on, because our decode step on the LoRA-wrapped model costs ~1.3x the merged one
+    (`bench.py decode`, models "lora" and "lora_merged"), and the merged copy samples the same
+    policy: equal log-probs to ~1e-6 in float32, to the rounding of W + BA in bf16 (tested). The
+    update always scores the wrapped model. Where the adapter cannot be merged (QLoRA's 4-bit
+    base, a disabled adapter, LoRA variants such as DoRA) the wrapped model samples, as with false"""
 
     def __post_init__(self):
         if self.engine not in ("custom", "hf") or self.kv_cache not in ("preallocated", "dynamic"):
@@ -538,6 +549,57 @@ class _PreallocatedLayer(CacheLayerMixin):
         self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
 
 
+def _lora_layers(model) -> dict[str, torch.nn.Module]:
+    """name -> LoRA wrapper module of a peft model's inner transformers model ({} if none)."""
+    if not isinstance(model, peft.PeftModel):
+        return {}
+    from peft.tuners.lora import LoraLayer
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_copy(model) -> torch.nn.Module | None:
+    """The LoRA model as a plain transformers model that samples the same policy, or None.
+
+    Every LoRA-wrapped linear layer becomes a plain `nn.Linear` holding W' = W + Σ (α/r)·B·A over
+    the active adapters (peft's `get_delta_weight`), summed in float32 and rounded once to W's
+    dtype; every other tensor (embeddings, norms, the untouched weights W) is *shared* with
+    `model`, not copied. The original model is never written, so nothing needs restoring.
+    Cost: one new tensor per adapted layer (for Qwen2.5-1.5B in bf16 about 2.6 GB) for as long
+    as the copy lives, and one r-rank matmul per layer to build it.
+
+    our choice: a merged copy rather than peft's in-place `merge_adapter()` + `unmerge_adapter()`,
+    because unmerging computes (W + ΔW) − ΔW, which is not W bit for bit in floating point, and
+    because a plain `nn.Linear` also drops the wrapper's per-call Python (~40 % of the LoRA
+    overhead of a tiny-model decode step, measured). None (sample from `model` as it is) when
+    there is nothing to merge or it cannot be merged: no peft adapter, adapters disabled,
+    a quantised base (QLoRA: 4-bit NF4 weights cannot hold W + ΔW; a merged bf16 copy of a 7B
+    base would cost the ~15 GB QLoRA exists to save), or a LoRA variant (DoRA, lora bias).
+    """
+    layers = _lora_layers(model)
+    if not layers:
+        return None
+    for m in layers.values():
+        w = getattr(m.get_base_layer(), "weight", None)
+        if (type(m.get_base_layer()) is not torch.nn.Linear or w is None or not w.is_floating_point()
+                or m.disable_adapters or m.merged or m.fan_in_fan_out or m.lora_variant
+                or any(m.lora_bias.values())):
+            return None
+    lm = model.get_base_model()
+    shared = {id(t): t for t in [*lm.parameters(), *lm.buffers()]}
+    plain = copy.deepcopy(lm, memo=shared)  # the module tree is copied, every tensor is shared
+    with torch.no_grad():
+        for name, m in layers.items():
+            base = m.get_base_layer()
+            delta = sum(m.get_delta_weight(a).float() for a in m.active_adapters if a in m.lora_A)
+            linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+            linear.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype),
+                                               requires_grad=False)  # (out, in)
+            linear.bias = base.bias  # shared (None for Qwen2's projections but q/k/v)
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, linear)
+    return plain.eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------
@@ -566,6 +628,7 @@ class Policy:
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
+        self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
 
     def new_cache(self, max_len: int, kind: str = "preallocated") -> Cache:
         """An empty KV cache for sequences of up to max_len tokens (prompt + response): preallocated
@@ -596,6 +659,26 @@ class Policy:
         return ids.to(self.device), mask.to(self.device)
 
     # -- decoding -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def merged_adapter(self, enabled: bool = True):
+        """While open, our decoder samples from `merged_copy(self.model)` (the adapter folded into
+        the weights; see `SamplingConfig.merge_adapter`). Yields the copy, or None where there is
+        nothing to merge. `rollout` opens it once for all the steps of a rollout; `generate` opens
+        it per call when nobody has. Nested opens reuse the outer copy. The copy is a snapshot:
+        do not train inside the block (nothing in this project does)."""
+        if not enabled or self._merged is not None:
+            yield self._merged
+            return
+        self._merged = merged_copy(self.model)
+        try:
+            yield self._merged
+        finally:
+            self._merged = None  # the merged weights are freed; self.model was never touched
+
+    def decoder(self, cfg: SamplingConfig) -> torch.nn.Module:
+        """The module our decoder runs: the merged copy when one is open and cfg asks for it."""
+        return self._merged if cfg.merge_adapter and self._merged is not None else self.model
+
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig,
                  generator: torch.Generator | None = None) -> list[Generation]:
         """Sample one response per prompt (token-id lists). Runs the model in eval mode.
@@ -608,7 +691,8 @@ class Policy:
         self.model.eval()
         try:
             if cfg.engine == "custom":
-                return self._generate_custom(prompts, cfg, generator)
+                with self.merged_adapter(cfg.merge_adapter):
+                    return self._generate_custom(prompts, cfg, generator)
             if cfg.engine == "hf":
                 return self._generate_hf(prompts, cfg, generator)
             raise ValueError(f"sampling.engine must be 'custom' or 'hf', got {cfg.engine!r}")
@@ -620,6 +704,7 @@ class Policy:
         """Our decoder: one prefill of the (unique) left-padded prompts, then one token per step
         reusing the KV cache; finished rows leave the batch."""
         B = len(prompts)
+        model = self.decoder(cfg)  # the merged copy, or the LoRA-wrapped model
         stop_rule = _StopRule(self.tokenizer, self.eos_ids, cfg.stop)
         eos = torch.tensor(self.eos_ids, device=self.device)
 
@@ -630,8 +715,8 @@ class Policy:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P) position 0 = first real token
         P = ids.shape[1]
         cache = self.new_cache(P + cfg.max_new_tokens, cfg.kv_cache)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # (U, V) next-token logits
         if len(uniq) < B:
             expand = torch.tensor(inverse, device=self.device)  # (B,) row -> its unique prompt
@@ -686,8 +771,8 @@ class Policy:
             L = P + t + 1  # keys after this step: prompt + the t+1 tokens fed so far
             step_mask = mask_buf[..., :L]  # (b, 1, 1, L) or (b, L)
             attn = {"full_attention": step_mask} if self._ready_mask else step_mask
-            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                             cache=cache, use_cache=True)
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                        cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (b, V)
             next_pos = next_pos + 1
         texts = self.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
@@ -738,22 +823,24 @@ class Policy:
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, prompts: list[list[int]], responses: list[list[int]], token_budget: int,
-              with_entropy: bool = False, reference: bool = False, temperature: float = 1.0):
+              with_entropy: bool = False, reference: bool = False, temperature: float = 1.0,
+              entropy_grad: bool = True):
         """Per-token log-probs log pi(y_t | x, y_<t) of each response under its prompt.
 
         Returns a list of 1-D tensors (one per row, length len(response)); with_entropy=True returns
         (logprobs, entropies), the entropy of the full next-token distribution at each position.
         Gradient flows when called under grad (the PPO update). reference=True scores with the LoRA
         adapter disabled (the base model = the KL reference policy) under no_grad.
+        entropy_grad=False computes the entropy without grad: for logging, it then keeps no
+        (b, R, V) tensor alive for the backward pass.
 
-        Micro-batching: rows sorted by length are packed while rows x (prompt + response) tokens
-        stay within `token_budget`. Layout (our choice): prompts left-padded and responses right-
-        padded, so every response starts at the same column P and only the R response positions
-        go through the LM head (logits (b, R, V), never (b, P + R, V)).
+        Micro-batching: `pack_rows` (sorted by length, within `token_budget`, little padding).
+        Layout (our choice): prompts left-padded and responses right-padded, so every response
+        starts at the same column P and only the R response positions go through the LM head
+        (logits (b, R, V), never (b, P + R, V)).
         """
         n = len(prompts)
         assert len(responses) == n and all(len(p) > 0 for p in prompts)
-        order = sorted(range(n), key=lambda i: (len(prompts[i]), len(responses[i])), reverse=True)
         logps: list = [None] * n
         ents: list = [None] * n
         ctx = contextlib.ExitStack()
@@ -761,20 +848,39 @@ class Policy:
             ctx.enter_context(torch.no_grad())
             ctx.enter_context(self.model.disable_adapter())
         with ctx:
-            batch: list[int] = []
-            for i in order + [None]:  # None flushes the last micro-batch
-                if i is not None:
-                    grown = batch + [i]
-                    cost = len(grown) * (len(prompts[grown[0]]) + max(len(responses[j]) for j in grown))
-                    if not batch or cost <= token_budget:
-                        batch = grown
-                        continue
-                if batch:
-                    self._score_batch(prompts, responses, batch, temperature, with_entropy, logps, ents)
-                batch = [i]
+            for batch in self.pack_rows([(len(p), len(r)) for p, r in zip(prompts, responses)], token_budget):
+                self._score_batch(prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad)
         return (logps, ents) if with_entropy else logps
 
-    def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents):
+    @staticmethod
+    def pack_rows(lengths: list[tuple[int, int]], token_budget: int, max_pad: float = 0.125) -> list[list[int]]:
+        """Micro-batches for `score`: lists of row indices, given each row's (prompt, response) token
+        counts. A micro-batch becomes one (b, P + R) tensor (P, R: its longest prompt and response).
+
+        Rows are sorted by (prompt, response) length, longest first, and cut greedily: a row starts
+        a new micro-batch when adding it would make the tensor exceed `token_budget` tokens (a row
+        alone may), or would make more than `max_pad` of it padding.
+        our choice: sort and cut, not packing rows into one sequence with a block-diagonal mask:
+        without varlen attention kernels (SDPA on CPU has none) a packed row attends over all of
+        its tokens, quadratic in the packed length; and 1/8 because ALFWorld prompts grow with the
+        history (300-700 tokens), so a mini-batch in one tensor was ~20-45 % padding
+        (`bench.py loop`, "padding"), while smaller cuts only fragment GPU batches.
+        """
+        batches: list[list[int]] = []
+        P = R = real = 0  # the open micro-batch: longest prompt / response, real tokens
+        for k in sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True):
+            p, r = lengths[k]
+            if batches:
+                rows, width = len(batches[-1]) + 1, P + max(R, r)  # prompts come sorted: P stays
+                if rows * width <= token_budget and real + p + r >= (1 - max_pad) * rows * width:
+                    batches[-1].append(k)
+                    R, real = max(R, r), real + p + r
+                    continue
+            batches.append([k])
+            P, R, real = p, r, p + r
+        return batches
+
+    def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad=True):
         """One micro-batch of `score`; writes into logps[i] / ents[i] for i in batch."""
         P = max(len(prompts[i]) for i in batch)
         R = max(len(responses[i]) for i in batch)
@@ -797,7 +903,10 @@ class Policy:
             logits = logits / temperature
         logp_all = logits.log_softmax(-1)  # (b, R, V)
         tok_lp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)  # (b, R)
-        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None  # (b, R)
+        ent = None
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = -(logp_all.exp() * logp_all).sum(-1)  # (b, R)
         for j, i in enumerate(batch):
             n_r = len(responses[i])
             logps[i] = tok_lp[j, :n_r]
@@ -865,9 +974,18 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
     skill: task_type -> skill text put in the prompt (None = plain prompts). Then every Step also
     carries plain_prompt_ids, the same prompt without the skill (Phase 2 re-scores actions on it).
     stats: if given, accumulates wall seconds "reset_s" (env reset), "prompt_s" (build + tokenize),
-    "generate_s", "env_s" (env steps), and counts "steps" (agent decisions), "env_steps" (valid actions the env
-    executed; invalid ones never reach it) and "tokens" (generated).
+    "generate_s", "env_s" (env steps), "merge_s" (folding the adapter into the weights, once per
+    rollout: `Policy.merged_adapter`), and counts "steps" (agent decisions), "env_steps" (valid actions
+    the env executed; invalid ones never reach it) and "tokens" (generated).
     """
+    t_merge = time.perf_counter()
+    with policy.merged_adapter(cfg.merge_adapter and cfg.engine == "custom"):
+        t_merge = time.perf_counter() - t_merge
+        return _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, t_merge)
+
+
+def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, merge_s) -> list[Trajectory]:
+    """`rollout`'s body, run while the merged copy (if any) is open."""
     slot_tasks = [t for t in task_ids for _ in range(group_size)]
     t_reset = time.perf_counter()
     states = envs.reset(slot_tasks)
@@ -879,7 +997,8 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
              for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
     history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    timing = dict(reset_s=t_reset, prompt_s=0.0, generate_s=0.0, env_s=0.0, steps=0, env_steps=0, tokens=0)
+    timing = dict(reset_s=t_reset, prompt_s=0.0, generate_s=0.0, env_s=0.0, merge_s=merge_s, steps=0, env_steps=0,
+                  tokens=0)
     bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
     while active := [i for i in range(n) if not states[i].done]:
         t0 = time.perf_counter()

@@ -1,21 +1,23 @@
 """GiGPO learns: after the cold start, a few warmup iterations raise training success.
 
 The setting (chosen by a sweep, see the README's "Does it learn?"): four small training games
-(4 receptacles, 2 distractors, 10 steps), a cold start (search demonstrations, 45 epochs: 20
-left it at 0 %, 35 at 3 %, 45 at 30 %, 60 at 84 %) that leaves the tiny model at about 30 %
-success when sampling at temperature 1 (measured since: 0.08 to 0.30, see the precondition
-below; it knows the format and most first moves, but picks
-inadmissible actions in later states), then GiGPO with G = 16. What it has to learn is which
-admissible action to take in each state of these games, which is what the step-level
-advantage of the anchor states rewards.
+(4 receptacles, 2 distractors, 10 steps), a short cold start (search demonstrations) that leaves
+the tiny model knowing the format and a few first moves but winning rarely when sampling at
+temperature 1, then GiGPO with G = 16. What it has to learn is which admissible action to take
+in each state of these games, which is what the step-level advantage of the anchor states rewards.
 
 Success is measured before and after on the same four games, 16 episodes each (64 episodes,
-the same seed both times), at temperature 1. Measured in the sweep: 0.30 after the cold start,
-0.55 after 5 iterations, 0.59 after 10 and 15 (then, at this learning rate, it starts to
-drift: 0.41 after 20, KL 0.23). The assertion asks for +15 points after 10 iterations: the
-binomial standard error of each measurement is at most 6.3 points, so +15 is 1.7 standard
-errors of the difference (8.9 points) above zero and the expected gain (~+30) is 3.4; a
-policy that did not learn passes with probability < 5 %.
+the same seed both times), at temperature 1. The assertion asks for +15 points after 10
+iterations: the binomial standard error of each measurement is at most 6.3 points, so +15 is
+1.7 standard errors of the difference (8.9 points) above zero; a policy that did not learn
+passes with probability < 5 %.
+
+The cold start's length. Its success curve is steep here (sweep: 20 epochs 0 %, 35 3 %, 45 30 %,
+60 84 %), so where it ends moves with numerics, and 10 iterations of GiGPO at this learning rate
+reach about 0.45 whatever the start. Measured (before -> after 10 iterations): 45 epochs 0.08 ->
+0.44 (unsorted scoring micro-batches), 0.34 -> 0.44 (length-sorted ones, `Policy.pack_rows`:
+the same math, other rounding; a start that high leaves no room for +15); 40 epochs 0.06 -> 0.28
+(sorted). Our choice: 40 epochs, and a precondition that the start leaves room to learn.
 """
 import json
 from collections import defaultdict
@@ -28,7 +30,7 @@ from policy import load_policy, rollout
 
 SETTING = {
     "env.receptacles": 4, "env.distractors": 2, "env.max_steps": 10,
-    "coldstart.tasks": 4, "coldstart.epochs": 45, "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
+    "coldstart.tasks": 4, "coldstart.epochs": 40, "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
     "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
 }
 ITERATIONS = 10
@@ -58,7 +60,6 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
         after = success()
     report = json.dumps({"before": before, "after": after, "train": train})
     # precondition, not the claim: the cold-started model wins some games (it knows the format)
-    # and leaves room to learn. 45 epochs sit on a steep part of the cold start's curve, so its
-    # start moves with numerics: 0.30 (the sweep), 0.08 (2 threads, this version), 0.17 (1 thread)
-    assert 0.05 <= before <= 0.5, f"the cold start should leave room to learn: {report}"
+    # and leaves room to learn (see the docstring: the cold start ends on a steep curve)
+    assert 0.02 <= before <= 0.3, f"the cold start should leave room to learn: {report}"
     assert after >= before + 0.15, report
