@@ -318,21 +318,21 @@ def cmd_rollout(args) -> dict:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     pol = P.load_policy(P.ModelConfig(name="tiny", dtype="float32"), device="cpu")
-    sample = P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
     rows = []
-    for n in args.slots:
-        for w in args.workers:
-            cfg = E.EnvConfig(max_steps=args.max_steps, num_workers=w)
-            with E.EnvManager(cfg) as manager:  # worker start-up is not timed
-                envs = manager if args.model_actions else AdmissibleActions(manager)
-                tasks = manager.task_ids("train")[:n // args.group_size]
-                stats: dict = {}
-                t0 = time.perf_counter()
-                trajs = P.rollout(pol, envs, tasks, args.group_size, sample, seed=0, stats=stats)
-                wall = time.perf_counter() - t0
-            rows.append(dict(slots=n, workers=w, wall_s=wall, **stats,
-                             env_share=(stats["reset_s"] + stats["env_s"]) / wall,
-                             env_steps_s=stats["env_steps"] / stats["env_s"], won=sum(t.won for t in trajs)))
+    for n, w, waves, overlap in [(n, w, waves, overlap) for n in args.slots for w in args.workers
+                                 for waves in args.waves for overlap in ([True, False] if waves > 1 and w else [False])]:
+        sample = P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, waves=waves, overlap_env=overlap)
+        cfg = E.EnvConfig(max_steps=args.max_steps, num_workers=w)
+        with E.EnvManager(cfg) as manager:  # worker start-up is not timed
+            envs = manager if args.model_actions else AdmissibleActions(manager)
+            tasks = manager.task_ids("train")[:n // args.group_size]
+            stats: dict = {}
+            t0 = time.perf_counter()
+            trajs = P.rollout(pol, envs, tasks, args.group_size, sample, seed=0, stats=stats)
+            wall = time.perf_counter() - t0
+        rows.append(dict(slots=n, workers=w, waves=waves, overlap=overlap, wall_s=wall, **stats,
+                         env_share=(stats["reset_s"] + stats["env_s"]) / wall,
+                         env_steps_s=stats["env_steps"] / stats["env_s"], won=sum(t.won for t in trajs)))
     info = dict(model="tiny Qwen2 (ModelConfig name=tiny), fp32", torch_threads=torch.get_num_threads(),
                 env=f"embedded ALFWorld, EnvConfig defaults, max_steps {args.max_steps}",
                 actions="the model's own" if args.model_actions else "invalid responses mapped to admissible actions",
@@ -340,11 +340,13 @@ def cmd_rollout(args) -> dict:
                 torch=torch.__version__)
     print(f"bench rollout | {info['model']} | torch threads {info['torch_threads']} | {info['env']} | "
           f"G={args.group_size} | actions: {info['actions']} | {info['sampling']} | wall clock")
-    print("env s = reset + steps; env share = env s / wall s; env steps/s = executed actions / step seconds")
-    print(f"{'N':>4} {'workers':>7} {'wall s':>7} {'generate s':>10} {'env s':>6} {'(reset':>7} {'steps)':>7} "
+    print("env s = reset + steps (time the decoding waits for the environments); env share = env s / wall s;\n"
+          "env steps/s = executed actions / step seconds; waves: decoded in that many parts, overlap: a wave's env "
+          "step runs while the next decodes")
+    print(f"{'N':>4} {'workers':>7} {'waves':>5} {'overlap':>7} {'wall s':>7} {'generate s':>10} {'env s':>6} {'(reset':>7} {'steps)':>7} "
           f"{'env share':>9} {'env steps':>9} {'env steps/s':>11} {'tokens':>7}")
     for r in rows:
-        print(f"{r['slots']:4d} {r['workers']:7d} {r['wall_s']:7.2f} {r['generate_s']:10.2f} "
+        print(f"{r['slots']:4d} {r['workers']:7d} {r['waves']:5d} {'on' if r['overlap'] else 'off':>7} {r['wall_s']:7.2f} {r['generate_s']:10.2f} "
               f"{r['reset_s'] + r['env_s']:6.2f} {r['reset_s']:7.2f} {r['env_s']:7.2f} {100 * r['env_share']:8.1f}% "
               f"{r['env_steps']:9d} {r['env_steps_s']:11.0f} {r['tokens']:7d}")
     report = dict(info=info, args=vars(args) | {"func": None}, rows=rows)
@@ -834,6 +836,8 @@ def main(argv: list[str] | None = None) -> dict:
     r.add_argument("--threads", type=int, default=1, help="torch threads")
     r.add_argument("--slots", type=int, nargs="+", default=[16, 64], help="N = tasks x G parallel episodes")
     r.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="EnvConfig.num_workers values")
+    r.add_argument("--waves", type=int, nargs="+", default=[1, 2],
+                   help="SamplingConfig.waves values (with workers and waves > 1: overlap on and off)")
     r.add_argument("--group-size", type=int, default=8, help="G rollouts per task")
     r.add_argument("--max-steps", type=int, default=20, help="episode cap (EnvConfig.max_steps)")
     r.add_argument("--new-tokens", type=int, default=64,

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -150,6 +151,15 @@ class EnvState:
     steps: int         # env steps taken so far in this episode (invalid ones included)
     score: float | None = None  # WebShop: its own reward in [0, 1] of the purchase (0.0 before buying),
     #                             reported as score = 100 x mean and success = (score == 1); ALFWorld: None
+
+
+@dataclass
+class PendingStep:
+    """An env step begun by `EnvManager.step_begin`: the states known already (done and invalid
+    slots), the (slot, action) pairs sent to the environments, and the ticket of that request."""
+    new: dict[int, EnvState]
+    to_env: list[tuple[int, str]]
+    ticket: tuple
 
 
 class EnvWorkerDied(RuntimeError):
@@ -1064,6 +1074,8 @@ class EnvManager:
         self.invalid_steps: list[int] = []
         self._local: _Slots | None = None
         self._workers: list[tuple[Any, Any]] = []  # (process, connection)
+        self._tickets = itertools.count()  # requests sent to the workers, numbered ...
+        self._in_flight: list[int] = []    # ... and those not yet collected, oldest first
         if cfg.num_workers > 0:
             ctx = _mp_context(cfg)
             for _ in range(cfg.num_workers):
@@ -1101,13 +1113,24 @@ class EnvManager:
         return list(self._states)
 
     def step(self, actions: list[str | None]) -> list[EnvState]:
+        """Advance every slot (actions[i] for slot i; a done slot ignores its action)."""
         assert len(actions) == len(self._states), f"{len(actions)} actions for {len(self._states)} slots"
-        new = list(self._states)
-        to_env = []
-        for i, (state, action) in enumerate(zip(self._states, actions)):
+        self.step_end(self.step_begin(dict(enumerate(actions))))
+        return [dataclasses.replace(s) for s in self._states]
+
+    def step_begin(self, actions: dict[int, str | None]) -> "PendingStep":
+        """Start the env step of some slots ({slot: action}); `step_end` finishes it.
+
+        With workers, the valid actions are sent and this returns at once: the workers step while
+        the caller does something else (`policy.rollout` decodes its other wave of slots). Steps
+        of disjoint slot sets may be in flight together; finish them in the order they began.
+        In-process (num_workers=0) the step is done here."""
+        new, to_env = {}, []
+        for i, action in actions.items():
+            state = self._states[i]
             if state.done:
-                continue
-            if action is None:
+                new[i] = state
+            elif action is None:
                 self.invalid_steps[i] += 1
                 new[i] = self._state(state.task_id, INVALID_OBS, 0.0, False,
                                      {"admissible": state.admissible, "won": False, "task": state.task,
@@ -1115,11 +1138,15 @@ class EnvManager:
                                      anchor=state.anchor)
             else:
                 to_env.append((i, action))
-        for (i, _), (obs, reward, done, info) in zip(to_env, self._run("step", to_env)):
+        return PendingStep(new, to_env, self._send("step", to_env))
+
+    def step_end(self, pending: "PendingStep") -> dict[int, EnvState]:
+        """Wait for a step started by `step_begin`; the new states of its slots."""
+        for (i, _), (obs, reward, done, info) in zip(pending.to_env, self._collect(pending.ticket)):
             self.invalid_steps[i] += bool(info.get("invalid"))  # WebShop: an unlisted action reached the env
-            new[i] = self._state(self._states[i].task_id, obs, reward, done, info, self._states[i].steps + 1)
-        self._states = new
-        return [dataclasses.replace(s) for s in new]
+            pending.new[i] = self._state(self._states[i].task_id, obs, reward, done, info, self._states[i].steps + 1)
+        self._states = [pending.new.get(i, s) for i, s in enumerate(self._states)]
+        return {i: dataclasses.replace(s) for i, s in pending.new.items()}
 
     def _state(self, task_id, obs, reward, done, info, steps, anchor: str | None = None) -> EnvState:
         """`info` may carry "score" (WebShop's own reward of the purchase); ALFWorld's has none -> None.
@@ -1140,23 +1167,37 @@ class EnvManager:
 
     def _run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
         """Run reset/step items [(slot, arg)] on whoever owns the slots; results in item order."""
+        return self._collect(self._send(cmd, items))
+
+    def _send(self, cmd: str, items: list[tuple[int, Any]]) -> tuple:
+        """Hand items to the workers that own their slots (all at once) and return a ticket for
+        `_collect`; in-process, run them now and the ticket holds the results."""
         if self._local is not None:
-            return self._local.run(cmd, items)
+            return ("done", self._local.run(cmd, items))
         n = len(self._workers)
         batches: list[list[tuple[int, int, Any]]] = [[] for _ in range(n)]
         for pos, (slot, arg) in enumerate(items):
             batches[slot % n].append((pos, slot, arg))
-        try:
-            for (_, conn), batch in zip(self._workers, batches):  # all workers run at once ...
+        with self._worker_errors():
+            for (_, conn), batch in zip(self._workers, batches):
                 if batch:
                     conn.send((cmd, [(slot, arg) for _, slot, arg in batch]))
+        ticket = ("sent", batches, len(items), next(self._tickets))
+        self._in_flight.append(ticket[3])
+        return ticket
+
+    def _collect(self, ticket: tuple) -> list:
+        """The results of a `_send`, in item order (a worker answers its requests in order, so
+        tickets are collected in the order they were sent)."""
+        if ticket[0] == "done":
+            return ticket[1]
+        _, batches, n_items, number = ticket
+        assert self._in_flight and self._in_flight[0] == number, "env steps must finish in the order they began"
+        self._in_flight.pop(0)
+        with self._worker_errors():
             replies = [conn.recv() if batch else None for (_, conn), batch in zip(self._workers, batches)]
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            dead = [w for w, (proc, _) in enumerate(self._workers) if not proc.is_alive()]
-            raise EnvWorkerDied(f"env worker {', '.join(map(str, dead)) or '?'} died "
-                                f"(exit code {[self._workers[w][0].exitcode for w in dead]})") from None
-        out, errors = [None] * len(items), []
-        for w, (reply, batch) in enumerate(zip(replies, batches)):  # ... then collect
+        out, errors = [None] * n_items, []
+        for w, (reply, batch) in enumerate(zip(replies, batches)):
             if batch:
                 status, payload = reply
                 if status == "error":
@@ -1167,6 +1208,16 @@ class EnvManager:
         if errors:
             raise RuntimeError("\n".join(errors))
         return out
+
+    @contextlib.contextmanager
+    def _worker_errors(self):
+        """A broken pipe -> EnvWorkerDied naming the dead workers and their exit codes."""
+        try:
+            yield
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            dead = [w for w, (proc, _) in enumerate(self._workers) if not proc.is_alive()]
+            raise EnvWorkerDied(f"env worker {', '.join(map(str, dead)) or '?'} died "
+                                f"(exit code {[self._workers[w][0].exitcode for w in dead]})") from None
 
     # -- prompts ------------------------------------------------------------------------------
     def build_prompt(self, state: EnvState, history: list[tuple[str, str]], skill: str | None = None) -> str:

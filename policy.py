@@ -135,6 +135,16 @@ class SamplingConfig:
     policy: equal log-probs to ~1e-6 in float32, to the rounding of W + BA in bf16 (tested). The
     update always scores the wrapped model. Where the adapter cannot be merged (QLoRA's 4-bit
     base, a disabled adapter, LoRA variants such as DoRA) the wrapped model samples, as with false"""
+    waves: int = 1
+    """`rollout` decodes its slots in this many waves of whole task groups, one after another;
+    with env workers (env.num_workers > 0) the env step of one wave runs while the next wave
+    decodes (ping-pong), so decoding and environments stop waiting for each other. Results
+    depend on the number of waves (each wave samples from its own random stream), never on
+    whether the overlap happens (tested). our choice: 1, see `python bench.py rollout`: on a
+    CPU whose cores all decode, two half batches cost more decoding than the overlap saves"""
+    overlap_env: bool = True
+    """with waves >= 2 and env workers: overlap a wave's env step with the next wave's decoding
+    (false: wait for each step; the same results, `bench.py rollout` compares the two)"""
 
     def __post_init__(self):
         if self.engine not in ("custom", "hf") or self.kv_cache not in ("preallocated", "dynamic"):
@@ -146,6 +156,8 @@ class SamplingConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.logprob_temperature <= 0:
             raise ValueError("rollout.temperature >= 0, rollout.top_p in (0, 1], rollout.top_k >= 0 and "
                              "rollout.logprob_temperature > 0")
+        if self.waves < 1:
+            raise ValueError(f"rollout.waves must be >= 1 (got {self.waves})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -996,24 +1008,18 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                         skill_id=mining.skill_id(s.task_type, sk) if sk else None, steps=[], won=False, task=s.task)
              for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
     history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
-    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    waves = rollout_waves(len(task_ids), group_size, cfg.waves)
+    generators = [torch.Generator(device=policy.device).manual_seed(wave_seed(seed, w)) for w in range(len(waves))]
+    overlap = len(waves) > 1 and cfg.overlap_env and getattr(getattr(envs, "cfg", None), "num_workers", 0) > 0
     timing = dict(reset_s=t_reset, prompt_s=0.0, generate_s=0.0, env_s=0.0, merge_s=merge_s, steps=0, env_steps=0,
                   tokens=0)
-    bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
-    while active := [i for i in range(n) if not states[i].done]:
+    pending: dict[int, tuple] = {}  # wave -> its env step in flight, and what its Steps need
+
+    def finish(w: int) -> None:  # wait for wave w's env step and record its Steps
         t0 = time.perf_counter()
-        prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
-        plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
-                 for i in active]
-        t1 = time.perf_counter()
-        gens = policy.generate(prompts, cfg, generator)
-        t2 = time.perf_counter()
-        parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
-        actions: list[str | None] = [None] * n  # None = invalid (or slot already done)
-        for i, (action, valid) in zip(active, parsed):
-            actions[i] = action if valid else None
-        new_states = envs.step(actions)
-        t3 = time.perf_counter()
+        handle, active, prompts, plain, gens, parsed = pending.pop(w)
+        new_states = envs.step_end(handle)
+        timing["env_s"] += time.perf_counter() - t0
         for i, p, pp, g, (action, valid) in zip(active, prompts, plain, gens, parsed):
             s, ns = states[i], new_states[i]
             trajs[i].steps.append(Step(
@@ -1021,14 +1027,34 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                 valid=valid, reward=ns.reward, done=ns.done, won=ns.won, anchor=s.anchor, obs=s.obs,
                 plain_prompt_ids=pp))
             history[i].append((s.obs, action if valid else None))  # envs shows None as "(invalid)"
-        states = new_states
-        timing["prompt_s"] += t1 - t0
-        timing["generate_s"] += t2 - t1
-        timing["env_s"] += t3 - t2
-        timing["steps"] += len(active)
-        timing["env_steps"] += sum(valid for _, valid in parsed)
-        timing["tokens"] += sum(len(g.ids) for g in gens)
-        bar.set_postfix(active=len(active))
+            states[i] = ns
+
+    bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
+    while pending or any(not s.done for s in states):
+        for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
+            if w in pending:
+                finish(w)
+            if not (active := [i for i in slots if not states[i].done]):
+                continue
+            t0 = time.perf_counter()
+            prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
+            plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
+                     for i in active]
+            t1 = time.perf_counter()
+            gens = policy.generate(prompts, cfg, generators[w])
+            t2 = time.perf_counter()
+            parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
+            handle = envs.step_begin({i: action if valid else None for i, (action, valid) in zip(active, parsed)})
+            timing["env_s"] += time.perf_counter() - t2
+            pending[w] = (handle, active, prompts, plain, gens, parsed)
+            if not overlap:
+                finish(w)
+            timing["prompt_s"] += t1 - t0
+            timing["generate_s"] += t2 - t1
+            timing["steps"] += len(active)
+            timing["env_steps"] += sum(valid for _, valid in parsed)
+            timing["tokens"] += sum(len(g.ids) for g in gens)
+        bar.set_postfix(active=sum(not s.done for s in states))
         bar.update(1)
     bar.close()
     for traj, s in zip(trajs, states):
@@ -1038,3 +1064,20 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
         for k, v in timing.items():
             stats[k] = stats.get(k, 0) + v
     return trajs
+
+
+def rollout_waves(n_tasks: int, group_size: int, waves: int) -> list[list[int]]:
+    """The slots of `rollout` cut into up to `waves` consecutive parts of about equal size, at
+    task-group boundaries where there are at least as many tasks as waves (a group's G copies
+    then share one prefill), else inside the groups."""
+    n = n_tasks * group_size
+    unit = group_size if n_tasks >= waves else 1
+    k = min(waves, n // unit) or 1
+    cuts = [round(j * (n // unit) / k) * unit for j in range(k + 1)]
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def wave_seed(seed: int, wave: int) -> int:
+    """Seed of wave `wave`'s random stream: the rollout's seed for wave 0 (one wave samples exactly
+    as before waves existed), others spread by the 64-bit golden ratio."""
+    return seed if wave == 0 else (seed + wave * 0x9E3779B97F4A7C15) % 2**63

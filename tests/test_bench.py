@@ -90,3 +90,14 @@ def test_cuda_bench_script_runs_on_cpu_at_a_tiny_size(tmp_path):
     assert [r["vary"] for r in loop["scaling"]] == ["G"]
     assert json.loads((out / "qlora.json").read_text())["ok"] is False
     assert (out / "decode.txt").read_text().strip().splitlines()[-1].startswith("ratio group ")
+
+
+def test_bench_rollout_rows(tmp_path, capsys):
+    """`bench.py rollout` runs every (workers, waves, overlap) row; no timing is checked."""
+    out = tmp_path / "rollout.json"
+    report = bench.main(["rollout", "--slots", "4", "--workers", "0", "2", "--waves", "1", "2", "--group-size", "2",
+                         "--max-steps", "2", "--new-tokens", "4", "--out", str(out)])
+    rows = [(r["workers"], r["waves"], r["overlap"]) for r in report["rows"]]
+    assert rows == [(0, 1, False), (0, 2, False), (2, 1, False), (2, 2, True), (2, 2, False)]
+    assert json.loads(out.read_text())["rows"][3]["env_steps"] > 0  # admissible actions reached the env
+    assert "waves" in capsys.readouterr().out

@@ -345,6 +345,42 @@ def test_rollout_on_embedded_env(pol):
         envs.close()
 
 
+def test_env_overlap_changes_no_result_and_happens(pol):
+    """rollout.waves=2: with env workers a wave's env step runs while the other wave decodes. The
+    trajectories equal those of the same waves stepped in-process (no overlap) and with the
+    overlap switched off; and the overlap is real: two steps were in flight at once."""
+    import zlib
+
+    envs_lib = pytest.importorskip("envs")
+
+    class Envs(envs_lib.EnvManager):  # every response becomes an admissible action, so envs work
+        most_in_flight = 0
+
+        def parse_action(self, text, admissible):
+            return admissible[zlib.crc32(text.encode()) % len(admissible)], True
+
+        def step_begin(self, actions):
+            pending = super().step_begin(actions)
+            self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
+            return pending
+
+    def play(workers, waves, overlap=True):
+        with Envs(envs_lib.EnvConfig(max_steps=4, num_workers=workers)) as envs:
+            trajs = P.rollout(pol, envs, envs.task_ids("train")[:3], 2,
+                              SamplingConfig(max_new_tokens=8, waves=waves, overlap_env=overlap), seed=3)
+            return [[(s.response_ids, s.action, s.reward, s.anchor, s.obs) for s in t.steps] for t in trajs], \
+                envs.most_in_flight
+
+    alone, _ = play(0, 2)
+    overlapped, in_flight = play(2, 2)
+    waiting, in_flight_off = play(2, 2, overlap=False)
+    assert overlapped == alone == waiting
+    assert in_flight == 2 and in_flight_off == 1
+    assert sum(len(t) for t in alone) > 6  # episodes went on past their first step
+    assert P.rollout_waves(3, 2, 2) == [[0, 1, 2, 3], [4, 5]]  # whole groups; round(1.5) = 2 groups first
+    assert P.rollout_waves(1, 4, 2) == [[0, 1], [2, 3]]  # one task: the group is cut
+
+
 def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
     """WebShop-like envs put their final reward in `state.score`; the trajectory keeps it."""
 
@@ -366,8 +402,11 @@ def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
         def reset(self, task_ids):
             return [State(task_id=t) for t in task_ids]
 
-        def step(self, actions):
-            return [State(task_id="t0", done=True, reward=0.25, score=0.25, steps=1) for _ in actions]
+        def step_begin(self, actions):  # the rollout's side of EnvManager: begin / end a step
+            return {i: State(task_id="t0", done=True, reward=0.25, score=0.25, steps=1) for i in actions}
+
+        def step_end(self, pending):
+            return pending
 
         def build_prompt(self, state, history, skill=None):
             return f"{state.task}\n{skill or ''}{state.obs}"
