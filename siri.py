@@ -189,18 +189,17 @@ PRESETS: dict[str, dict] = {
     # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld in rooms of
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
     # 14 steps. Our choice of sizes, to fit `python siri.py` in 10 minutes on 2 cores: a cold start
-    # of 48 games x 3 demonstrations x 6 epochs (its loss plateaus there: measured 0.11 after 6,
-    # 0.09-0.16 up to 11), 6 warmup iterations and 3 per arm, a training pool of 96 games (16 per type: 6
+    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 games (16 per type: 6
     # validate a type's skills, 10 are its summary sources), 48 paired episodes per validation,
     # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
     # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
             "env.receptacles": 6, "env.distractors": 2, "env.max_steps": 14, "env.num_train_tasks": 96,
             "env.num_workers": 2,
-            "coldstart.tasks": 48, "coldstart.epochs": 6, "warmup.task_pool": 96, "warmup.iterations": 6,
+            "coldstart.tasks": 48, "coldstart.epochs": 11, "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
-            "distill.iterations": 3},
+            "distill.iterations": 4},
     # One GPU (24 GB+): the reproduction default of the GiGPO ALFWorld script, with LoRA.
     "qwen1.5b": {
         "model.name": "Qwen/Qwen2.5-1.5B-Instruct", "model.dtype": "bfloat16",
