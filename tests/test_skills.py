@@ -166,16 +166,18 @@ def test_one_distillation_update_raises_the_plain_prompt_logprob_of_guided_actio
     assert lp1 > lp0, (lp0, lp1)
 
 
-def test_a_phase2_iteration_with_a_validated_skill_distils_tokens(reader):
+def test_a_phase2_iteration_with_a_validated_skill_distils_tokens(reader, monkeypatch):
     """End to end through siri.distill_iteration: a validated skill in the bank -> skill-guided
     rollouts -> selection -> tokens distilled in the update; every task type keeps its RL.
     With the utility filter off (the no_utility_filter ablation): this model plays its cold-start
     games as well without a skill as with one, so no skill-guided trajectory beats its plain
     group's mean; the advantage filter alone still selects the winners of mixed groups."""
     pol, envs, cfg = reader
-    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, tasks_per_iter=24, utility_filter=False),
-                              warmup=dataclasses.replace(cfg.warmup, task_pool=0))
     tasks = type_tasks(envs)
+    pool = tasks + [t for t in envs.task_ids("train") if t not in tasks][:4]  # the skill's type and 4 others
+    monkeypatch.setattr(siri, "training_pool", lambda envs_, cfg_: pool)
+    cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, tasks_per_iter=len(pool),
+                                                               utility_filter=False))
     skill = answer_skill(envs, tasks, "pick_and_place_simple")
     skill.status = "validated"
     skill.utility.append({"round": 0, "delta_g": 0.5, "ci_low": 0.1, "ci_high": 0.9, "n_pairs": 32})
