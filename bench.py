@@ -605,7 +605,8 @@ def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "hf")) -> d
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             fn = ours_iteration if arm == "ours" else hf_iteration
-            out[arm] = fn(pol, envs, tasks, G, sample, gcfg, seed=args.seed)
+            arm_sample = dataclasses.replace(sample, waves=args.waves) if arm == "ours" else sample
+            out[arm] = fn(pol, envs, tasks, G, arm_sample, gcfg, seed=args.seed)
             if cuda:
                 out[arm]["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     set_lora_state(pol, start)
@@ -664,7 +665,7 @@ def cmd_loop(args) -> dict:
     print(f"bench loop | {args.shape} {args.dtype}{f' {args.layers} layers' if args.layers else ''} on "
           f"{args.device} | torch threads {torch.get_num_threads()} | {args.tasks} tasks x G={args.group_size}, "
           f"{args.max_steps} steps, {args.new_tokens} new tokens, T=1 | env: cpu preset's games, actions made "
-          f"admissible | ours: {args.workers} env workers | wall clock, one run each")
+          f"admissible | ours: {args.workers} env workers, {args.waves} wave(s) | wall clock, one run each")
     print(f"{'arm':6} {'total s':>8} " + " ".join(f"{label:>10}" for _, label in SPLIT) + f" {'steps':>6} {'tokens':>7}")
     for name, r in (("ours", ours), ("hf", hf)):
         print(f"{name:6} {r['total_s']:8.2f} " + " ".join(f"{r[k]:10.2f}" for k, _ in SPLIT)
@@ -859,6 +860,8 @@ def main(argv: list[str] | None = None) -> dict:
     lp.add_argument("--max-steps", type=int, default=6, help="episode cap (the cpu preset: 14)")
     lp.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens per response (the cpu preset: 32)")
     lp.add_argument("--workers", type=int, default=2, help="our env worker processes (by hand: 0, in-process)")
+    lp.add_argument("--waves", type=int, default=1,
+                    help="ours: rollout.waves (2: a wave's env step overlaps the other's decoding)")
     lp.add_argument("--token-budget", type=int, default=8192, help="gigpo.token_budget of both updates")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--warmup", action="store_true", help="run a small iteration of each arm first (untimed)")
