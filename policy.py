@@ -1030,33 +1030,38 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
             states[i] = ns
 
     bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
-    while pending or any(not s.done for s in states):
-        for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
-            if w in pending:
-                finish(w)
-            if not (active := [i for i in slots if not states[i].done]):
-                continue
-            t0 = time.perf_counter()
-            prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
-            plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
-                     for i in active]
-            t1 = time.perf_counter()
-            gens = policy.generate(prompts, cfg, generators[w])
-            t2 = time.perf_counter()
-            parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
-            handle = envs.step_begin({i: action if valid else None for i, (action, valid) in zip(active, parsed)})
-            timing["env_s"] += time.perf_counter() - t2
-            pending[w] = (handle, active, prompts, plain, gens, parsed)
-            if not overlap:
-                finish(w)
-            timing["prompt_s"] += t1 - t0
-            timing["generate_s"] += t2 - t1
-            timing["steps"] += len(active)
-            timing["env_steps"] += sum(valid for _, valid in parsed)
-            timing["tokens"] += sum(len(g.ids) for g in gens)
-        bar.set_postfix(active=sum(not s.done for s in states))
-        bar.update(1)
-    bar.close()
+    try:
+        while pending or any(not s.done for s in states):
+            for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
+                if w in pending:
+                    finish(w)
+                if not (active := [i for i in slots if not states[i].done]):
+                    continue
+                t0 = time.perf_counter()
+                prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
+                plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
+                         for i in active]
+                t1 = time.perf_counter()
+                gens = policy.generate(prompts, cfg, generators[w])
+                t2 = time.perf_counter()
+                parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
+                handle = envs.step_begin({i: action if valid else None for i, (action, valid) in zip(active, parsed)})
+                timing["env_s"] += time.perf_counter() - t2
+                pending[w] = (handle, active, prompts, plain, gens, parsed)
+                if not overlap:
+                    finish(w)
+                timing["prompt_s"] += t1 - t0
+                timing["generate_s"] += t2 - t1
+                timing["steps"] += len(active)
+                timing["env_steps"] += sum(valid for _, valid in parsed)
+                timing["tokens"] += sum(len(g.ids) for g in gens)
+            bar.set_postfix(active=sum(not s.done for s in states))
+            bar.update(1)
+    finally:  # an error while a step is in flight: read its replies, so the workers' pipes stay in step
+        for w in list(pending):  # in the order the steps began (a dict keeps insertion order)
+            with contextlib.suppress(Exception):
+                envs.step_end(pending[w][0])
+        bar.close()
     for traj, s in zip(trajs, states):
         traj.won = s.won
         traj.score = getattr(s, "score", None)  # WebShop's final reward; ALFWorld states have none

@@ -381,6 +381,37 @@ def test_env_overlap_changes_no_result_and_happens(pol):
     assert P.rollout_waves(1, 4, 2) == [[0, 1], [2, 3]]  # one task: the group is cut
 
 
+def test_an_error_during_an_overlapped_rollout_leaves_the_env_workers_in_step(pol, monkeypatch):
+    """An exception while a wave's env step is in flight (here: the decoder fails on its 3rd call)
+    must not leave unread replies in the workers' pipes: the next rollout on the same manager
+    plays exactly as on a fresh one."""
+    envs_lib = pytest.importorskip("envs")
+    cfg = SamplingConfig(max_new_tokens=6, waves=2)
+    env_cfg = envs_lib.EnvConfig(max_steps=3, num_workers=2)
+
+    def play(envs):
+        trajs = P.rollout(pol, envs, envs.task_ids("train")[:2], 2, cfg, seed=5)
+        return [[(s.response_ids, s.obs) for s in t.steps] for t in trajs]
+
+    with envs_lib.EnvManager(env_cfg) as fresh:
+        expected = play(fresh)
+    with envs_lib.EnvManager(env_cfg) as envs:
+        real, calls = pol.generate, []
+
+        def failing(prompts, sampling, generator=None):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("decoder failed")
+            return real(prompts, sampling, generator)
+
+        monkeypatch.setattr(pol, "generate", failing)
+        with pytest.raises(RuntimeError, match="decoder failed"):
+            play(envs)
+        monkeypatch.setattr(pol, "generate", real)
+        assert not envs._in_flight
+        assert play(envs) == expected
+
+
 def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
     """WebShop-like envs put their final reward in `state.score`; the trajectory keeps it."""
 
