@@ -155,8 +155,9 @@ class EnvState:
 
 @dataclass
 class PendingStep:
-    """An env step begun by `EnvManager.step_begin`: the states known already (done and invalid
-    slots), the (slot, action) pairs sent to the environments, and the ticket of that request."""
+    """An env step begun by `EnvManager.step_begin` (or a reset by `reset_begin`): the states
+    known already (done and invalid slots), the (slot, action or task id) pairs sent to the
+    environments, and the ticket of that request."""
     new: dict[int, EnvState]
     to_env: list[tuple[int, str]]
     ticket: tuple
@@ -345,29 +346,39 @@ def _memoize_textworld_parsers() -> None:
     step. Each module-level parse is a pure function of its arguments, so we cache it and hand out
     a deep copy (callers write into what they get). Same engine, same text: tests/test_envs.py
     plays games with and without the cache and compares every observation. Idempotent; the
-    originals stay as `<module>._parse_uncached`."""
+    originals stay as `<module>._parse_uncached` and `fast_downward._pddl2sas_uncached`.
+    The same for fast-downward's PDDL -> SAS translation (grounding the game's problem), which
+    TextWorld runs twice at every game load and again at every reset of a loaded game: about 70 %
+    of a reset (profiled); its result depends only on the domain and problem texts."""
+    import fast_downward
     from textworld import logic
     from textworld.envs.pddl import logic as pddl_logic, textgen
     for module in (textgen, logic, pddl_logic):
         if not hasattr(module, "_parse_uncached"):
             module._parse_uncached = module._parse_and_convert
-            module._parse_and_convert = _memoized(module._parse_uncached)
+            module._parse_and_convert = _memoized(module._parse_uncached, "trace", 100_000)
+    if not hasattr(fast_downward, "_pddl2sas_uncached"):
+        fast_downward._pddl2sas_uncached = fast_downward.pddl2sas
+        fast_downward.pddl2sas = _memoized(fast_downward._pddl2sas_uncached, "verbose", 256)
 
 
-def _memoized(parse):
+def _memoized(fn, debug_flag: str, limit: int):
+    """fn with its results cached by arguments, a deep copy handed out; a call with the keyword
+    `debug_flag` true runs fn for real (its debugging output prints); the cache is emptied when it
+    holds more than `limit` entries (bounds the memory over very many distinct games)."""
     cache: dict = {}
 
-    def cached_parse(*args, **kwargs):
-        if kwargs.get("trace"):  # TW_CSG_TRACE debugging: parse for real, so the trace prints
-            return parse(*args, **kwargs)
-        key = (args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "trace")))
+    def cached(*args, **kwargs):
+        if kwargs.get(debug_flag):
+            return fn(*args, **kwargs)
+        key = (args, tuple(sorted((k, v) for k, v in kwargs.items() if k != debug_flag)))
         if key not in cache:
-            if len(cache) > 100_000:  # bound the memory over very many distinct games
+            if len(cache) > limit:
                 cache.clear()
-            cache[key] = parse(*args, **kwargs)
+            cache[key] = fn(*args, **kwargs)
         return copy.deepcopy(cache[key])
 
-    return cached_parse
+    return cached
 
 
 @contextlib.contextmanager
@@ -981,9 +992,14 @@ class _Slots:
         self.backends: dict[int, Any] = {}  # slot -> backend
         self.spare: list = []
 
-    def _assign(self, items: list[tuple[int, str]]) -> None:
+    def _assign(self, items: list[tuple[int, str]], keep_others: bool = False) -> None:
+        """keep_others: the slots not in items keep their backends (a reset in parts, `reset_more`);
+        else their backends become spare."""
         held = lambda b: getattr(b, "loaded_task", None)  # noqa: E731
-        idle = {id(b): b for b in [*self.backends.values(), *self.spare]}
+        resetting = {slot for slot, _ in items}
+        kept = {s: b for s, b in self.backends.items() if s not in resetting} if keep_others else {}
+        busy = {id(b) for b in kept.values()}
+        idle = {id(b): b for b in [*self.backends.values(), *self.spare] if id(b) not in busy}
         own = {slot: id(b) for slot, b in self.backends.items()}
         new: dict[int, Any] = {}
         for slot, tid in items:                                   # 1. own backend holds the task
@@ -997,11 +1013,11 @@ class _Slots:
             if slot not in new:
                 key = own.get(slot) if own.get(slot) in idle else next(iter(idle), None)
                 new[slot] = idle.pop(key) if key is not None else self.cls(self.cfg)
-        self.backends, self.spare = new, list(idle.values())
+        self.backends, self.spare = {**kept, **new}, list(idle.values())
 
     def run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
-        if cmd == "reset":
-            self._assign(items)
+        if cmd in ("reset", "reset_more"):
+            self._assign(items, keep_others=cmd == "reset_more")
             return [self.backends[slot].reset(task_id) for slot, task_id in items]
         return [self.backends[slot].step(action) for slot, action in items]
 
@@ -1013,7 +1029,7 @@ class _Slots:
 
 
 def _worker_main(conn, cfg: EnvConfig) -> None:
-    """Worker process loop: ("reset"|"step", [(slot, arg), ...]) -> ("ok", results) | ("error", tb).
+    """Worker process loop: ("reset"|"reset_more"|"step", [(slot, arg), ...]) -> ("ok", results) | ("error", tb).
 
     SIGINT is ignored: a Ctrl-C in the terminal reaches the whole process group, and the main
     process (which finishes its unit and checkpoints) still needs its workers."""
@@ -1107,10 +1123,29 @@ class EnvManager:
 
     # -- episodes -----------------------------------------------------------------------------
     def reset(self, task_ids: list[str]) -> list[EnvState]:
-        results = self._run("reset", list(enumerate(task_ids)))
-        self._states = [self._state(tid, obs, 0.0, False, info, 0) for tid, (obs, info) in zip(task_ids, results)]
-        self.invalid_steps = [0] * len(task_ids)
+        """Start one episode per slot: task_ids[i] in slot i."""
+        (pending,) = self.reset_begin(task_ids, [list(range(len(task_ids)))])
+        self.reset_end(pending)
         return list(self._states)
+
+    def reset_begin(self, task_ids: list[str], parts: list[list[int]]) -> list["PendingStep"]:
+        """`reset`, begun in parts (lists of slots that together cover every slot), one request
+        each, sent in order; `reset_end` each part in that order before using its slots. With
+        workers this returns at once: `policy.rollout` decodes its first wave while the workers
+        load the next wave's games. In-process the resets are done here."""
+        self._states = [None] * len(task_ids)  # type: ignore[list-item]  # filled by reset_end
+        self.invalid_steps = [0] * len(task_ids)
+        out = []
+        for k, part in enumerate(parts):
+            items = [(i, task_ids[i]) for i in part]
+            out.append(PendingStep({}, items, self._send("reset" if k == 0 else "reset_more", items)))
+        return out
+
+    def reset_end(self, pending: "PendingStep") -> dict[int, EnvState]:
+        """Wait for one part begun by `reset_begin`; the initial states of its slots."""
+        for (i, tid), (obs, info) in zip(pending.to_env, self._collect(pending.ticket)):
+            self._states[i] = self._state(tid, obs, 0.0, False, info, 0)
+        return {i: dataclasses.replace(self._states[i]) for i, _ in pending.to_env}
 
     def step(self, actions: list[str | None]) -> list[EnvState]:
         """Advance every slot (actions[i] for slot i; a done slot ignores its action)."""

@@ -138,7 +138,8 @@ class SamplingConfig:
     waves: int = 1
     """`rollout` decodes its slots in this many waves of whole task groups, one after another;
     with env workers (env.num_workers > 0) the env step of one wave runs while the next wave
-    decodes (ping-pong), so decoding and environments stop waiting for each other. Results
+    decodes (ping-pong), and at the start the later waves' games load while wave 0 decodes, so
+    decoding and environments stop waiting for each other. Results
     depend on the number of waves (each wave samples from its own random stream), never on
     whether the overlap happens (tested). our choice: 1, see `python bench.py rollout`: on a
     CPU whose cores all decode, two half batches cost more decoding than the overlap saves"""
@@ -999,20 +1000,33 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
 def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, merge_s) -> list[Trajectory]:
     """`rollout`'s body, run while the merged copy (if any) is open."""
     slot_tasks = [t for t in task_ids for _ in range(group_size)]
-    t_reset = time.perf_counter()
-    states = envs.reset(slot_tasks)
-    t_reset = time.perf_counter() - t_reset
     n = len(slot_tasks)
-    skills = [(skill or {}).get(s.task_type) for s in states]
-    trajs = [Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % group_size,
-                        skill_id=mining.skill_id(s.task_type, sk) if sk else None, steps=[], won=False, task=s.task)
-             for i, (t, s, sk) in enumerate(zip(slot_tasks, states, skills))]
-    history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
     waves = rollout_waves(len(task_ids), group_size, cfg.waves)
     generators = [torch.Generator(device=policy.device).manual_seed(wave_seed(seed, w)) for w in range(len(waves))]
     overlap = len(waves) > 1 and cfg.overlap_env and getattr(getattr(envs, "cfg", None), "num_workers", 0) > 0
-    timing = dict(reset_s=t_reset, prompt_s=0.0, generate_s=0.0, env_s=0.0, merge_s=merge_s, steps=0, env_steps=0,
+    timing = dict(reset_s=0.0, prompt_s=0.0, generate_s=0.0, env_s=0.0, merge_s=merge_s, steps=0, env_steps=0,
                   tokens=0)
+    states: list = [None] * n  # a slot's EnvState once its reset is in
+    skills: list[str | None] = [None] * n
+    trajs: list = [None] * n
+    history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
+
+    def start(part) -> None:  # wait for the reset of a part of the slots and open their Trajectories
+        t0 = time.perf_counter()
+        for i, s in envs.reset_end(part).items():
+            states[i], skills[i] = s, (skill or {}).get(s.task_type)
+            trajs[i] = Trajectory(task_id=s.task_id, task_type=s.task_type, group=f"{s.task_id}@seed{seed}",
+                                  index=i % group_size, skill_id=mining.skill_id(s.task_type, skills[i]) if skills[i]
+                                  else None, steps=[], won=False, task=s.task)
+        timing["reset_s"] += time.perf_counter() - t0
+
+    # With the overlap, every wave's games are loaded by a request of its own, so wave 0 decodes
+    # while the workers still load the later waves' games; without, one reset of all the slots.
+    t0 = time.perf_counter()
+    resets = dict(enumerate(envs.reset_begin(slot_tasks, waves if overlap else [list(range(n))])))
+    timing["reset_s"] += time.perf_counter() - t0
+    if not overlap:
+        start(resets.pop(0))
     pending: dict[int, tuple] = {}  # wave -> its env step in flight, and what its Steps need
 
     def finish(w: int) -> None:  # wait for wave w's env step and record its Steps
@@ -1031,8 +1045,10 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
 
     bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
     try:
-        while pending or any(not s.done for s in states):
+        while resets or pending or any(not s.done for s in states):
             for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
+                if w in resets:
+                    start(resets.pop(w))
                 if w in pending:
                     finish(w)
                 if not (active := [i for i in slots if not states[i].done]):
@@ -1057,10 +1073,11 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                 timing["tokens"] += sum(len(g.ids) for g in gens)
             bar.set_postfix(active=sum(not s.done for s in states))
             bar.update(1)
-    finally:  # an error while a step is in flight: read its replies, so the workers' pipes stay in step
-        for w in list(pending):  # in the order the steps began (a dict keeps insertion order)
+    finally:  # an error while a request is in flight: read its replies, so the workers' pipes stay in step
+        for end, request in [*((envs.reset_end, r) for r in resets.values()),  # resets were sent first;
+                             *((envs.step_end, p[0]) for p in pending.values())]:  # steps in the order begun
             with contextlib.suppress(Exception):
-                envs.step_end(pending[w][0])
+                end(request)
         bar.close()
     for traj, s in zip(trajs, states):
         traj.won = s.won

@@ -62,9 +62,10 @@ def test_every_task_type_generates_solvable_and_its_walkthrough_wins(manager):
 
 
 def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
-    """envs._memoize_textworld_parsers caches TextWorld's parses: every observation, admissible
-    list, reward and win of the eval walkthroughs (plus an invalid and a searching step) is the
-    same with TextWorld's own parsers (the cache would be a bug if anything differed)."""
+    """envs._memoize_textworld_parsers caches TextWorld's parses and fast-downward's PDDL -> SAS
+    translation: every observation, admissible list, reward and win of the eval walkthroughs (plus
+    a reset of the loaded games, an invalid and a searching step) is the same with the originals
+    (the cache would be a bug if anything differed)."""
     from textworld import logic
     from textworld.envs.pddl import logic as pddl_logic, textgen
 
@@ -77,11 +78,15 @@ def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
             history.append(m.step([next(a for a in s.admissible if a.startswith("go to")) for s in history[-1]]))
         return [[(s.obs, s.admissible, s.reward, s.won, s.done) for s in states] for states in history]
 
+    import fast_downward
+
     cached = play()
     modules = (textgen, logic, pddl_logic)
     assert all(m._parse_and_convert is not m._parse_uncached for m in modules)  # the cache is on
+    assert fast_downward.pddl2sas is not fast_downward._pddl2sas_uncached
     for m in modules:
         monkeypatch.setattr(m, "_parse_and_convert", m._parse_uncached)
+    monkeypatch.setattr(fast_downward, "pddl2sas", fast_downward._pddl2sas_uncached)
     assert play() == cached
 
 
@@ -378,6 +383,15 @@ def test_returning_tasks_reuse_loaded_games(cfg):
         assert [s.obs for s in second] == [s.obs for s in first[2:] + first[:2]]
         m.reset([a])  # fewer slots: the other backends wait as spares
         assert len(m._local.backends) == 1 and len(m._local.spare) == 3
+        # a reset in parts (policy.rollout's waves): the second part keeps the first part's backends
+        # and still finds the spares that hold its games
+        parts = m.reset_begin([a, a, b, b], [[0, 1], [2, 3]])
+        m.reset_end(parts[0])
+        held = {k: id(m._local.backends[k]) for k in (0, 1)}
+        m.reset_end(parts[1])
+        assert {k: id(m._local.backends[k]) for k in (0, 1)} == held and len(m._local.backends) == 4
+        assert all(m._local.backends[k].loaded_task == b for k in (2, 3)) and not m._local.spare
+        assert [s.obs for s in m.states] == [s.obs for s in first]
 
 
 def _scripted_run(m, task_ids, n_steps=12):

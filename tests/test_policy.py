@@ -346,9 +346,10 @@ def test_rollout_on_embedded_env(pol):
 
 
 def test_env_overlap_changes_no_result_and_happens(pol):
-    """rollout.waves=2: with env workers a wave's env step runs while the other wave decodes. The
-    trajectories equal those of the same waves stepped in-process (no overlap) and with the
-    overlap switched off; and the overlap is real: two steps were in flight at once."""
+    """rollout.waves=2: with env workers a wave's env step (and its first reset) runs while the
+    other wave decodes. The trajectories equal those of the same waves stepped in-process (no
+    overlap) and with the overlap switched off; and the overlap is real: two steps, and two
+    resets, were in flight at once."""
     import zlib
 
     envs_lib = pytest.importorskip("envs")
@@ -364,18 +365,23 @@ def test_env_overlap_changes_no_result_and_happens(pol):
             self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
             return pending
 
+        def reset_begin(self, task_ids, parts):
+            pending = super().reset_begin(task_ids, parts)
+            self.resets_in_flight = len(self._in_flight)  # a wave's games load while wave 0 decodes
+            return pending
+
     def play(workers, waves, overlap=True):
         with Envs(envs_lib.EnvConfig(max_steps=4, num_workers=workers)) as envs:
             trajs = P.rollout(pol, envs, envs.task_ids("train")[:3], 2,
                               SamplingConfig(max_new_tokens=8, waves=waves, overlap_env=overlap), seed=3)
             return [[(s.response_ids, s.action, s.reward, s.anchor, s.obs) for s in t.steps] for t in trajs], \
-                envs.most_in_flight
+                (envs.most_in_flight, envs.resets_in_flight)
 
     alone, _ = play(0, 2)
     overlapped, in_flight = play(2, 2)
     waiting, in_flight_off = play(2, 2, overlap=False)
     assert overlapped == alone == waiting
-    assert in_flight == 2 and in_flight_off == 1
+    assert in_flight == (2, 2) and in_flight_off == (1, 1)  # (steps, resets) in flight at once
     assert sum(len(t) for t in alone) > 6  # episodes went on past their first step
     assert P.rollout_waves(3, 2, 2) == [[0, 1, 2, 3], [4, 5]]  # whole groups; round(1.5) = 2 groups first
     assert P.rollout_waves(1, 4, 2) == [[0, 1], [2, 3]]  # one task: the group is cut
@@ -430,10 +436,13 @@ def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
         score: float = 0.0
 
     class OneStepEnv:  # every episode ends after one step with score 0.25
-        def reset(self, task_ids):
-            return [State(task_id=t) for t in task_ids]
+        def reset_begin(self, task_ids, parts):  # the rollout's side of EnvManager: reset in parts ...
+            return [[(i, task_ids[i]) for i in part] for part in parts]
 
-        def step_begin(self, actions):  # the rollout's side of EnvManager: begin / end a step
+        def reset_end(self, part):
+            return {i: State(task_id=t) for i, t in part}
+
+        def step_begin(self, actions):  # ... and begin / end a step
             return {i: State(task_id="t0", done=True, reward=0.25, score=0.25, steps=1) for i in actions}
 
         def step_end(self, pending):
