@@ -17,6 +17,7 @@ the PDDL problems come from: our own generator (below) instead of `alfworld-down
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -34,7 +35,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as alfred_goals
@@ -359,23 +360,26 @@ def _memoize_textworld_parsers() -> None:
             module._parse_and_convert = _memoized(module._parse_uncached, "trace", 100_000)
     if not hasattr(fast_downward, "_pddl2sas_uncached"):
         fast_downward._pddl2sas_uncached = fast_downward.pddl2sas
-        fast_downward.pddl2sas = _memoized(fast_downward._pddl2sas_uncached, "verbose", 256)
+        # one entry ~35 KB pickled; 512 hold both translations of the cpu preset's 216 games
+        fast_downward.pddl2sas = _memoized(fast_downward._pddl2sas_uncached, "verbose", 512)
 
 
 def _memoized(fn, debug_flag: str, limit: int):
     """fn with its results cached by arguments, a deep copy handed out; a call with the keyword
-    `debug_flag` true runs fn for real (its debugging output prints); the cache is emptied when it
-    holds more than `limit` entries (bounds the memory over very many distinct games)."""
-    cache: dict = {}
+    `debug_flag` true runs fn for real (its debugging output prints). At most `limit` entries, the
+    least recently used dropped first (bounds the memory over very many distinct games)."""
+    cache: collections.OrderedDict = collections.OrderedDict()
 
     def cached(*args, **kwargs):
         if kwargs.get(debug_flag):
             return fn(*args, **kwargs)
         key = (args, tuple(sorted((k, v) for k, v in kwargs.items() if k != debug_flag)))
-        if key not in cache:
-            if len(cache) > limit:
-                cache.clear()
+        if key in cache:
+            cache.move_to_end(key)
+        else:
             cache[key] = fn(*args, **kwargs)
+            if len(cache) > limit:
+                cache.popitem(last=False)
         return copy.deepcopy(cache[key])
 
     return cached
@@ -985,6 +989,10 @@ class _Slots:
     game is ~3x cheaper than a load). Preference: the slot's own backend, then any backend
     holding the task, then the slot's own / any idle one, then a new one. Backends left over
     when fewer slots are reset wait in `spare`. Backends without `loaded_task` just keep their slot.
+    A reset in parts (`EnvManager.reset_begin`): the first part's "reset" makes every other
+    backend spare, each later part's "reset_more" keeps the slots already reset and picks among
+    the spares (its slots' own backends are spares by then, so only "holds the task" and "any
+    idle" apply to them).
     """
 
     def __init__(self, cfg: EnvConfig):
@@ -1135,10 +1143,11 @@ class EnvManager:
         load the next wave's games. In-process the resets are done here."""
         self._states = [None] * len(task_ids)  # type: ignore[list-item]  # filled by reset_end
         self.invalid_steps = [0] * len(task_ids)
-        out = []
-        for k, part in enumerate(parts):
+        out, started = [], set()  # processes that got this rollout's first ("reset") request
+        for part in parts:
             items = [(i, task_ids[i]) for i in part]
-            out.append(PendingStep({}, items, self._send("reset" if k == 0 else "reset_more", items)))
+            out.append(PendingStep({}, items, self._send(
+                lambda w: "reset_more" if w in started else "reset", items, sent=started)))
         return out
 
     def reset_end(self, pending: "PendingStep") -> dict[int, EnvState]:
@@ -1200,23 +1209,26 @@ class EnvManager:
                         done=bool(done) or won or steps >= self.cfg.max_steps, won=won,
                         anchor=anchor or anchor_key(obs), steps=steps, score=None if score is None else float(score))
 
-    def _run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
-        """Run reset/step items [(slot, arg)] on whoever owns the slots; results in item order."""
-        return self._collect(self._send(cmd, items))
-
-    def _send(self, cmd: str, items: list[tuple[int, Any]]) -> tuple:
-        """Hand items to the workers that own their slots (all at once) and return a ticket for
-        `_collect`; in-process, run them now and the ticket holds the results."""
+    def _send(self, cmd: str | Callable[[int], str], items: list[tuple[int, Any]], sent: set | None = None) -> tuple:
+        """Hand items [(slot, arg)] to the workers that own their slots (all at once) and return a
+        ticket for `_collect`; in-process, run them now and the ticket holds the results. cmd may
+        depend on the worker (a function of its index; in-process: 0); `sent` collects the indices
+        of the workers that got items."""
         if self._local is not None:
-            return ("done", self._local.run(cmd, items))
+            command = cmd(0) if callable(cmd) else cmd
+            if sent is not None and items:
+                sent.add(0)
+            return ("done", self._local.run(command, items))
         n = len(self._workers)
         batches: list[list[tuple[int, int, Any]]] = [[] for _ in range(n)]
         for pos, (slot, arg) in enumerate(items):
             batches[slot % n].append((pos, slot, arg))
         with self._worker_errors():
-            for (_, conn), batch in zip(self._workers, batches):
+            for w, ((_, conn), batch) in enumerate(zip(self._workers, batches)):
                 if batch:
-                    conn.send((cmd, [(slot, arg) for _, slot, arg in batch]))
+                    conn.send((cmd(w) if callable(cmd) else cmd, [(slot, arg) for _, slot, arg in batch]))
+                    if sent is not None:
+                        sent.add(w)
         ticket = ("sent", batches, len(items), next(self._tickets))
         self._in_flight.append(ticket[3])
         return ticket
@@ -1227,7 +1239,7 @@ class EnvManager:
         if ticket[0] == "done":
             return ticket[1]
         _, batches, n_items, number = ticket
-        assert self._in_flight and self._in_flight[0] == number, "env steps must finish in the order they began"
+        assert self._in_flight and self._in_flight[0] == number, "env requests must finish in the order they began"
         self._in_flight.pop(0)
         with self._worker_errors():
             replies = [conn.recv() if batch else None for (_, conn), batch in zip(self._workers, batches)]

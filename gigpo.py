@@ -71,10 +71,12 @@ class GiGPOConfig:
     `gigpo_defaults=verl-agent` sets 0.001."""
     old_logprobs: str = "auto"
     """π_old of the PPO ratio: "sampler" (the log-probs the decoder recorded while sampling),
-    "recompute" (a no-grad forward of the policy over the batch before the update, as verl-agent
-    does) or "auto" (recompute on CUDA, sampler on CPU). In float32 on CPU the two agree to
-    ~1e-6 and recomputing costs a forward pass; in bf16 on a GPU the sampler's kernels differ from
-    the training forward's and the first ratio would not be 1. Distillation samples keep their
+    "recompute" (the policy's own log-probs before the first optimiser step, as verl-agent does:
+    the first mini-batch's from its grad forward, detached; the other mini-batches' from one no-grad
+    forward beforehand) or "auto" (recompute on CUDA, sampler on CPU). In float32 on CPU the two
+    agree to ~1e-6 and recomputing costs a no-grad forward over all mini-batches but the first; in
+    bf16 on a GPU the sampler's kernels differ from the training forward's and the first ratio
+    would not be 1. Distillation samples keep their
     sampler log-probs: they were drawn under the skill prompt, which the update does not score."""
     loss_agg: str = "token-mean"
     """Aggregation of per-token losses: "token-mean" (all action tokens of a mini-batch weigh
@@ -515,7 +517,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                 seconds["backward_s"] += time.perf_counter() - t0
                 stats["loss"] += loss.item()
             missing = [k for k in mini if old[k] is None]  # a non-finite loss broke off first: no step follows
+            t0 = time.perf_counter()
             old.update(score_rows(policy, samples, missing, cfg.token_budget))
+            seconds["old_score_s"] += time.perf_counter() - t0
             keys = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "distill_loss")
             reduced = distributed.all_reduce_sum([float(not finite)] + [stats[k] for k in keys])
             finite = reduced[0] == 0  # a non-finite loss on any rank skips the step on every rank

@@ -136,7 +136,8 @@ class SamplingConfig:
     update always scores the wrapped model. Where the adapter cannot be merged (QLoRA's 4-bit
     base, a disabled adapter, LoRA variants such as DoRA) the wrapped model samples, as with false"""
     waves: int = 1
-    """`rollout` decodes its slots in this many waves of whole task groups, one after another;
+    """`rollout` decodes its slots in this many waves of whole task groups (cut inside the groups
+    when there are fewer tasks than waves), one after another;
     with env workers (env.num_workers > 0) the env step of one wave runs while the next wave
     decodes (ping-pong), and at the start the later waves' games load while wave 0 decodes, so
     decoding and environments stop waiting for each other. Results
@@ -594,7 +595,7 @@ def merged_copy(model) -> torch.nn.Module | None:
     for m in layers.values():
         w = getattr(m.get_base_layer(), "weight", None)
         if (type(m.get_base_layer()) is not torch.nn.Linear or w is None or not w.is_floating_point()
-                or m.disable_adapters or m.merged or m.fan_in_fan_out or m.lora_variant
+                or m.disable_adapters or m.merged or m.fan_in_fan_out or getattr(m, "lora_variant", None)
                 or any(m.lora_bias.values())):
             return None
     lm = model.get_base_model()
@@ -844,8 +845,8 @@ class Policy:
         (logprobs, entropies), the entropy of the full next-token distribution at each position.
         Gradient flows when called under grad (the PPO update). reference=True scores with the LoRA
         adapter disabled (the base model = the KL reference policy) under no_grad.
-        entropy_grad=False computes the entropy without grad: for logging, it then keeps no
-        (b, R, V) tensor alive for the backward pass.
+        entropy_grad=False computes the entropy without grad: for logging, it then keeps no extra
+        (b, R, V) tensor alive for the backward pass (log_softmax's own output is kept either way).
 
         Micro-batching: `pack_rows` (sorted by length, within `token_budget`, little padding).
         Layout (our choice): prompts left-padded and responses right-padded, so every response
@@ -983,7 +984,8 @@ def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: Sam
     """Play len(task_ids) x group_size episodes together, each to its end (won or max_steps).
 
     Slots are group-contiguous: [t0, t0, .., t0, t1, ..] (G copies of each task, identical initial
-    states), so a group's prompts coincide at the first step and share one prefill.
+    states), so a group's prompts coincide at the first step and share one prefill (within a wave:
+    cfg.waves > 1 decodes the slots in parts, see `SamplingConfig.waves`).
     skill: task_type -> skill text put in the prompt (None = plain prompts). Then every Step also
     carries plain_prompt_ids, the same prompt without the skill (Phase 2 re-scores actions on it).
     stats: if given, accumulates wall seconds "reset_s" (env reset), "prompt_s" (build + tokenize),
@@ -1046,6 +1048,7 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
     bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
     try:
         while resets or pending or any(not s.done for s in states):
+            decoded = False
             for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
                 if w in resets:
                     start(resets.pop(w))
@@ -1053,6 +1056,7 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                     finish(w)
                 if not (active := [i for i in slots if not states[i].done]):
                     continue
+                decoded = True
                 t0 = time.perf_counter()
                 prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
                 plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
@@ -1072,7 +1076,7 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                 timing["env_steps"] += sum(valid for _, valid in parsed)
                 timing["tokens"] += sum(len(g.ids) for g in gens)
             bar.set_postfix(active=sum(not s.done for s in states))
-            bar.update(1)
+            bar.update(int(decoded))  # the last pass of an overlapped rollout only collects
     finally:  # an error while a request is in flight: read its replies, so the workers' pipes stay in step
         for end, request in [*((envs.reset_end, r) for r in resets.values()),  # resets were sent first;
                              *((envs.step_end, p[0]) for p in pending.values())]:  # steps in the order begun

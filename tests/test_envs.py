@@ -394,6 +394,27 @@ def test_returning_tasks_reuse_loaded_games(cfg):
         assert [s.obs for s in m.states] == [s.obs for s in first]
 
 
+def test_a_reset_in_parts_starts_each_worker_with_a_full_reset(cfg):
+    """Each worker's first request of a rollout is "reset" (its other slots' backends become spare),
+    later ones "reset_more", also when a worker has no slot in the first part."""
+    with EnvManager(dataclasses.replace(cfg, num_workers=2)) as m:
+        a, b = m.task_ids("train")[:2]
+        sent, send = [], m._send
+
+        def spy(cmd, items, sent=None, log=sent):
+            log.append(sorted({(i % 2, cmd(i % 2)) for i, _ in items}))
+            return send(cmd, items, sent)
+
+        m._send = spy
+        for part in m.reset_begin([a, a, b, b], [[0, 1], [2, 3]]):
+            m.reset_end(part)
+        for part in m.reset_begin([a, b], [[0], [1]]):
+            m.reset_end(part)
+        assert sent == [[(0, "reset"), (1, "reset")], [(0, "reset_more"), (1, "reset_more")],
+                        [(0, "reset")], [(1, "reset")]]
+        assert [s.task_id for s in m.states] == [a, b]
+
+
 def _scripted_run(m, task_ids, n_steps=12):
     """Even slots follow their walkthrough (with some invalid steps), odd slots act at random."""
     rng = random.Random(0)
