@@ -1143,11 +1143,15 @@ class EnvManager:
         load the next wave's games. In-process the resets are done here."""
         self._states = [None] * len(task_ids)  # type: ignore[list-item]  # filled by reset_end
         self.invalid_steps = [0] * len(task_ids)
-        out, started = [], set()  # processes that got this rollout's first ("reset") request
-        for part in parts:
+        first: dict[int, int] = {}  # process -> the part that brings its first request: a full "reset"
+        for k, part in enumerate(parts):
+            for i in part:
+                first.setdefault(self._owner(i), k)
+        out = []
+        for k, part in enumerate(parts):
             items = [(i, task_ids[i]) for i in part]
             out.append(PendingStep({}, items, self._send(
-                lambda w: "reset_more" if w in started else "reset", items, sent=started)))
+                lambda w, k=k: "reset" if first[w] == k else "reset_more", items)))
         return out
 
     def reset_end(self, pending: "PendingStep") -> dict[int, EnvState]:
@@ -1209,26 +1213,24 @@ class EnvManager:
                         done=bool(done) or won or steps >= self.cfg.max_steps, won=won,
                         anchor=anchor or anchor_key(obs), steps=steps, score=None if score is None else float(score))
 
-    def _send(self, cmd: str | Callable[[int], str], items: list[tuple[int, Any]], sent: set | None = None) -> tuple:
+    def _owner(self, slot: int) -> int:
+        """The process that holds a slot's backend: worker slot % num_workers (in-process: 0)."""
+        return slot % len(self._workers) if self._workers else 0
+
+    def _send(self, cmd: str | Callable[[int], str], items: list[tuple[int, Any]]) -> tuple:
         """Hand items [(slot, arg)] to the workers that own their slots (all at once) and return a
         ticket for `_collect`; in-process, run them now and the ticket holds the results. cmd may
-        depend on the worker (a function of its index; in-process: 0); `sent` collects the indices
-        of the workers that got items."""
+        depend on the process (a function of its `_owner` index)."""
+        command = cmd if callable(cmd) else lambda _w: cmd
         if self._local is not None:
-            command = cmd(0) if callable(cmd) else cmd
-            if sent is not None and items:
-                sent.add(0)
-            return ("done", self._local.run(command, items))
-        n = len(self._workers)
-        batches: list[list[tuple[int, int, Any]]] = [[] for _ in range(n)]
+            return ("done", self._local.run(command(0), items))
+        batches: list[list[tuple[int, int, Any]]] = [[] for _ in self._workers]
         for pos, (slot, arg) in enumerate(items):
-            batches[slot % n].append((pos, slot, arg))
+            batches[self._owner(slot)].append((pos, slot, arg))
         with self._worker_errors():
             for w, ((_, conn), batch) in enumerate(zip(self._workers, batches)):
                 if batch:
-                    conn.send((cmd(w) if callable(cmd) else cmd, [(slot, arg) for _, slot, arg in batch]))
-                    if sent is not None:
-                        sent.add(w)
+                    conn.send((command(w), [(slot, arg) for _, slot, arg in batch]))
         ticket = ("sent", batches, len(items), next(self._tickets))
         self._in_flight.append(ticket[3])
         return ticket

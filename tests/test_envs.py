@@ -401,9 +401,9 @@ def test_a_reset_in_parts_starts_each_worker_with_a_full_reset(cfg):
         a, b = m.task_ids("train")[:2]
         sent, send = [], m._send
 
-        def spy(cmd, items, sent=None, log=sent):
+        def spy(cmd, items, log=sent):
             log.append(sorted({(i % 2, cmd(i % 2)) for i, _ in items}))
-            return send(cmd, items, sent)
+            return send(cmd, items)
 
         m._send = spy
         for part in m.reset_begin([a, a, b, b], [[0, 1], [2, 3]]):
