@@ -51,16 +51,19 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 import gigpo
-import policy as P
+import agent
+import core
+import decoder
+import model
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
-def make_prompts(pol: P.Policy, n: int, length: int, seed: int) -> list[list[int]]:
+def make_prompts(pol: decoder.Policy, n: int, length: int, seed: int) -> list[list[int]]:
     """n distinct chat prompts of length-40..length tokens, cut from ALFWorld-like text."""
     rng = random.Random(seed)
-    corpus = P.default_tiny_corpus(200, seed=seed)
+    corpus = model.default_tiny_corpus(200, seed=seed)
     prompts = []
     for i in range(n):
         text = " ".join(rng.sample(corpus, 60))
@@ -99,17 +102,17 @@ def timed(fn, lms: list[torch.nn.Module], clock: str, device="cpu") -> dict:
 
 
 @torch.inference_mode()
-def raw_forward(pol: P.Policy, prompts: list[list[int]], n_tokens: int, ready_mask: bool,
+def raw_forward(pol: decoder.Policy, prompts: list[list[int]], n_tokens: int, ready_mask: bool,
                 dynamic: bool = False, merge: bool = False) -> None:
     """Prefill + (n_tokens - 1) single-token forwards through the KV cache: no sampling, no stops.
     The cache is our decoder's (`Policy.new_cache`), or HF's DynamicCache with dynamic=True; the
     model is the one our decoder runs (`Policy.decoder`: with merge, the open merged copy)."""
-    model = pol.decoder(P.SamplingConfig(merge_adapter=merge))
+    lm = pol.decoder(decoder.SamplingConfig(merge_adapter=merge))
     ids, mask = pol._left_pad(prompts)  # (B, P)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = P.DynamicCache(config=pol._lm_config) if dynamic else pol.new_cache(ids.shape[1] + n_tokens)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-          logits_to_keep=1)
+    cache = decoder.DynamicCache(config=pol._lm_config) if dynamic else pol.new_cache(ids.shape[1] + n_tokens)
+    lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+       logits_to_keep=1)
     B, L = ids.shape
     full_mask = torch.ones((B, L + n_tokens), dtype=torch.bool, device=ids.device)
     full_mask[:, :L] = mask.bool()
@@ -117,7 +120,7 @@ def raw_forward(pol: P.Policy, prompts: list[list[int]], n_tokens: int, ready_ma
     for t in range(n_tokens - 1):
         step_mask = full_mask[:, :L + t + 1]
         attn = {"full_attention": step_mask[:, None, None, :]} if ready_mask else step_mask.long()
-        model(input_ids=tok, attention_mask=attn, position_ids=pos + 1 + t, cache=cache, use_cache=True)
+        lm(input_ids=tok, attention_mask=attn, position_ids=pos + 1 + t, cache=cache, use_cache=True)
 
 
 def best_times(runs: dict, lms: list[torch.nn.Module], args) -> dict:
@@ -136,7 +139,7 @@ def best_times(runs: dict, lms: list[torch.nn.Module], args) -> dict:
 # ---------------------------------------------------------------------------------------------
 # decode
 # ---------------------------------------------------------------------------------------------
-def bench_model(pol: P.Policy, args, merge: bool = False) -> dict:
+def bench_model(pol: decoder.Policy, args, merge: bool = False) -> dict:
     """Workloads a, b, c on one policy; returns the numbers (seconds, tokens/s, ms). merge: our
     decoder (and "raw forward") run the merged copy (`Policy.merged_adapter`), built once here
     (its cost is `merge_s`), as a rollout builds it once for all its steps; HF `generate` runs
@@ -148,11 +151,11 @@ def bench_model(pol: P.Policy, args, merge: bool = False) -> dict:
     return dict(out, merge_s=merge_s if merge else 0.0)
 
 
-def _bench_model(pol: P.Policy, args, merge: bool, merged: list) -> dict:
+def _bench_model(pol: decoder.Policy, args, merge: bool, merged: list) -> dict:
     B, N = args.batch, args.new_tokens
     lm = pol.model.get_base_model() if hasattr(pol.model, "get_base_model") else pol.model  # HF calls this one
     lm = [lm] + merged  # the modules whose first forward ends the prefill
-    sample = P.SamplingConfig(temperature=1.0, max_new_tokens=N, min_new_tokens=N, stop=(), merge_adapter=merge)
+    sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=N, min_new_tokens=N, stop=(), merge_adapter=merge)
     gen = torch.Generator(device=pol.device).manual_seed(0)
     out: dict = {}
 
@@ -213,12 +216,12 @@ def cmd_decode(args) -> dict:
         if args.model_dir:
             path = args.model_dir
         elif args.shape == "tiny" and not args.layers and not args.vocab and args.dtype == "float32":
-            path = P.build_tiny_model(os.path.join(tmp, "tiny"), P.default_tiny_corpus())  # the tiny model itself
+            path = model.build_tiny_model(os.path.join(tmp, "tiny"), model.default_tiny_corpus())  # the tiny model itself
         else:
             path = make_model(os.path.join(tmp, "model"), args.shape, args.dtype, args.layers, args.vocab)
         base = AutoModelForCausalLM.from_pretrained(path).to(args.device).eval()
-        lora = P.load_policy(P.ModelConfig(name=path), device=args.device)  # + LoRA, as rollouts run it
-        policies = {"base": P.Policy(base, lora.tokenizer, args.device), "lora": lora, "lora_merged": lora}
+        lora = model.load_policy(model.ModelConfig(name=path), device=args.device)  # + LoRA, as rollouts run it
+        policies = {"base": decoder.Policy(base, lora.tokenizer, args.device), "lora": lora, "lora_merged": lora}
         cfg = base.config
         info = dict(model=f"{args.model_dir or args.shape} Qwen2: {cfg.num_hidden_layers} layers, {cfg.hidden_size} hidden, "
                           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}, "
@@ -317,18 +320,18 @@ def cmd_rollout(args) -> dict:
 
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    pol = P.load_policy(P.ModelConfig(name="tiny", dtype="float32"), device="cpu")
+    pol = model.load_policy(model.ModelConfig(name="tiny", dtype="float32"), device="cpu")
     rows = []
     for n, w, waves, overlap in [(n, w, waves, overlap) for n in args.slots for w in args.workers
                                  for waves in args.waves for overlap in ([True, False] if waves > 1 and w else [False])]:
-        sample = P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, waves=waves, overlap_env=overlap)
+        sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, waves=waves, overlap_env=overlap)
         cfg = E.EnvConfig(max_steps=args.max_steps, num_workers=w)
         with E.EnvManager(cfg) as manager:  # worker start-up is not timed
             envs = manager if args.model_actions else AdmissibleActions(manager)
             tasks = manager.task_ids("train")[:n // args.group_size]
             stats: dict = {}
             t0 = time.perf_counter()
-            trajs = P.rollout(pol, envs, tasks, args.group_size, sample, seed=0, stats=stats)
+            trajs = agent.rollout(pol, envs, tasks, args.group_size, sample, seed=0, stats=stats)
             wall = time.perf_counter() - t0
         rows.append(dict(slots=n, workers=w, waves=waves, overlap=overlap, wall_s=wall, **stats,
                          env_share=(stats["reset_s"] + stats["env_s"]) / wall,
@@ -382,15 +385,15 @@ def make_model(out_dir: str, shape: str, dtype: str = "float32", layers: int = 0
     nothing) with the tiny tokenizer to out_dir; returns out_dir (loads with ModelConfig name=out_dir)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = P.build_tiny_tokenizer(P.default_tiny_corpus(), 3000)
+    tokenizer = model.build_tiny_tokenizer(model.default_tiny_corpus(), 3000)
     spec = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), max_position_embeddings=8192, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out_dir)
+        lm = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    lm.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
@@ -401,11 +404,11 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def lora_state(pol: P.Policy) -> dict:
+def lora_state(pol: decoder.Policy) -> dict:
     return {n: p.detach().clone() for n, p in pol.model.named_parameters() if p.requires_grad}
 
 
-def set_lora_state(pol: P.Policy, state: dict) -> None:
+def set_lora_state(pol: decoder.Policy, state: dict) -> None:
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if n in state:
@@ -425,7 +428,7 @@ def ours_iteration(pol, envs, tasks, G, sample, gcfg, seed) -> dict:
     opt = make_opt(pol, gcfg)
     stats: dict = {}
     t0 = time.perf_counter()
-    trajs = P.rollout(pol, envs, tasks, G, sample, seed=seed, stats=stats)
+    trajs = agent.rollout(pol, envs, tasks, G, sample, seed=seed, stats=stats)
     sync(pol.device)
     t1 = time.perf_counter()
     samples = gigpo.samples_from(trajs, gigpo.compute_advantages(trajs, gcfg))  # Eq. 3, 6-9
@@ -455,7 +458,7 @@ def hf_rollout(pol, envs, tasks, G, sample, seed, timing) -> list:
     t0 = time.perf_counter()
     states = envs.reset(slots)
     timing["env_s"] += time.perf_counter() - t0
-    trajs = [P.Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % G, skill_id=None,
+    trajs = [core.Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % G, skill_id=None,
                           steps=[], won=False, task=s.task) for i, (t, s) in enumerate(zip(slots, states))]
     history: list[list] = [[] for _ in slots]
     model.eval()
@@ -483,7 +486,7 @@ def hf_rollout(pol, envs, tasks, G, sample, seed, timing) -> list:
         t3 = time.perf_counter()
         for i, p, r, text, (action, valid) in zip(active, prompts, responses, texts, parsed):
             s, ns = states[i], new[i]
-            trajs[i].steps.append(P.Step(prompt_ids=p, response_ids=r, logprobs=[0.0] * len(r), text=text,
+            trajs[i].steps.append(core.Step(prompt_ids=p, response_ids=r, logprobs=[0.0] * len(r), text=text,
                                          action=action, valid=valid, reward=ns.reward, done=ns.done, won=ns.won,
                                          anchor=s.anchor, obs=s.obs))
             history[i].append((s.obs, action if valid else None))
@@ -581,7 +584,7 @@ def loop_setup(args, shape: str, dtype: str, layers: int, tmp: str, model_dir: s
     import envs as E
 
     path = model_dir or make_model(os.path.join(tmp, f"{shape}-{dtype}-{layers}"), shape, dtype, layers, args.vocab)
-    pol = P.load_policy(P.ModelConfig(name=path, dtype=dtype), device=args.device)
+    pol = model.load_policy(model.ModelConfig(name=path, dtype=dtype), device=args.device)
     env_cfg = E.EnvConfig(max_steps=args.max_steps, receptacles=6, distractors=2, num_train_tasks=96,
                           eval_per_type=20)  # the cpu preset's games (cached by `python siri.py`)
     return pol, env_cfg
@@ -592,7 +595,7 @@ def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "hf")) -> d
     import envs as E
 
     cuda = torch.device(pol.device).type == "cuda"
-    sample = P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+    sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
     gcfg = gigpo.GiGPOConfig(group_size=G, lr=3e-3, minibatches=2, token_budget=args.token_budget)  # cpu preset
     start = lora_state(pol)
     out = {}
@@ -709,22 +712,22 @@ def cmd_qlora(args) -> dict:
         path = args.model_dir or make_model(os.path.join(tmp, "model"), args.shape, args.dtype, args.layers, args.vocab)
         t0 = time.perf_counter()
         try:
-            pol = P.load_policy(P.ModelConfig(name=path, dtype="bfloat16", qlora=True, gradient_checkpointing=True),
+            pol = model.load_policy(model.ModelConfig(name=path, dtype="bfloat16", qlora=True, gradient_checkpointing=True),
                                 device=args.device)
-        except P.ModelLoadError as e:
+        except model.ModelLoadError as e:
             report.update(ok=False, skipped=str(e).splitlines()[0])
             pol = None
         if pol is not None:
             sync(pol.device)
             report["load_s"] = time.perf_counter() - t0
-            report["merged_for_sampling"] = P.merged_copy(pol.model) is not None
+            report["merged_for_sampling"] = decoder.merged_copy(pol.model) is not None
             gcfg = gigpo.GiGPOConfig(group_size=2, lr=1e-4)
             before = lora_state(pol)
             with E.EnvManager(E.EnvConfig(max_steps=2, receptacles=6, distractors=2, num_train_tasks=96,
                                           eval_per_type=20)) as manager:
                 envs = AdmissibleActions(manager)
                 it = ours_iteration(pol, envs, manager.task_ids("train")[:1], 2,
-                                    P.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens), gcfg, seed=0)
+                                    decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens), gcfg, seed=0)
             report.update(ok=True, iteration=it, adapter_moved=any(
                 not torch.equal(before[n], p) for n, p in pol.model.named_parameters() if n in before))
             if torch.device(pol.device).type == "cuda":

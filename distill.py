@@ -15,17 +15,17 @@ Loss (added to the GiGPO loss on the plain rollouts):
     ρ_t = π_θ(a_t | c_plain) / μ(a_t | c_skill)
 
 where S is the selected token set, μ the policy that sampled a_t under the skill context
-(its recorded log-probs) and agg the GiGPO token aggregation.
+(its recorded log-probs) and agg the GiGPO token aggregation. This module selects S and builds its
+training samples; the per-token loss, `gigpo.distill_token_loss`, sits beside GiGPO's own terms
+in `gigpo.objective`, where the whole loss reads on one screen.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
-from gigpo import GiGPOConfig, Sample, compute_advantages
+from core import Sample
+from gigpo import GiGPOConfig, compute_advantages
 
 
 @dataclass
@@ -88,33 +88,6 @@ def selection_masks(skill_returns: Sequence[float], plain_returns: Sequence[floa
             for keep, adv in zip(keep_traj, skill_advantages)]
 
 
-def distill_token_loss(logp_plain: torch.Tensor, logp_sampler: torch.Tensor, advantages: torch.Tensor,
-                       clip_eps: float) -> torch.Tensor:
-    """Per-token distillation loss, log ρ_t clipped on the side the advantage pushes it:
-
-        A_t ≥ 0:  −A_t · min(log ρ_t, log(1 + ε))
-        A_t < 0:  −A_t · max(log ρ_t, log(1 − ε))       ρ_t = π_θ(a_t|c_plain) / μ(a_t|c_skill)
-
-    ``logp_plain``: log π_θ(a_t | plain prompt), with grad; ``logp_sampler``: the sampling
-    log-probs under the skill prompt (constants); ``advantages``: A_t (> 0 for the tokens the
-    default selection keeps).
-
-    Our choice, because the paper gives no formula: below the clip the gradient is
-    −A_t ∇log π_θ(a_t|c_plain), an advantage-weighted log-likelihood that does not vanish
-    when the plain policy still finds the skill's action unlikely (as ρ·A would); once the
-    plain policy already gives the token (1+ε) times the sampler's probability, the token is
-    internalised and the gradient stops, like PPO's clip does for positive advantages.
-    Negative advantages reach this loss only when the advantage filter is off (the
-    `no_selection` ablation); without the lower clip, −A·log ρ would push such a token's
-    probability towards 0 with no bound. Our choice: clip at log(1 − ε), PPO's lower bound,
-    so a negative token stops once the plain policy gives it (1 − ε) times the sampler's
-    probability, rather than exclude such tokens, which would make the ablation a different
-    selection rule instead of "no selection".
-    """
-    log_ratio = logp_plain - logp_sampler
-    clipped = torch.where(advantages >= 0, torch.clamp(log_ratio, max=math.log1p(clip_eps)),
-                          torch.clamp(log_ratio, min=math.log1p(-clip_eps)))
-    return -advantages * clipped
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,7 +111,7 @@ def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiG
         raise ValueError(f"distill.advantage_reference must be 'union' or 'guided', got {cfg.advantage_reference!r}")
     plain_returns: dict[str, list[float]] = {}
     for t in plain_trajs:
-        plain_returns.setdefault(t.group, []).append(t.return_)
+        plain_returns.setdefault(t.group, []).append(t.reward_sum)
     by_group: dict[str, list[int]] = {}
     for k, t in enumerate(skill_trajs):
         by_group.setdefault(t.group, []).append(k)
@@ -148,7 +121,7 @@ def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiG
     for group, members in by_group.items():
         if group not in plain_returns:
             raise ValueError(f"skill-guided group {group!r} has no paired plain group")
-        returns = [skill_trajs[k].return_ for k in members]
+        returns = [skill_trajs[k].reward_sum for k in members]
         useful = utility_mask(returns, plain_returns[group]) if cfg.utility_filter else [True] * len(members)
         masks = selection_masks(returns, plain_returns[group], [skill_adv[k] for k in members], cfg)
         for k, mask, use in zip(members, masks, useful):

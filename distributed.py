@@ -16,13 +16,14 @@ a single-process run executes exactly the code it did before this module existed
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from datetime import timedelta
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+
+from core import seed_of
 
 
 def init(device: str = "auto") -> bool:
@@ -95,7 +96,7 @@ def rank_seed(seed: int) -> int:
     different number of ranks re-derives every seed)."""
     if rank() == 0:
         return seed
-    return int.from_bytes(hashlib.sha256(repr((seed, rank())).encode()).digest()[:4], "little") >> 1
+    return seed_of(seed, rank())
 
 
 def all_reduce_sum(values):

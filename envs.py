@@ -41,6 +41,8 @@ import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as alfred_goals
 import alfworld.info as alfworld_info
 
+from core import atomic_write_json
+
 # The six ALFWorld task types, in ALFWorld's own order (TASK_TYPES in alfred_tw_env.py).
 TASK_TYPES = (
     "pick_and_place_simple",
@@ -735,20 +737,6 @@ def make_verified_game(seed: int, task_type: str, receptacles: int, distractors:
     raise RuntimeError(f"no solvable game for seed {seed} ({task_type}) in {MAX_ATTEMPTS} attempts")
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, then os.replace: readers never see half a file."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; the cache is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def embedded_cache_folder(cfg: EnvConfig) -> str:
@@ -791,7 +779,7 @@ def _generate_into_cache(args: tuple) -> int:
         path = os.path.join(folder, task_id + ".tw-pddl")
         if not os.path.exists(path):
             task_type, seed = _parse_embedded_id(task_id)
-            _atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine,
+            atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine,
                                                         cfg.location_priors))
     return len(task_ids)
 

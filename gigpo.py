@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 import distributed
+from core import Sample
 
 
 @dataclass
@@ -324,6 +325,35 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return loss
 
 
+def distill_token_loss(logp_plain: torch.Tensor, logp_sampler: torch.Tensor, advantages: torch.Tensor,
+                       clip_eps: float) -> torch.Tensor:
+    """SIRI Phase 2's per-token distillation loss (distill.py selects the tokens), log ρ_t clipped on the side the advantage pushes it:
+
+        A_t ≥ 0:  −A_t · min(log ρ_t, log(1 + ε))
+        A_t < 0:  −A_t · max(log ρ_t, log(1 − ε))       ρ_t = π_θ(a_t|c_plain) / μ(a_t|c_skill)
+
+    ``logp_plain``: log π_θ(a_t | plain prompt), with grad; ``logp_sampler``: the sampling
+    log-probs under the skill prompt (constants); ``advantages``: A_t (> 0 for the tokens the
+    default selection keeps).
+
+    Our choice, because the paper gives no formula: below the clip the gradient is
+    −A_t ∇log π_θ(a_t|c_plain), an advantage-weighted log-likelihood that does not vanish
+    when the plain policy still finds the skill's action unlikely (as ρ·A would); once the
+    plain policy already gives the token (1+ε) times the sampler's probability, the token is
+    internalised and the gradient stops, like PPO's clip does for positive advantages.
+    Negative advantages reach this loss only when the advantage filter is off (the
+    `no_selection` ablation); without the lower clip, −A·log ρ would push such a token's
+    probability towards 0 with no bound. Our choice: clip at log(1 − ε), PPO's lower bound,
+    so a negative token stops once the plain policy gives it (1 − ε) times the sampler's
+    probability, rather than exclude such tokens, which would make the ablation a different
+    selection rule instead of "no selection".
+    """
+    log_ratio = logp_plain - logp_sampler
+    clipped = torch.where(advantages >= 0, torch.clamp(log_ratio, max=math.log1p(clip_eps)),
+                          torch.clamp(log_ratio, min=math.log1p(-clip_eps)))
+    return -advantages * clipped
+
+
 def aggregate(token_losses: list[torch.Tensor], mode: str, n_tokens: int, n_seqs: int) -> torch.Tensor:
     """Sum of one micro-batch's share of the mini-batch loss.
 
@@ -339,25 +369,59 @@ def aggregate(token_losses: list[torch.Tensor], mode: str, n_tokens: int, n_seqs
 
 
 # ---------------------------------------------------------------------------------------
-# Update step (plumbing around the loss)
+# ALGO LOGIC: the whole objective
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Sample:
-    """One training row: the tokens of one step's response under one prompt.
+def objective(samples: Sequence[Sample], logps: Sequence[torch.Tensor], entropies: Sequence[torch.Tensor],
+              old: Sequence[torch.Tensor], ref: Sequence[torch.Tensor | None], totals: dict[str, int],
+              cfg: GiGPOConfig, distill=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """SIRI's loss on one micro-batch's share of a mini-batch, per action token t of each sample:
 
-    ``kind == "pg"``: a plain rollout step, trained with PPO-clip + KL (Phase 0 and 2).
-    ``kind == "distill"``: a selected skill-guided step re-scored under the plain prompt
-    (Phase 2, see distill.py); ``old_logprobs`` are then the sampling log-probs under the
-    skill prompt.
+        pg samples (plain rollouts, Phase 0 and 2):   l_t = L_clip(ρ_t, A) + β·KL_t − c_ent·H_t
+        distill samples (Phase 2, selected tokens):   l_t = L_distill(π_θ(a_t|c_plain) / μ(a_t|c_skill), A)
+        L = agg(l)[pg tokens] + λ · agg(l)[distill tokens]
+
+    ρ_t = π_θ/π_old (GiGPO Eq. 10, `ppo_clip_loss`), KL_t to the reference policy (`kl_penalty`),
+    H_t the entropy, L_distill `distill_token_loss`, agg `aggregate` (divided by the mini-batch's
+    ``totals``: "pg_tokens", "pg_seqs", "distill_tokens", "distill_seqs", summed over ranks). A is the
+    sample's advantage on every token of its response. ``old``: π_old's log-probs (distill
+    samples: the sampler's under the skill prompt); ``ref``: π_ref's, None where β = 0.
+    ``distill``: `distill.DistillConfig` (λ = distill.lam, ε = distill.clip_eps); needed only
+    when a distill sample is present. Returns (L, detached sums of each term for the logs).
     """
+    pg, dist, stats = [], [], defaultdict(float)
+    for s, logp, ent, old_t, ref_t in zip(samples, logps, entropies, old, ref):
+        adv = torch.full_like(logp, s.advantage)
+        if s.kind == "distill":
+            if distill is None:
+                raise ValueError("a distillation sample needs distill=DistillConfig (pass cfg.distill to update)")
+            loss_t = distill_token_loss(logp, old_t, adv, distill.clip_eps)
+            stats["distill_loss"] += loss_t.detach().sum().item()
+            dist.append(loss_t)
+            continue
+        loss_t = ppo_clip_loss(logp, old_t, adv, cfg.clip_eps, cfg.clip_ratio_c)             # GiGPO Eq. 10
+        stats["pg_loss"] += loss_t.detach().sum().item()
+        stats["clip_frac"] += ((logp - old_t).exp().sub(1).abs() > cfg.clip_eps).sum().item()
+        if ref_t is not None:
+            kl = kl_penalty(logp, ref_t, cfg.kl_estimator)
+            loss_t = loss_t + cfg.beta_kl * kl
+            stats["kl"] += kl.detach().sum().item()
+        if cfg.entropy_coef:
+            loss_t = loss_t - cfg.entropy_coef * ent
+        stats["entropy"] += ent.detach().sum().item()
+        pg.append(loss_t)
+    loss = aggregate(pg, cfg.loss_agg, totals["pg_tokens"], totals["pg_seqs"]) if pg else torch.zeros(())
+    if dist:
+        loss = loss + distill.lam * aggregate(dist, cfg.loss_agg, totals["distill_tokens"], totals["distill_seqs"])
+    return loss, stats
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    old_logprobs: list[float]
-    advantage: float
-    kind: str = "pg"
+
+# ---------------------------------------------------------------------------------------
+# Update step (plumbing around the objective)
+# ---------------------------------------------------------------------------------------
+
+
 
 
 def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) -> list[Sample]:
@@ -396,13 +460,11 @@ def score_rows(policy, samples: Sequence[Sample], rows: Sequence[int], token_bud
     return {k: lp.float() for k, lp in zip(rows, logps)}
 
 
-def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_cfg=None,
-           seed: int = 0, progress=None) -> dict:
+def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_cfg=None, seed: int = 0) -> dict:
     """PPO epochs over ``samples``: shuffle, split into mini-batches, accumulate micro-batches.
 
-    Loss of a mini-batch (SIRI's total objective; the distill term only in Phase 2):
-        L = agg(L_clip + β·KL − c_ent·H)[pg tokens] + λ · agg(L_distill)[distill tokens]
-    A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
+    The loss of a mini-batch is `objective` (SIRI's total objective; the distill term only in
+    Phase 2, with ``distill_cfg``: λ and ε of `distill.DistillConfig`). A non-finite loss skips that optimiser step and is counted (``skipped_nonfinite``).
     Returns metrics averaged over optimiser steps, and the seconds spent scoring with the policy
     (forward with grad: ``score_s``), scoring with the reference (``ref_score_s``), re-scoring
     π_old (``old_score_s``) and in backward passes (``backward_s``); the rest of the update is
@@ -425,8 +487,6 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
     step on the union. Every rank takes the same number of steps (a rank with fewer mini-batches
     pads with empty ones) and a non-finite loss on any rank skips the step on all.
     """
-    from distill import distill_token_loss  # Phase 2 term; imported here to keep the import graph flat
-
     params = [p for p in policy.model.parameters() if p.requires_grad]
     if distill_cfg is None and any(s.kind == "distill" for s in samples):
         raise ValueError("update() got distillation samples but no distill_cfg (pass cfg.distill)")
@@ -465,10 +525,9 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
         for mini in minis:
             pg = [k for k in mini if samples[k].kind == "pg"]
             dist = [k for k in mini if samples[k].kind == "distill"]
-            n_pg, n_dist = sum(lengths[k][1] for k in pg), sum(lengths[k][1] for k in dist)
-            n_pg, n_dist, n_pg_seqs, n_dist_seqs = distributed.all_reduce_sum(  # totals over ranks
-                [n_pg, n_dist, len(pg), len(dist)])
-            if n_pg_seqs + n_dist_seqs == 0:
+            totals = dict(zip(("pg_tokens", "distill_tokens", "pg_seqs", "distill_seqs"), distributed.all_reduce_sum(
+                [sum(lengths[k][1] for k in pg), sum(lengths[k][1] for k in dist), len(pg), len(dist)])))
+            if totals["pg_seqs"] + totals["distill_seqs"] == 0:
                 continue  # empty on every rank (only when distributed): no step
             optimizer.zero_grad(set_to_none=True)
             stats: dict[str, float] = defaultdict(float)
@@ -481,34 +540,15 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
                 logps, ents = policy.score([samples[k].prompt_ids for k in mb], [samples[k].response_ids for k in mb],
                                            cfg.token_budget, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
                 seconds["score_s"] += time.perf_counter() - t0
-                pg_terms, dist_terms = [], []
-                for k, logp, ent in zip(mb, logps, ents):
-                    s = samples[k]
+                for k, logp in zip(mb, logps):
                     if old[k] is None:  # first mini-batch, no step taken yet: π_old = this very forward
                         old[k] = logp.detach().float()
-                    old_k = old[k].to(logp.device, logp.dtype)
-                    adv = torch.full_like(logp, s.advantage)
-                    if s.kind == "pg":
-                        loss_t = ppo_clip_loss(logp, old_k, adv, cfg.clip_eps, cfg.clip_ratio_c)  # Eq. 10
-                        stats["pg_loss"] += loss_t.detach().sum().item()
-                        stats["clip_frac"] += ((logp - old_k).exp().sub(1).abs() > cfg.clip_eps).sum().item()
-                        if k in ref:
-                            kl = kl_penalty(logp, ref[k].to(logp.device, logp.dtype), cfg.kl_estimator)
-                            loss_t = loss_t + cfg.beta_kl * kl
-                            stats["kl"] += kl.detach().sum().item()
-                        if cfg.entropy_coef:
-                            loss_t = loss_t - cfg.entropy_coef * ent
-                        stats["entropy"] += ent.detach().sum().item()
-                        pg_terms.append(loss_t)
-                    else:
-                        loss_t = distill_token_loss(logp, old_k, adv, distill_cfg.clip_eps)
-                        stats["distill_loss"] += loss_t.detach().sum().item()
-                        dist_terms.append(loss_t)
-                loss = aggregate(pg_terms, cfg.loss_agg, n_pg, n_pg_seqs) if pg_terms else 0.0
-                if dist_terms:
-                    loss = loss + distill_cfg.lam * aggregate(dist_terms, cfg.loss_agg, n_dist, n_dist_seqs)
-                if not torch.is_tensor(loss):
-                    continue
+                loss, terms = objective([samples[k] for k in mb], logps, ents,
+                                        [old[k].to(lp.device, lp.dtype) for k, lp in zip(mb, logps)],
+                                        [ref[k].to(lp.device, lp.dtype) if k in ref else None for k, lp in zip(mb, logps)],
+                                        totals, cfg, distill_cfg)
+                for key, value in terms.items():
+                    stats[key] += value
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -542,10 +582,8 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             sums["loss"] += stats["loss"]
             sums["grad_norm"] += grad_norm.item()
             for key in ("pg_loss", "kl", "entropy", "clip_frac"):
-                sums[key] += stats[key] / max(n_pg, 1)
-            sums["distill_loss"] += stats["distill_loss"] / max(n_dist, 1)
-            if progress is not None:
-                progress.update(1)
+                sums[key] += stats[key] / max(totals["pg_tokens"], 1)
+            sums["distill_loss"] += stats["distill_loss"] / max(totals["distill_tokens"], 1)
     out = {k: v / max(n_steps, 1) for k, v in sums.items()}
     pg_tokens, distill_tokens = distributed.all_reduce_sum(
         [sum(len(s.response_ids) for s in samples if s.kind == k) for k in ("pg", "distill")])

@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import math
 import os
 import random
 import re
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from statistics import NormalDist
+from typing import Callable
 
 import numpy as np
+import torch
 
-
-def skill_id(task_type: str, text: str) -> str:
-    """The one id of a skill: a hash of its task type and rendered text. `Skill.id` and the
-    `Trajectory.skill_id` of a rollout with that skill in its prompt are both this value."""
-    return hashlib.sha1(f"{task_type}\n{text}".encode()).hexdigest()[:12]
+import agent
+import distributed
+import model
+from core import atomic_write_json, seed_of, skill_id
 
 
 @dataclass
@@ -381,10 +380,8 @@ def load_summariser(spec: str, policy, model_cfg=None):
     """`model:<hf id or path>` -> a Policy loaded with policy.load_policy on a copy of the
     ModelConfig (`model_cfg`, else the defaults) with that name, on the agent's device.
     Load it once per run and pass it to mine_round as `summariser_policy` (else: once per round)."""
-    import policy as policy_lib  # lazy: the pure parts of this module need no torch
-    base = model_cfg or policy_lib.ModelConfig()
-    return policy_lib.load_policy(dataclasses.replace(base, name=spec.split(":", 1)[1],
-                                                      device=str(policy.device)))
+    base = model_cfg or model.ModelConfig()
+    return model.load_policy(dataclasses.replace(base, name=spec.split(":", 1)[1]), device=str(policy.device))
 
 
 def corpus_examples() -> list[str]:
@@ -405,15 +402,14 @@ def summarise(source: str, jobs: list[tuple[str, list]], cfg: MiningConfig, seed
     if source == "template":
         return [template_summary(t, tt, cfg.max_skill_steps, tasks) for tt, t in jobs]
     if source == "random":
-        return [random_summary(t, tt, _seed(seed, i), cfg.max_skill_steps, tasks)
+        return [random_summary(t, tt, seed_of(seed, i), cfg.max_skill_steps, tasks)
                 for i, (tt, t) in enumerate(jobs)]
     if source != "policy" and not source.startswith("model:"):
         raise ValueError(f"unknown summariser {source!r}")
-    import torch
     gen_cfg = dataclasses.replace(sampling_cfg, temperature=cfg.summary_temperature,
                                   max_new_tokens=cfg.max_summary_tokens, stop=())
     prompts = [summariser.chat_ids(summary_prompt(t, tt, cfg.max_trajectory_chars, tasks)) for tt, t in jobs]
-    gen = torch.Generator(device=summariser.device).manual_seed(_seed(seed, "summarise"))
+    gen = torch.Generator(device=summariser.device).manual_seed(seed_of(seed, "summarise"))
     return [g.text for g in summariser.generate(prompts, gen_cfg, generator=gen)]
 
 
@@ -484,23 +480,6 @@ class Skill:
         return self.utility[-1]["delta_g"] if self.utility else None
 
 
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON so that `path` holds either the old or the new content, never a torn file:
-    write a temp file in the same directory, fsync, then os.replace (atomic on POSIX and Windows)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; the bank is for reading
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -575,8 +554,8 @@ class SkillBank:
 
     def save(self, round_idx: int) -> str:
         path = os.path.join(self.dir, f"skills_round_{round_idx:02d}.json")
-        atomic_write_json(path, {"round": round_idx,
-                                 "skills": [{"id": s.id, **asdict(s)} for s in self.skills]})
+        atomic_write_json(path, {"round": round_idx, "skills": [{"id": s.id, **asdict(s)} for s in self.skills]},
+                          indent=2)
         return path
 
     @classmethod
@@ -638,7 +617,6 @@ def detectable_delta_g(sd: float, n_pairs: int, level: float = 0.9, power: float
     where sd is the standard deviation of the P pair differences d_p. The rule keeps a skill when
     the lower end of the two-sided `level` interval, ≈ Δg − z_{(1+level)/2}·sd/√P, is above 0.
     Example: sd = 0.4, P = 48, level = power = 0.9 -> (1.645 + 1.282) · 0.4 / 6.93 = 0.169."""
-    from statistics import NormalDist
     z = NormalDist().inv_cdf
     return (z((1 + level) / 2) + z(power)) * sd / math.sqrt(max(n_pairs, 1))
 
@@ -679,7 +657,6 @@ def pool_pairs(result: PairedResult) -> PairedResult:
     process would hold them, so Δg and its interval are computed on all M×G pairs. `baseline`
     stays this rank's own plain trajectories (they are reused only by this rank's next call).
     One process: `result` itself."""
-    import distributed  # lazy: the pure parts of this module need no torch
     if distributed.world_size() == 1:
         return result
     rows = sorted(distributed.gather_objects(list(zip(result.keys, result.with_success, result.without_success))))
@@ -694,13 +671,12 @@ def validate(policy, envs, skill: Skill, task_ids: list[str], group_size: int, s
     (they are the same episodes, so we skip re-playing them). Under torchrun each rank plays its
     shard of `task_ids` (with its own seed, shared by both arms) and the pairs are pooled."""
     import distributed
-    import policy as policy_lib  # lazy: the pure parts of this module need no torch
     task_ids, seed = distributed.shard(task_ids), distributed.rank_seed(seed)
-    with_trajs = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
+    with_trajs = agent.rollout(policy, envs, task_ids, group_size, sampling_cfg,
                                     skill={skill.task_type: skill.text()}, seed=seed,
                                     desc=f"mining {skill.id} +skill")
     if baseline is None:
-        baseline = policy_lib.rollout(policy, envs, task_ids, group_size, sampling_cfg,
+        baseline = agent.rollout(policy, envs, task_ids, group_size, sampling_cfg,
                                       skill=None, seed=seed, desc=f"mining {skill.id} plain")
     return pool_pairs(pair_outcomes(skill.id, with_trajs, baseline))
 
@@ -738,9 +714,6 @@ def update_status(skill: Skill, rec: dict, margin: float, selection: str) -> str
 # TRY NOT TO MODIFY: one mining round (plumbing around the functions above)
 # ---------------------------------------------------------------------------------------------
 
-def _seed(*parts) -> int:
-    """Deterministic 31-bit seed from any parts (Python's hash() of str is salted per process)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") >> 1
 
 
 def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed: int
@@ -760,7 +733,7 @@ def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed
         by_type[task_type_of(tid)].append(tid)
     val, src = {}, {}
     for tt, ids in sorted(by_type.items()):
-        chosen = sorted(random.Random(_seed(seed, tt)).sample(ids, min(m, max(len(ids) - 1, 1))))
+        chosen = sorted(random.Random(seed_of(seed, tt)).sample(ids, min(m, max(len(ids) - 1, 1))))
         val[tt] = chosen
         src[tt] = set(ids) - set(chosen)
     return val, src
@@ -791,7 +764,7 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
     if bank_dir is not None:
         bank.dir = str(bank_dir)
     m: Counter = Counter()
-    val_seed = _seed(seed, round_idx, "validate")  # one seed per round: with/without share it
+    val_seed = seed_of(seed, round_idx, "validate")  # one seed per round: with/without share it
     pool = list(pool) if pool is not None else envs.task_ids("train")
     tasks, sources = split_pool(pool, envs.task_type, cfg.validation_tasks, split_seed)
     baselines: dict[str, list] = {}
@@ -805,7 +778,7 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
         res = validate_fn(policy, envs, skill, tasks[tt], cfg.validation_group, sampling_cfg,
                           val_seed, baseline=baselines.get(tt))
         baselines[tt] = res.baseline
-        rec = record_utility(skill, res, round_idx, cfg, _seed(seed, round_idx, skill.id))  # Δg + interval
+        rec = record_utility(skill, res, round_idx, cfg, seed_of(seed, round_idx, skill.id))  # Δg + interval
         measured[tt].append(skill)
         was = skill.status
         now = update_status(skill, rec, cfg.margin, cfg.selection)  # Δg > margin (or lo > margin)
@@ -823,15 +796,14 @@ def mine_round(policy, envs, buffer: list, bank: SkillBank, round_idx: int, cfg:
     for t in buffer:  # successful plain trajectories of the type's source tasks only (no leak)
         if t.won and t.skill_id is None and t.task_id in sources.get(t.task_type, ()):
             by_type[t.task_type].append(t)
-    jobs = [(tt, pick_trajectories(by_type[tt], cfg.trajectories_per_skill, _seed(seed, round_idx, tt, c)))
+    jobs = [(tt, pick_trajectories(by_type[tt], cfg.trajectories_per_skill, seed_of(seed, round_idx, tt, c)))
             for tt in sorted(by_type) for c in range(cfg.candidates_per_type)]
-    import distributed  # lazy: the pure parts of this module need no torch
     texts = []
     if jobs and distributed.is_main():  # torchrun: rank 0 summarises, every rank gets its texts
         if cfg.summariser.startswith("model:") and summariser_policy is None:
             summariser_policy = load_summariser(cfg.summariser, policy)
         tasks_text = task_texts(envs, [t for _, trajs in jobs for t in trajs])
-        texts = summarise(cfg.summariser, jobs, cfg, _seed(seed, round_idx, "summarise"),
+        texts = summarise(cfg.summariser, jobs, cfg, seed_of(seed, round_idx, "summarise"),
                           summariser_policy or policy, sampling_cfg, tasks_text)
     texts = distributed.broadcast_object(texts)
     new: list[Skill] = []

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import siri
+from core import atomic_write, save_figure
 
 ARMS = ["gigpo", "siri", "siri_random"]
 T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
@@ -62,8 +63,8 @@ def write_table(rows: list[dict], out_dir: Path) -> str:
         per = ", ".join(f"{d:+.3f} [{a:+.3f}, {b:+.3f}]" for d, a, b in (r[key] for r in rows))
         lines.append(f"| {arm} − gigpo | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {per} |")
     text = "\n".join(lines) + "\n"
-    siri.atomic_write_text(out_dir / "seeds.md", text)
-    siri.atomic_write_text(out_dir / "seeds.json", json.dumps(rows, indent=1))
+    atomic_write(out_dir / "seeds.md", text)
+    atomic_write(out_dir / "seeds.json", json.dumps(rows, indent=1))
     return text
 
 
@@ -84,10 +85,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(arms)), ["after warmup", "GiGPO-only", "SIRI", "SIRI\nrandom skills"])
     ax.set(ylabel="eval success (plain prompt)", title=f"{len(rows)} seeds, equal budget after the warmup")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from core import save_figure
+
 
 def load_groups(path: Path) -> dict[int, list[tuple[str, list[dict]]]]:
     """{unit: [(label, rows of one group), ...]} from trajectories.jsonl, groups in file order; a
@@ -103,8 +105,7 @@ def draw(rows: list[dict], title: str, path: Path) -> None:
     ax.set_title(f"{title}\n{rows[0]['task']}   (colour + letter: one anchor state = one step group; "
                  "frame: green A>0, red A<0, width ∝ |A|; ★ distilled)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 def main(argv: list[str]) -> Path:

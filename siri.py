@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import json
 import os
 import pickle
@@ -31,7 +30,6 @@ import sys
 import time
 import typing
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,417 +42,16 @@ import distributed
 import gigpo
 import mining
 import show
-from envs import EnvConfig, EnvWorkerDied, make_envs
-from policy import ModelConfig, ModelLoadError, SamplingConfig, Step, Trajectory, load_policy, rollout
+from agent import rollout
+from config import ARMS, ColdStartConfig, Config, ConfigError, config_reference, flat, load_config
+from core import Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
+from envs import EnvWorkerDied, make_envs
+from model import ModelLoadError, load_policy
 from webshop import WebShopNotInstalled
-
-# ---------------------------------------------------------------------------------------
-# Configuration: one dataclass per phase, every default defined once (here or in the module
-# that owns the phase); config.yaml and the command line only override.
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunConfig:
-    """Where and how the run executes."""
-
-    out_dir: str = "runs/default"
-    """Output folder: resolved config, metrics.jsonl, checkpoint/, skills/, curves.png, results.md."""
-    seed: int = 0
-    """Seed of everything (python, numpy, torch, task sampling, rollouts)."""
-    device: str = "auto"
-    """"auto" (cuda if available, else cpu), "cpu" or "cuda"."""
-    rounds: int = 1
-    """SIRI rounds of {Phase 1 mining, Phase 2 distillation} after the warmup."""
-    checkpoint_every: int = 1
-    """Write a checkpoint every this many units (and always at the end of each phase)."""
-    tensorboard: bool = False
-    """Also log metrics to TensorBoard (opt-in; needs the tensorboard package)."""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default)."""
-    arms: list[str] = field(default_factory=lambda: ["gigpo", "siri"])
-    """Branches continued from the same warmup checkpoint, at equal budget (the same update iterations,
-    rollouts per iteration and seeds), each evaluated at the end: "gigpo" (the GiGPO-only control),
-    "siri" (Phases 1-2), "siri_random" (Phases 1-2 with mining.summariser=random: the falsification
-    control). results.md compares them per task type, with a paired interval over eval tasks."""
-    ablation: str = "none"
-    """One switch per ablation of the paper: "none" | "no_mining" (GiGPO only: the rounds run their
-    distillation iterations as plain GiGPO, no skills) | "random_skills" (mining.summariser=random)
-    | "no_selection" (distil every skill-guided token: both distill filters off) |
-    "no_utility_filter" (distill.utility_filter=false)."""
-    log_groups: int = 2
-    """Task groups per training iteration written, step by step with their advantages, to
-    trajectories.jsonl (Phase 2: as many plain and as many skill-guided groups); 0 = none.
-    `python siri.py show` draws one."""
-    max_skipped_updates: int = 3
-    """Stop the run with a message when this many consecutive optimiser steps were skipped for a
-    non-finite loss or gradient (0 = never); a skipped step changes no weight, so the last
-    checkpoint holds finite weights."""
-
-    def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"run.device={self.device!r}: choose auto, cpu, cuda or cuda:N")
-        if min(self.rounds, self.threads, self.max_skipped_updates, self.log_groups) < 0 or self.checkpoint_every < 1:
-            raise ValueError("run.rounds, threads, max_skipped_updates, log_groups >= 0 and run.checkpoint_every >= 1")
-
-
-@dataclass
-class ColdStartConfig:
-    """Cold start (paper Fig. 2a): supervised fine-tuning on the environment's expert walkthroughs."""
-
-    enabled: str = "auto"
-    """"auto" (on for the tiny model, off for instruct models), "on" or "off"."""
-    tasks: int = 24
-    """Training tasks whose expert walkthroughs form the SFT set."""
-    epochs: int = 12
-    """Passes over the SFT set."""
-    lr: float = 3e-3
-    """AdamW learning rate of the cold start (full fine-tune of the base weights)."""
-    batch_size: int = 16
-    """Steps (prompt, response) per optimiser step."""
-    think: str = "plan"
-    """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
-    skill_demos: int = 2
-    """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
-    random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
-
-    def __post_init__(self):
-        if self.enabled not in ("auto", "on", "off"):
-            raise ValueError(f"coldstart.enabled={self.enabled!r}: choose auto, on or off")
-        if self.tasks < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.skill_demos < 0:
-            raise ValueError("coldstart.tasks, epochs and batch_size must be >= 1, lr > 0, skill_demos >= 0")
-
-
-@dataclass
-class WarmupConfig:
-    """Phase 0: GiGPO warmup."""
-
-    iterations: int = 4
-    """GiGPO iterations (each: rollouts → advantages → update)."""
-    tasks_per_iter: int = 4
-    """B: task groups per iteration (GiGPO ALFWorld: 16); each is played G = gigpo.group_size times."""
-    task_pool: int = 0
-    """Train on the first N training tasks only (0 = all). Small pools make CPU demos learn fast."""
-    eval_every: int = 0
-    """Evaluate every K iterations during the warmup (0 = only before and after)."""
-    buffer_size: int = 256
-    """Successful plain trajectories kept for Phase 1 (the newest are kept)."""
-
-    def __post_init__(self):
-        if self.iterations < 0 or self.tasks_per_iter < 1 or self.task_pool < 0 or self.eval_every < 0 \
-                or self.buffer_size < 0:
-            raise ValueError(f"warmup.tasks_per_iter must be >= 1 and warmup.iterations, task_pool, eval_every, "
-                             f"buffer_size >= 0 (got tasks_per_iter={self.tasks_per_iter}, iterations={self.iterations})")
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation: plain prompt, eval split, success per task type."""
-
-    max_tasks: int = 12
-    """Evaluate on the first N eval tasks (0 = the whole fixed eval set); the set has equal counts per type."""
-    temperature: float = 0.4
-    """Sampling temperature at evaluation (GiGPO: 0.4)."""
-    episodes_per_task: int = 1
-    """Episodes per eval task."""
-
-    def __post_init__(self):
-        if self.max_tasks < 0 or self.episodes_per_task < 1 or self.temperature < 0:
-            raise ValueError("eval.max_tasks >= 0, eval.episodes_per_task >= 1, eval.temperature >= 0")
-
-
-@dataclass
-class Config:
-    """Everything a run reads. ``python siri.py key.sub=value`` overrides any field."""
-
-    preset: str = "cpu"
-    """Named preset applied before config.yaml overrides: cpu | qwen1.5b | qwen7b-qlora."""
-    gigpo_defaults: str = "ours"
-    """Where the GiGPO and SIRI papers are silent: "ours" (the defaults documented on each field)
-    or "verl-agent" (the choices of the public GiGPO code, `GIGPO_DEFAULTS`), applied after the
-    preset and before config.yaml and the command line, which still win."""
-    run: RunConfig = field(default_factory=RunConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: SamplingConfig = field(default_factory=SamplingConfig)
-    gigpo: gigpo.GiGPOConfig = field(default_factory=gigpo.GiGPOConfig)
-    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    mining: mining.MiningConfig = field(default_factory=mining.MiningConfig)
-    distill: distill.DistillConfig = field(default_factory=distill.DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-PRESETS: dict[str, dict] = {
-    # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld in rooms of
-    # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
-    # 14 steps. Our choice of sizes, to keep `python siri.py` short on 2 cores (measured: 16 min,
-    # over the 10-minute goal; a shorter cold start learned nothing, README): a cold start
-    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 games (16 per type: 6
-    # validate a type's skills, 10 are its summary sources), 48 paired episodes per validation,
-    # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
-    # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
-    "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
-            "env.receptacles": 6, "env.distractors": 2, "env.max_steps": 14, "env.num_train_tasks": 96,
-            "env.num_workers": 2,
-            "coldstart.tasks": 48, "coldstart.epochs": 11, "warmup.task_pool": 96, "warmup.iterations": 8,
-            "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
-            "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
-            "distill.iterations": 4},
-    # One GPU (24 GB+): the reproduction default of the GiGPO ALFWorld script, with LoRA.
-    "qwen1.5b": {
-        "model.name": "Qwen/Qwen2.5-1.5B-Instruct", "model.dtype": "bfloat16",
-        "model.gradient_checkpointing": True, "gigpo.lr": 1e-5, "gigpo.token_budget": 16384,
-        "rollout.max_new_tokens": 512, "warmup.iterations": 150, "warmup.tasks_per_iter": 16,
-        "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
-        "distill.iterations": 20, "distill.tasks_per_iter": 8,
-    },
-    # The paper's model, 4-bit base + LoRA (QLoRA) to fit one GPU.
-    "qwen7b-qlora": {
-        "model.name": "Qwen/Qwen2.5-7B-Instruct", "model.dtype": "bfloat16", "model.qlora": True,
-        "model.gradient_checkpointing": True, "gigpo.lr": 1e-5, "gigpo.token_budget": 8192,
-        "rollout.max_new_tokens": 512, "warmup.iterations": 150, "warmup.tasks_per_iter": 16,
-        "eval.max_tasks": 0, "mining.summariser": "policy", "run.rounds": 3,
-        "distill.iterations": 20, "distill.tasks_per_iter": 8,
-    },
-}
-
-# gigpo_defaults -> settings. "verl-agent": the public GiGPO code (johnhaofu/verl-agent, its
-# trainer config and ALFWorld script) where it differs from our defaults; README, "the method in
-# code", lists each point. Dual clip (c = 3) and the k3 clamp are our defaults already.
-GIGPO_DEFAULTS: dict[str, dict] = {
-    "ours": {},
-    "verl-agent": {"gigpo.invalid_penalty_mode": "row", "gigpo.episode_stats": "step",
-                   "gigpo.entropy_coef": 0.001, "gigpo.old_logprobs": "recompute",
-                   "gigpo.clip_ratio_c": 3.0, "env.verl_agent_prompt": True},
-}
-
-# run.ablation -> the settings it stands for ("no_mining" also drops the mining units, see build_units)
-ABLATIONS: dict[str, dict] = {
-    "none": {},
-    "no_mining": {},
-    "random_skills": {"mining.summariser": "random"},
-    "no_selection": {"distill.utility_filter": False, "distill.advantage_filter": False},
-    "no_utility_filter": {"distill.utility_filter": False},
-}
-
-ARMS = {"gigpo": "GiGPO-continued (control)", "siri": "SIRI (Phases 1-2)",
-        "siri_random": "SIRI, random skills (control)"}  # run.arms -> row label in results.md
-
-ENV_SHORTHANDS: dict[str, dict] = {
-    "alfworld": {"env.name": "alfworld"},
-    # GiGPO's WebShop setting: 15 steps per episode.
-    "webshop": {"env.name": "webshop", "env.max_steps": 15},
-}
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names the key and the fix."""
-
-
-def _check_type(value, tp, key: str):
-    """Coerce/check one YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': {value!r} is not a {tp}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (typing.Any,)
-        return [_check_type(v, inner, f"{key}[]") for v in value]
-    if tp is typing.Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    if tp is str and isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-        return "on" if value else "off"
-    raise ConfigError(f"config key '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _apply(obj, dotted: str, value, prefix: str = ""):
-    """Set ``obj.a.b = value`` from "a.b", with a clear error for unknown or mistyped keys."""
-    head, _, rest = dotted.partition(".")
-    names = [f.name for f in dataclasses.fields(obj)]
-    full = prefix + head
-    if head not in names:
-        close = difflib.get_close_matches(head, names, n=1)
-        hint = f" — did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
-        raise ConfigError(f"unknown config key '{full}'{hint}")
-    hints = typing.get_type_hints(type(obj))
-    current = getattr(obj, head)
-    if dataclasses.is_dataclass(current):
-        if rest:
-            return _apply(current, rest, value, full + ".")
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{full}' is a section; give it a mapping, not {value!r}")
-        for k, v in value.items():
-            _apply(current, str(k), v, full + ".")
-        return
-    if rest:
-        raise ConfigError(f"config key '{full}' is a value, not a section (got '{full}.{rest}')")
-    setattr(obj, head, _check_type(value, hints[head], full))
-
-
-def load_config(path: str | None, overrides: list[str]) -> Config:
-    """Defaults → preset → config.yaml → env shorthand → CLI ``key=value`` overrides."""
-    pairs: list[tuple[str, object]] = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, _, raw = item.partition("=")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
-    file_data = {}
-    if path:
-        if not Path(path).exists():
-            raise ConfigError(f"config file {path} not found; pass --config PATH or create it")
-        file_data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(file_data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
-    preset = dict(pairs).get("preset", file_data.get("preset", "cpu"))
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = Config()
-    for key, value in PRESETS[preset].items():
-        _apply(cfg, key, value)
-    defaults = dict(pairs).get("gigpo_defaults", file_data.get("gigpo_defaults", "ours"))
-    if defaults not in GIGPO_DEFAULTS:
-        raise ConfigError(f"gigpo_defaults={defaults!r}: choose one of {', '.join(GIGPO_DEFAULTS)}")
-    for key, value in GIGPO_DEFAULTS[defaults].items():
-        _apply(cfg, key, value)
-    for key, value in file_data.items():
-        _apply(cfg, str(key), value)
-    for key, value in pairs:
-        if key == "env" and isinstance(value, str):
-            if value not in ENV_SHORTHANDS:
-                raise ConfigError(f"env={value!r}: choose one of {', '.join(ENV_SHORTHANDS)}")
-            for k, v in ENV_SHORTHANDS[value].items():
-                _apply(cfg, k, v)
-        else:
-            _apply(cfg, key, value)
-    cfg.preset = preset
-    explicit = set(flat(dict(pairs))) | set(flat(file_data))
-    if cfg.env.source == "real" and cfg.env.name == "alfworld" and "env.max_steps" not in explicit \
-            and cfg.env.max_steps != 50:
-        # the preset's cap is sized for embedded rooms of a few receptacles; real ALFWorld rooms hold
-        # 15-35, and GiGPO plays them for 50 steps
-        print(f"note: env.source=real: env.max_steps {cfg.env.max_steps} (preset {preset}, sized for embedded rooms) "
-              "-> 50, as GiGPO's ALFWorld script; set env.max_steps to choose")
-        cfg.env.max_steps = 50
-    if cfg.env.name == "webshop" and cfg.env.source == "real" and cfg.coldstart.enabled != "off":
-        # no expert walkthroughs to imitate there (webshop.WebShopBackend.walkthrough returns [])
-        if cfg.coldstart.enabled == "on":
-            raise ConfigError("coldstart.enabled=on: real WebShop has no expert walkthroughs; set coldstart.enabled=off")
-        if cfg.model.name == "tiny":
-            print("note: env.source=real WebShop has no expert walkthroughs: no cold start (coldstart.enabled=off)")
-        cfg.coldstart.enabled = "off"
-    if cfg.run.ablation not in ABLATIONS:
-        raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
-    for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings
-        _apply(cfg, key, value)
-    if not cfg.run.arms or len(set(cfg.run.arms)) != len(cfg.run.arms) or set(cfg.run.arms) - set(ARMS):
-        raise ConfigError(f"run.arms={cfg.run.arms!r}: a non-empty list of distinct arms from {', '.join(ARMS)}, "
-                          "e.g. run.arms=[gigpo,siri]")
-    for section in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
-        value = getattr(cfg, section.name)
-        if hasattr(value, "__post_init__"):
-            try:
-                value.__post_init__()
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"section '{section.name}': {e}") from None
-    return cfg
-
-
-def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source with ``ast``)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def config_reference() -> str:
-    """config.yaml as shipped: every key, its default and its meaning, commented out.
-
-    The defaults live in the dataclasses only; this text is generated from them (and a test
-    checks that config.yaml equals it), so the file can never drift from the code.
-    """
-    import textwrap
-
-    lines = ["# SIRI configuration. Every key is listed with its default and meaning; all are commented",
-             "# out, so this file changes nothing until you uncomment a line. Order of precedence:",
-             "# dataclass defaults < preset < gigpo_defaults < this file < command line (python siri.py key.sub=value).",
-             "# Regenerate after changing a default: python siri.py --write-config",
-             "#", "# Presets (preset=NAME on the command line or here):"]
-    for name, values in PRESETS.items():
-        body = ", ".join(f"{k}={v}" for k, v in values.items())
-        lines += textwrap.wrap(f"{name}: {body}", 88, initial_indent="#   ", subsequent_indent="#     ")
-    lines += ["#", "# gigpo_defaults=verl-agent (after the preset, before this file): the public GiGPO code's"]
-    body = ", ".join(f"{k}={v}" for k, v in GIGPO_DEFAULTS["verl-agent"].items())
-    lines += textwrap.wrap(body, 88, initial_indent="#   ", subsequent_indent="#   ")
-    lines += ["", "# preset: cpu", "# gigpo_defaults: ours", ""]
-    for section in dataclasses.fields(Config):
-        if section.name in ("preset", "gigpo_defaults"):
-            continue
-        obj = getattr(Config(), section.name)
-        docs = field_docs(type(obj))
-        lines.append(f"# {section.name}:")
-        for f in dataclasses.fields(obj):
-            for doc_line in textwrap.wrap(docs.get(f.name, ""), 84):
-                lines.append(f"#   # {doc_line}")
-            value = yaml.safe_dump({f.name: getattr(obj, f.name)}, default_flow_style=True, width=1000).strip()
-            lines.append(f"#   {value[1:-1]}")
-        lines.append("")
-    return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------------------
 # Plumbing: atomic files, checkpoints, metrics, plots
 # ---------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 class Metrics:
@@ -494,7 +91,7 @@ class Metrics:
         if not self.writer:
             return
         kept = [r for r in self.rows() if r["unit"] < units_done]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -592,11 +189,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -608,7 +202,7 @@ def success_stats(trajs, prefix: str) -> dict:
     """Success, return, steps and invalid-action rate of a list of trajectories."""
     steps = [s for t in trajs for s in t.steps]
     out = {f"{prefix}/success": sum(t.won for t in trajs) / max(len(trajs), 1),
-           f"{prefix}/return": sum(t.return_ for t in trajs) / max(len(trajs), 1),
+           f"{prefix}/return": sum(t.reward_sum for t in trajs) / max(len(trajs), 1),
            f"{prefix}/steps": len(steps) / max(len(trajs), 1),
            f"{prefix}/invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1)}
     scores = [t.score for t in trajs if t.score is not None]
@@ -709,7 +303,7 @@ def demo_trajectory(task_id: str, task_type: str, demo: list[tuple]) -> Trajecto
 
 
 def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.MiningConfig,
-                      seed: int) -> tuple[list[gigpo.Sample], dict]:
+                      seed: int) -> tuple[list[Sample], dict]:
     """SFT samples (prompt, target response), one per demonstration step.
 
     Every task gives a plain demonstration (search in a random order, `demonstration`) and
@@ -758,7 +352,7 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
                 target = f"<think>{cfg.think}</think><action>{action}</action>"
                 response = (policy.tokenizer(target, add_special_tokens=False)["input_ids"]
                             + [policy.tokenizer.eos_token_id])
-                samples.append(gigpo.Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
+                samples.append(Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
     stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": sum(map(len, guided.values())),
              "coldstart/search_fallback": fallback,
              "coldstart/demo_steps": sum(len(d) for d in plain.values()) / max(len(plain), 1)}
@@ -863,7 +457,7 @@ def trajectory_row(t: Trajectory, adv: list[float] | None = None, episode: list[
         steps.append(row)
     return {"id": f"{t.group}/{t.index}" + ("+skill" if t.skill_id else ""), "task_id": t.task_id,
             "task_type": t.task_type, "task": t.task, "group": t.group, "index": t.index, "skill_id": t.skill_id,
-            "won": t.won, "return": t.return_, **({"R": gigpo_return} if gigpo_return is not None else {}),
+            "won": t.won, "return": t.reward_sum, **({"R": gigpo_return} if gigpo_return is not None else {}),
             "steps": steps}
 
 
@@ -936,7 +530,7 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
     mine = distributed.shard(task_ids)
     guided_ids = [t for t in mine if envs.task_type(t) in skills]
     extra_ids = [t for t in mine if envs.task_type(t) not in skills]
-    seed_a, seed_b = distributed.rank_seed(seed), distributed.rank_seed(mining._seed(seed, "second"))
+    seed_a, seed_b = distributed.rank_seed(seed), distributed.rank_seed(seed_of(seed, "second"))
     G = cfg.gigpo.group_size
     t0 = time.perf_counter()
     plain = rollout(policy, envs, mine, G, cfg.rollout, skill=None, seed=seed_a, desc="phase2 plain")
@@ -1010,7 +604,7 @@ def build_units(cfg: Config) -> list[Unit]:
 def unit_seed(cfg: Config, unit: Unit) -> int:
     """Seed of a unit: a hash of (run.seed, phase, index), the same in every arm, so that the arms
     draw the same tasks and rollout seeds (paired); evaluations all use one seed (the same episodes)."""
-    return mining._seed(cfg.run.seed, "eval" if unit.phase == "eval" else (unit.phase, unit.index))
+    return seed_of(cfg.run.seed, "eval" if unit.phase == "eval" else (unit.phase, unit.index))
 
 
 STAGE_LABELS = {"base": "base model", "coldstart": "after cold start", "warmup": "after GiGPO warmup", **ARMS}
@@ -1110,15 +704,6 @@ RUN_ARTEFACTS = ("checkpoint", "checkpoint.old", "checkpoint.new", "metrics.json
                  "results.md", "skills")
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -1189,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. warmup.iterations=5")
     args = parser.parse_args(argv)
     if args.write_config:
-        atomic_write_text(Path(__file__).with_name("config.yaml"), config_reference())
+        atomic_write(Path(__file__).with_name("config.yaml"), config_reference())
         raise SystemExit(0)
     config_path = args.config or str(Path(__file__).with_name("config.yaml"))
     if args.config is None and not Path(config_path).exists():
@@ -1291,7 +876,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
         metrics.truncate(0)
         trajectories.truncate(0)
         if is_main:
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            atomic_write(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
     progress["done"] = progress["checkpoint"] = state["done"]
 
@@ -1377,7 +962,7 @@ def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, po
     rows = metrics.rows()
     plot_curves(rows, run_dir / "curves.png")
     report = write_report(cfg, state, rows)
-    atomic_write_text(run_dir / "results.md", report)
+    atomic_write(run_dir / "results.md", report)
     print(report)
     if started_group:
         distributed.destroy()
@@ -1414,19 +999,17 @@ def export(argv: list[str]) -> Path:
     with torch.no_grad():
         for name, tensor in torch.load(run_dir / "checkpoint" / "training.pt", weights_only=False)["trainable"].items():
             params[name].copy_(tensor)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if "--merged" in argv:
-        merged = policy.model.merge_and_unload()
-        merged.save_pretrained(tmp)
-    else:
-        policy.model.get_base_model().save_pretrained(tmp, state_dict=policy.base_state_dict())
-        policy.set_base_path(str(out))
-        policy.model.save_pretrained(tmp / "adapter")
-    policy.tokenizer.save_pretrained(tmp)
-    (tmp / "EXPORTED").write_text(f"{run_dir.resolve()}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        tmp = Path(tmp)
+        if "--merged" in argv:
+            merged = policy.model.merge_and_unload()
+            merged.save_pretrained(tmp)
+        else:
+            policy.model.get_base_model().save_pretrained(tmp, state_dict=policy.base_state_dict())
+            policy.set_base_path(str(out))
+            policy.model.save_pretrained(tmp / "adapter")
+        policy.tokenizer.save_pretrained(tmp)
+        atomic_write(tmp / "EXPORTED", f"{run_dir.resolve()}\n")
     print(f"exported {'merged model' if '--merged' in argv else 'base model + adapter/'} to {out}")
     return out
 
@@ -1435,7 +1018,7 @@ def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
     """skills/round_NN.md (`mining.SkillBank.story`), rewritten after the round's mining and again
     after its Phase 2 iterations. Rank 0 only."""
     if distributed.is_main():
-        atomic_write_text(Path(bank.dir) / f"round_{round_idx:02d}.md", bank.story(round_idx))
+        atomic_write(Path(bank.dir) / f"round_{round_idx:02d}.md", bank.story(round_idx))
 
 
 def check_skipped(state: dict, values: dict, unit: Unit, cfg: Config) -> None:

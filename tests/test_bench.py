@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import bench
+import core
 import gigpo
-import policy as P
+import decoder
+import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,20 +30,20 @@ def test_our_update_equals_the_by_hand_update_with_fewer_forwards(tmp_path):
     grad forward, length-sorted micro-batches) against `bench.hf_update` (π_old and π_ref in
     passes of their own, every epoch): the same adapter after 2 epochs x 2 mini-batches (SGD,
     float32, to 1e-6), with the rows each pass scored counted by a forward hook."""
-    path = P.build_tiny_model(str(tmp_path / "tiny"), P.default_tiny_corpus(50))
+    path = model.build_tiny_model(str(tmp_path / "tiny"), model.default_tiny_corpus(50))
     torch.manual_seed(0)
-    pol = P.load_policy(P.ModelConfig(name=path), device="cpu")
+    pol = model.load_policy(model.ModelConfig(name=path), device="cpu")
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     texts = ["go to the fridge 1", "You arrive at cabinet 3. On the cabinet 3, you see a mug 1 and a bowl 2.",
              "look", "open drawer 2", "Nothing happens.", "take apple 1 from countertop 1 and then go to the fridge"]
-    samples = [gigpo.Sample(pol.chat_ids(t), [5 + k, 9, 11 + k][:1 + k % 3], [-6.0] * (1 + k % 3), 1.0 - 2 * (k % 2))
+    samples = [core.Sample(pol.chat_ids(t), [5 + k, 9, 11 + k][:1 + k % 3], [-6.0] * (1 + k % 3), 1.0 - 2 * (k % 2))
                for k, t in enumerate(texts + texts[:2])]  # 8 rows of ragged lengths
     cfg = gigpo.GiGPOConfig(lr=0.5, ppo_epochs=2, minibatches=2, beta_kl=0.1, old_logprobs="recompute")
     start = bench.lora_state(pol)
-    lora_layers = P._lora_layers(pol.model)
+    lora_layers = decoder._lora_layers(pol.model)
     rows = {}
 
     def count(_module, _args, kwargs, _out):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import distill
+import gigpo
 from distill import DistillConfig
 from gigpo import GiGPOConfig
-from policy import Step, Trajectory
+from core import Step, Trajectory
 
 
 def make_traj(group, index, rewards, anchors, skill=True):
@@ -44,7 +45,7 @@ def test_distill_token_loss_hand_values():
     a = torch.tensor([2.0, 2.0])
     sampler = torch.log(torch.tensor([0.5, 0.5]))
     plain = torch.log(torch.tensor([0.25, 1.0]))
-    loss = distill.distill_token_loss(plain, sampler, a, clip_eps=0.2)
+    loss = gigpo.distill_token_loss(plain, sampler, a, clip_eps=0.2)
     # token 1: log ρ = ln .5 -> -2 * (-0.6931) = 1.3863 ; token 2: log ρ = ln 2 > ln 1.2 -> -2 ln 1.2
     assert loss.tolist() == pytest.approx([2 * math.log(2), -2 * math.log(1.2)], abs=1e-5)
 
@@ -52,7 +53,7 @@ def test_distill_token_loss_hand_values():
 def test_distill_gradient_is_weighted_loglik_below_clip_and_zero_above():
     plain = torch.log(torch.tensor([0.01, 0.9])).requires_grad_(True)
     sampler = torch.log(torch.tensor([0.5, 0.5]))
-    distill.distill_token_loss(plain, sampler, torch.tensor([3.0, 3.0]), 0.2).sum().backward()
+    gigpo.distill_token_loss(plain, sampler, torch.tensor([3.0, 3.0]), 0.2).sum().backward()
     assert plain.grad.tolist() == pytest.approx([-3.0, 0.0])  # no vanishing at small ρ; stops once internalised
 
 
@@ -61,7 +62,7 @@ def test_distill_negative_advantage_is_clipped_below():
     sampler = torch.log(torch.tensor([0.5, 0.5]))
     plain = torch.log(torch.tensor([0.45, 0.1])).requires_grad_(True)
     a = torch.tensor([-2.0, -2.0])
-    loss = distill.distill_token_loss(plain, sampler, a, clip_eps=0.2)
+    loss = gigpo.distill_token_loss(plain, sampler, a, clip_eps=0.2)
     # token 1: log ρ = ln .9 > ln .8 -> 2·ln .9 ; token 2: log ρ = ln .2 < ln .8 -> clipped: 2·ln .8
     assert loss.tolist() == pytest.approx([2 * math.log(0.9), 2 * math.log(0.8)], abs=1e-5)
     loss.sum().backward()

@@ -19,11 +19,13 @@ import torch
 import torch.multiprocessing as tmp_mp
 
 import distributed
+import core
 import gigpo
 import mining
+import config
 import siri
 from distill import DistillConfig
-from policy import ModelConfig, load_policy
+from model import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,14 +46,14 @@ def tiny_policy(tiny_dir):
     return load_policy(ModelConfig(name="tiny", dtype="float32", tiny_dir=str(tiny_dir)), device="cpu")
 
 
-def make_samples(policy, n: int, seed: int) -> list[gigpo.Sample]:
+def make_samples(policy, n: int, seed: int) -> list[core.Sample]:
     """n synthetic rows of varied lengths: pg rows and a few distill rows."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         prompt = policy.chat_ids(f"go to the fridge {i}")[: rng.randint(10, 30)]
         resp = [rng.randrange(5, 200) for _ in range(rng.randint(2, 6))]
-        out.append(gigpo.Sample(prompt, resp, [-5.0 + rng.random()] * len(resp), rng.uniform(-1, 1),
+        out.append(core.Sample(prompt, resp, [-5.0 + rng.random()] * len(resp), rng.uniform(-1, 1),
                                 "distill" if i % 4 == 3 else "pg"))
     return out
 
@@ -228,7 +230,7 @@ def test_siri_runs_end_to_end_on_two_ranks_and_only_rank_0_writes(tmp_path):
     # a validated skill from an earlier round, so that mining re-measures it with paired rollouts
     # (M = 1 task: rank 1's shard is empty) and distillation plays skill-guided rollouts
     from envs import make_envs
-    cfg = siri.load_config(None, tiny_overrides(out, cache))
+    cfg = config.load_config(None, tiny_overrides(out, cache))
     with make_envs(cfg.env) as envs:
         task_type = envs.task_type(envs.task_ids("train")[0])
     skill = mining.Skill(name="demo", task_type=task_type, when_to_use="always",
@@ -278,5 +280,5 @@ def test_a_one_process_run_resumes_on_two_ranks(tmp_path):
     assert resumed, proc.stdout[-2000:]
     done_before = int(resumed.group(1))
     final = pickle.loads(state.read_bytes())
-    assert final["done"] == len(siri.build_units(siri.load_config(None, args))) > done_before
+    assert final["done"] == len(siri.build_units(config.load_config(None, args))) > done_before
     assert (out / "checkpoint" / "COMPLETE").exists() and {"gigpo", "siri"} <= set(final["evals"])

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
 import siri
-from policy import load_policy
+from model import load_policy
 from test_siri import tiny_overrides
 
 PLAIN_LOADER = '''
@@ -57,7 +58,7 @@ def finished_run(tmp_path_factory):
 
 def project_logits(run_dir, ids):
     """The run's final policy loaded the project's way, its last-position logits and greedy tokens."""
-    cfg = siri.load_config(str(run_dir / "config.yaml"), [])
+    cfg = config.load_config(str(run_dir / "config.yaml"), [])
     pol = load_policy(dataclasses.replace(cfg.model, name=str(run_dir / "coldstart_model")), device="cpu")
     params = dict(pol.model.named_parameters())
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_checkpoint_adapter_and_exports_load_with_plain_transformers_and_peft(fi
         assert torch.allclose(torch.tensor(got["logits"]), logits, atol=1e-4), kind
     # the cold start moved the base: the run's random tiny base gives other logits (the test
     # above would fail if an adapter were loaded on it)
-    (tiny,) = [p for p in Path(siri.load_config(str(run_dir / "config.yaml"), []).model.tiny_dir).iterdir() if p.is_dir()]
+    (tiny,) = [p for p in Path(config.load_config(str(run_dir / "config.yaml"), []).model.tiny_dir).iterdir() if p.is_dir()]
     random_base = load_policy(dataclasses.replace(pol.cfg, name=str(tiny)), device="cpu")
     with torch.no_grad():
         assert (random_base.model(torch.tensor([ids])).logits[0, -1] - logits).abs().max() > 1.0
@@ -102,7 +103,7 @@ def test_export_of_a_run_without_cold_start_uses_the_runs_own_base(tmp_path_fact
     siri.main(tiny_overrides(run_dir, cache, **{"coldstart.enabled": "off", "run.rounds": 0, "run.arms": "[gigpo]",
                                                 "warmup.iterations": 1}))
     assert not (run_dir / "coldstart_model").exists()
-    cfg = siri.load_config(str(run_dir / "config.yaml"), [])
+    cfg = config.load_config(str(run_dir / "config.yaml"), [])
     base = json.loads((run_dir / "checkpoint" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base).parent.resolve() == Path(cfg.model.tiny_dir).resolve()
     pol = load_policy(dataclasses.replace(cfg.model, name=base), device="cpu")

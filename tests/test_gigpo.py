@@ -210,7 +210,7 @@ def test_micro_batches_respect_the_budget_and_cut_padding():
     """`Policy.pack_rows` cuts the update's (and every scoring pass's) micro-batches: within the
     token budget, each row once, longest first; ragged lengths go into like-length batches, so
     that at most 1/8 of a scored tensor is padding (one tensor for all would be 29 % here)."""
-    from policy import Policy
+    from decoder import Policy
 
     assert Policy.pack_rows([(10, 5)] * 7, 45) == [[0, 1, 2], [3, 4, 5], [6]]  # budget: 3 rows x 15 tokens
     lengths = [(300, 20), (600, 30), (310, 25), (590, 30), (295, 32)]  # (prompt, response) tokens
@@ -220,3 +220,31 @@ def test_micro_batches_respect_the_budget_and_cut_padding():
     real_one, padded_one = gigpo.padded_tokens(lengths, [[0, 1, 2, 3, 4]])
     assert real == real_one == sum(p + r for p, r in lengths)
     assert 1 - real / padded <= 0.125 < 0.29 < 1 - real_one / padded_one
+
+
+def test_objective_hand_computed():
+    """The whole loss on one pg sample and one distillation sample, by hand:
+    pg (A = +1, β = 0.1, k3, c_ent = 0.01): token 1 ρ = 1 → −1, KL 0, H 1 → −1.01;
+      token 2 ρ = 0.25/0.5 = 0.5: −min(0.5·1, clip(0.5, 0.8, 1.2)·1) = −0.5;
+      KL = e^{ln 2} − ln 2 − 1 = 0.306853, H 2 → −0.5 + 0.0306853 − 0.02 = −0.4893147;
+      token-mean over 2 pg tokens: −0.74965735.
+    distill (A = +2, λ = 0.5, ε = 0.2): log ρ = ln(0.2/0.4) = −0.693147 < ln 1.2 → −2·(−0.693147)
+      = 1.386294; λ· mean over 1 token = 0.693147.   L = −0.05651017."""
+    from types import SimpleNamespace
+
+    from core import Sample
+    ln = math.log
+    samples = [Sample([1], [2, 3], [ln(0.5), ln(0.5)], 1.0), Sample([1], [4], [ln(0.4)], 2.0, "distill")]
+    logps = [torch.tensor([ln(0.5), ln(0.25)], requires_grad=True), torch.tensor([ln(0.2)], requires_grad=True)]
+    ents = [torch.tensor([1.0, 2.0]), torch.tensor([0.0])]
+    old = [torch.tensor(s.old_logprobs) for s in samples]
+    ref = [torch.tensor([ln(0.5), ln(0.5)]), None]
+    cfg = GiGPOConfig(clip_eps=0.2, clip_ratio_c=3.0, beta_kl=0.1, kl_estimator="k3", entropy_coef=0.01)
+    totals = {"pg_tokens": 2, "pg_seqs": 1, "distill_tokens": 1, "distill_seqs": 1}
+    loss, terms = gigpo.objective(samples, logps, ents, old, ref, totals, cfg, SimpleNamespace(lam=0.5, clip_eps=0.2))
+    assert loss.item() == pytest.approx(-0.05651017, abs=1e-6)
+    assert terms["kl"] == pytest.approx(0.306853, abs=1e-6) and terms["distill_loss"] == pytest.approx(1.386294, abs=1e-6)
+    loss.backward()  # the distilled token's log-prob is pushed up: d L / d log π = −λ·A / 1 = −1
+    assert logps[1].grad.item() == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="distill=DistillConfig"):
+        gigpo.objective(samples, logps, ents, old, ref, totals, cfg, None)

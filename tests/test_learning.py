@@ -24,9 +24,11 @@ from collections import defaultdict
 
 import torch
 
+import config
 import siri
 from envs import make_envs
-from policy import load_policy, rollout
+from agent import rollout
+from model import load_policy
 
 SETTING = {
     "env.receptacles": 4, "env.distractors": 2, "env.max_steps": 10,
@@ -40,7 +42,7 @@ EPISODES = 16
 def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
     cache = tmp_path_factory.mktemp("learn")
     torch.manual_seed(0)
-    cfg = siri.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
+    cfg = config.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
                            [f"env.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
     with make_envs(cfg.env) as envs:
         policy = load_policy(cfg.model, device="cpu",

@@ -8,7 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+import core
+import decoder
+import envs as envs_lib
 import mining
+import model
 from mining import (MiningConfig, PairedResult, Skill, SkillBank, delta_g, generalise_action,
                     keep_skill, mine_round, pair_outcomes, paired_bootstrap_ci, parse_skill,
                     random_summary, template_summary)
@@ -381,7 +385,6 @@ class PoolEnvs(FakeEnvs):
 
 
 def test_policy_summariser_malformed_outputs_are_counted(tmp_path):
-    pytest.importorskip("torch")
     types = ["a", "b", "c", "d"]
     buffer = [make_traj(f"{t}{i}", TRAJ_A, task_type=t) for t in types for i in range(3)]
     texts = ["no json at all", json.dumps(GOOD)[:50], "```json\n" + json.dumps(GOOD) + "\n```",
@@ -400,28 +403,26 @@ def test_policy_summariser_malformed_outputs_are_counted(tmp_path):
 
 # ----- with the tiny model on the embedded environment -----
 
-def expert_trajectory(envs, task_id, policy_lib):
+def expert_trajectory(envs, task_id):
     """A won plain Trajectory from the env's walkthrough (what Phase 0 would put in the buffer)."""
     (state,) = envs.reset([task_id])
     steps = []
     for action in envs.walkthrough(task_id):
         (new,) = envs.step([action])
-        steps.append(policy_lib.Step([], [], [], "", action, True, new.reward, new.done, new.won,
+        steps.append(core.Step([], [], [], "", action, True, new.reward, new.done, new.won,
                                      state.anchor, state.obs))
         state = new
-    return policy_lib.Trajectory(task_id, state.task_type, f"{task_id}@expert", 0, None, steps, state.won)
+    return core.Trajectory(task_id, state.task_type, f"{task_id}@expert", 0, None, steps, state.won)
 
 
 def test_validate_and_mine_round_with_tiny_model(tmp_path):
-    policy_lib = pytest.importorskip("policy")
-    envs_lib = pytest.importorskip("envs")
-    pol = policy_lib.load_policy(policy_lib.ModelConfig(name="tiny"))
+    pol = model.load_policy(model.ModelConfig(name="tiny"))
     # 7 train tasks: two of type pick_and_place_simple (ids are a prefix of the default list, so
     # the game cache is shared with the other tests); one env step per validation episode
     env_cfg = envs_lib.EnvConfig(max_steps=1, num_train_tasks=7, eval_per_type=1)
     envs = envs_lib.EnvManager(env_cfg)
     expert_envs = envs_lib.EnvManager(dataclasses.replace(env_cfg, max_steps=50))
-    sampling = policy_lib.SamplingConfig(max_new_tokens=4)
+    sampling = decoder.SamplingConfig(max_new_tokens=4)
     try:
         ids = envs.task_ids("train")
         tt = envs.task_type(ids[0])
@@ -432,7 +433,7 @@ def test_validate_and_mine_round_with_tiny_model(tmp_path):
         assert len(r.with_success) == len(r.without_success) == 2
         assert all(t.skill_id is None for t in r.baseline)
 
-        buffer = [expert_trajectory(expert_envs, t, policy_lib) for t in same_type[:2]]
+        buffer = [expert_trajectory(expert_envs, t) for t in same_type[:2]]
         assert len(buffer) == 2 and all(t.won for t in buffer)
         texts = mining.task_texts(expert_envs, buffer)
         fields, err = parse_skill(template_summary(buffer, tt, tasks=texts))

@@ -10,9 +10,13 @@ import os
 import pytest
 import torch
 
+import agent
+import decoder
+import envs as envs_lib
 import mining
-import policy as P
-from policy import ModelConfig, SamplingConfig
+import model
+from decoder import SamplingConfig
+from model import ModelConfig
 
 TEXTS = [
     "You are in the middle of a room. Your task is to: put a mug in fridge.",
@@ -35,13 +39,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return P.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), P.default_tiny_corpus())
+    return model.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), model.default_tiny_corpus())
 
 
 @pytest.fixture(scope="module")
 def pol(tiny_dir):
     torch.manual_seed(0)
-    return P.load_policy(ModelConfig(name=tiny_dir), device="cpu")
+    return model.load_policy(ModelConfig(name=tiny_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +89,16 @@ def test_tiny_tokenizer_and_chat_template(pol):
 
 
 def test_tiny_save_reload_same_logits(tmp_path):
-    corpus = P.default_tiny_corpus(50)
-    model, tok = P.make_tiny_model(corpus, seed=3)
-    path = P.build_tiny_model(str(tmp_path / "m"), corpus, seed=3)
-    loaded = P.load_policy(ModelConfig(name=path), device="cpu")  # the hub-model loading path
+    corpus = model.default_tiny_corpus(50)
+    lm, tok = model.make_tiny_model(corpus, seed=3)
+    path = model.build_tiny_model(str(tmp_path / "m"), corpus, seed=3)
+    loaded = model.load_policy(ModelConfig(name=path), device="cpu")  # the hub-model loading path
     ids = loaded.chat_ids(TEXTS[1])
     assert ids == tok(tok.apply_chat_template([{"role": "user", "content": TEXTS[1]}], tokenize=False,
                                               add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     x = torch.tensor([ids])
     with torch.no_grad(), loaded.model.disable_adapter():
-        assert torch.allclose(model(x).logits, loaded.model(x).logits, atol=1e-6)
+        assert torch.allclose(lm(x).logits, loaded.model(x).logits, atol=1e-6)
     assert loaded.model.get_base_model().dtype == torch.float32  # dtype from the saved config
 
 
@@ -103,11 +107,11 @@ def test_tiny_built_on_demand_and_cached(tmp_path):
 
     def corpus():
         calls.append(1)
-        return P.default_tiny_corpus(30)
+        return model.default_tiny_corpus(30)
 
     cfg = ModelConfig(name="tiny", tiny_dir=str(tmp_path))
-    a = P.load_policy(cfg, corpus=corpus, device="cpu")
-    b = P.load_policy(cfg, corpus=lambda: P.default_tiny_corpus(30), device="cpu")
+    a = model.load_policy(cfg, corpus=corpus, device="cpu")
+    b = model.load_policy(cfg, corpus=lambda: model.default_tiny_corpus(30), device="cpu")
     assert len(calls) == 1 and len(os.listdir(tmp_path)) == 1  # one cached build, reused
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
 
@@ -115,15 +119,15 @@ def test_tiny_built_on_demand_and_cached(tmp_path):
 # --- clear loading errors ----------------------------------------------------------------------
 
 def test_qlora_without_cuda_is_a_clear_error(tiny_dir):
-    with pytest.raises(P.ModelLoadError, match="CUDA"):
-        P.load_policy(ModelConfig(name=tiny_dir, qlora=True), device="cpu")
+    with pytest.raises(model.ModelLoadError, match="CUDA"):
+        model.load_policy(ModelConfig(name=tiny_dir, qlora=True), device="cpu")
 
 
 def test_bad_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(P.ModelLoadError, match="(?s)does not exist.*model.name=tiny"):
-        P.load_policy(ModelConfig(name=str(tmp_path / "no_such_model")), device="cpu")
-    with pytest.raises(P.ModelLoadError, match="(?s)could not load.*model.name=tiny"):
-        P.load_policy(ModelConfig(name=str(tmp_path)), device="cpu")  # exists, holds no model
+    with pytest.raises(model.ModelLoadError, match="(?s)does not exist.*model.name=tiny"):
+        model.load_policy(ModelConfig(name=str(tmp_path / "no_such_model")), device="cpu")
+    with pytest.raises(model.ModelLoadError, match="(?s)could not load.*model.name=tiny"):
+        model.load_policy(ModelConfig(name=str(tmp_path)), device="cpu")  # exists, holds no model
 
 
 # --- decoding: our engine against the HF oracle ------------------------------------------------
@@ -159,7 +163,7 @@ def test_stop_rule_on_action_tag(pol):
     """The default stop string ends the response at the token that completes `</action>`."""
     tok = pol.tokenizer
     ids = tok("<think>ok</think><action>go to fridge 1</action>\n<think>more", add_special_tokens=False)["input_ids"]
-    rule = P._StopRule(tok, pol.eos_ids, ("</action>",))
+    rule = decoder._StopRule(tok, pol.eos_ids, ("</action>",))
     end = next(t for t in range(1, len(ids) + 1) if rule(ids[:t]) == "stop")  # response = ids[:end]
     assert "</action>" in tok.decode(ids[:end]) and "</action>" not in tok.decode(ids[:end - 1])
     assert "<think>more" not in tok.decode(ids[:end])
@@ -256,7 +260,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, prompts):
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)  # same LoRA init
-        pol = P.load_policy(ModelConfig(name=tiny_dir, gradient_checkpointing=ckpt), device="cpu")
+        pol = model.load_policy(ModelConfig(name=tiny_dir, gradient_checkpointing=ckpt), device="cpu")
         pol.model.train()
         (-torch.cat(pol.score(prompts[:2], [prompts[3][:7], prompts[1][:4]], token_budget=4096)).sum()).backward()
         grads.append({n: p.grad for n, p in pol.model.named_parameters() if p.requires_grad})
@@ -272,7 +276,7 @@ def test_lora_disabled_equals_base_and_saves_for_plain_peft(tiny_dir, prompts, t
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    pol = P.load_policy(ModelConfig(name=tiny_dir), device="cpu")
+    pol = model.load_policy(ModelConfig(name=tiny_dir), device="cpu")
     with torch.no_grad():  # fresh LoRA has B = 0 (a no-op); make it change the outputs
         for n, p in pol.model.named_parameters():
             if "lora_B" in n:
@@ -290,7 +294,7 @@ def test_lora_disabled_equals_base_and_saves_for_plain_peft(tiny_dir, prompts, t
     responses = [prompts[0][:6], prompts[2]]
     ref = pol.score(prompts[1:3], responses, token_budget=4096, reference=True)
     assert not any(r.requires_grad for r in ref)
-    base_pol = P.Policy(base, pol.tokenizer, "cpu")
+    base_pol = decoder.Policy(base, pol.tokenizer, "cpu")
     with torch.no_grad():
         expect = base_pol.score(prompts[1:3], responses, token_budget=4096)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, expect))
@@ -304,13 +308,12 @@ def test_lora_disabled_equals_base_and_saves_for_plain_peft(tiny_dir, prompts, t
 # --- rollouts on the embedded environment ------------------------------------------------------
 
 def test_rollout_on_embedded_env(pol):
-    envs_lib = pytest.importorskip("envs")
     envs = envs_lib.EnvManager(envs_lib.EnvConfig(max_steps=3))
     try:
         tasks = envs.task_ids("train")[:2]
         cfg = SamplingConfig(max_new_tokens=12)
         stats = {}
-        trajs = P.rollout(pol, envs, tasks, 2, cfg, seed=7, stats=stats)
+        trajs = agent.rollout(pol, envs, tasks, 2, cfg, seed=7, stats=stats)
         assert [t.task_id for t in trajs] == [tasks[0], tasks[0], tasks[1], tasks[1]]  # group-contiguous
         assert [t.index for t in trajs] == [0, 1, 0, 1]
         assert trajs[0].group == trajs[1].group != trajs[2].group
@@ -320,19 +323,19 @@ def test_rollout_on_embedded_env(pol):
             assert t.task == first[tasks.index(t.task_id)].task and t.task  # the instruction text
             assert t.score is None  # ALFWorld states carry no `score`
             assert 1 <= len(t.steps) <= 3 and t.steps[-1].done and not any(s.done for s in t.steps[:-1])
-            assert t.won == t.steps[-1].won and t.return_ == sum(s.reward for s in t.steps)
+            assert t.won == t.steps[-1].won and t.reward_sum == sum(s.reward for s in t.steps)
             for s in t.steps:
                 assert len(s.logprobs) == len(s.response_ids) <= 12 and s.prompt_ids and s.plain_prompt_ids is None
                 assert isinstance(s.text, str) and isinstance(s.anchor, str) and isinstance(s.obs, str)
         assert trajs[0].steps[0].prompt_ids == trajs[1].steps[0].prompt_ids  # same task, same state
         assert stats["steps"] == sum(len(t.steps) for t in trajs) and stats["generate_s"] > 0 and stats["env_s"] > 0
 
-        again = P.rollout(pol, envs, tasks, 2, cfg, seed=7)
+        again = agent.rollout(pol, envs, tasks, 2, cfg, seed=7)
         assert [[s.response_ids for s in t.steps] for t in again] == [[s.response_ids for s in t.steps] for t in trajs]
 
         ttype = trajs[0].task_type
         skill = "- go to the fridge first"
-        guided = P.rollout(pol, envs, tasks[:1], 2, cfg, skill={ttype: skill}, seed=7)
+        guided = agent.rollout(pol, envs, tasks[:1], 2, cfg, skill={ttype: skill}, seed=7)
         for t in guided:
             assert t.skill_id == mining.skill_id(ttype, skill)  # the id a bank entry with this text has
             for s in t.steps:  # the plain prompt is the skill prompt minus the skill
@@ -352,7 +355,6 @@ def test_env_overlap_changes_no_result_and_happens(pol):
     resets, were in flight at once."""
     import zlib
 
-    envs_lib = pytest.importorskip("envs")
 
     class Envs(envs_lib.EnvManager):  # every response becomes an admissible action, so envs work
         most_in_flight = 0
@@ -372,7 +374,7 @@ def test_env_overlap_changes_no_result_and_happens(pol):
 
     def play(workers, waves, overlap=True):
         with Envs(envs_lib.EnvConfig(max_steps=4, num_workers=workers)) as envs:
-            trajs = P.rollout(pol, envs, envs.task_ids("train")[:3], 2,
+            trajs = agent.rollout(pol, envs, envs.task_ids("train")[:3], 2,
                               SamplingConfig(max_new_tokens=8, waves=waves, overlap_env=overlap), seed=3)
             return [[(s.response_ids, s.action, s.reward, s.anchor, s.obs) for s in t.steps] for t in trajs], \
                 (envs.most_in_flight, envs.resets_in_flight)
@@ -383,20 +385,19 @@ def test_env_overlap_changes_no_result_and_happens(pol):
     assert overlapped == alone == waiting
     assert in_flight == (2, 2) and in_flight_off == (1, 1)  # (steps, resets) in flight at once
     assert sum(len(t) for t in alone) > 6  # episodes went on past their first step
-    assert P.rollout_waves(3, 2, 2) == [[0, 1, 2, 3], [4, 5]]  # whole groups; round(1.5) = 2 groups first
-    assert P.rollout_waves(1, 4, 2) == [[0, 1], [2, 3]]  # one task: the group is cut
+    assert agent.rollout_waves(3, 2, 2) == [[0, 1, 2, 3], [4, 5]]  # whole groups; round(1.5) = 2 groups first
+    assert agent.rollout_waves(1, 4, 2) == [[0, 1], [2, 3]]  # one task: the group is cut
 
 
 def test_an_error_during_an_overlapped_rollout_leaves_the_env_workers_in_step(pol, monkeypatch):
     """An exception while a wave's env step is in flight (here: the decoder fails on its 3rd call)
     must not leave unread replies in the workers' pipes: the next rollout on the same manager
     plays exactly as on a fresh one."""
-    envs_lib = pytest.importorskip("envs")
     cfg = SamplingConfig(max_new_tokens=6, waves=2)
     env_cfg = envs_lib.EnvConfig(max_steps=3, num_workers=2)
 
     def play(envs):
-        trajs = P.rollout(pol, envs, envs.task_ids("train")[:2], 2, cfg, seed=5)
+        trajs = agent.rollout(pol, envs, envs.task_ids("train")[:2], 2, cfg, seed=5)
         return [[(s.response_ids, s.obs) for s in t.steps] for t in trajs]
 
     with envs_lib.EnvManager(env_cfg) as fresh:
@@ -454,7 +455,7 @@ def test_rollout_keeps_the_final_score_of_envs_that_have_one(pol):
         def parse_action(self, text, admissible):
             return None, False
 
-    trajs = P.rollout(pol, OneStepEnv(), ["t0"], 2, SamplingConfig(max_new_tokens=4))
+    trajs = agent.rollout(pol, OneStepEnv(), ["t0"], 2, SamplingConfig(max_new_tokens=4))
     assert [(t.task, t.score, len(t.steps)) for t in trajs] == [("buy a red mug", 0.25, 1)] * 2
 
 
@@ -480,7 +481,7 @@ def test_bench_decode_smoke(tmp_path, capsys):
 def lora_policy(tiny_dir, dtype="float32", seed=0):
     """A LoRA policy whose adapter changes the outputs (a fresh LoRA has B = 0: merged, it is W)."""
     torch.manual_seed(seed)
-    pol = P.load_policy(ModelConfig(name=tiny_dir, dtype=dtype), device="cpu")
+    pol = model.load_policy(ModelConfig(name=tiny_dir, dtype=dtype), device="cpu")
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if "lora_B" in n:
@@ -539,9 +540,9 @@ def test_nothing_to_merge_samples_from_the_model_as_it_is(tiny_dir):
 
     pol = lora_policy(tiny_dir)
     with pol.model.disable_adapter():
-        assert P.merged_copy(pol.model) is None
-    assert P.merged_copy(AutoModelForCausalLM.from_pretrained(tiny_dir)) is None
-    assert P.merged_copy(pol.model) is not None
+        assert decoder.merged_copy(pol.model) is None
+    assert decoder.merged_copy(AutoModelForCausalLM.from_pretrained(tiny_dir)) is None
+    assert decoder.merged_copy(pol.model) is not None
 
 
 def test_training_after_a_merged_rollout_is_unchanged(tiny_dir):
@@ -549,13 +550,12 @@ def test_training_after_a_merged_rollout_is_unchanged(tiny_dir):
     and, in float32, the same adapter after the update (to 1e-6)."""
     import gigpo
 
-    envs_lib = pytest.importorskip("envs")
     out = {}
     with envs_lib.EnvManager(envs_lib.EnvConfig(max_steps=2)) as envs:
         tasks = envs.task_ids("train")[:1]
         for merge in (True, False):
             pol = lora_policy(tiny_dir, seed=1)
-            trajs = P.rollout(pol, envs, tasks, 2, SamplingConfig(max_new_tokens=8, merge_adapter=merge), seed=3)
+            trajs = agent.rollout(pol, envs, tasks, 2, SamplingConfig(max_new_tokens=8, merge_adapter=merge), seed=3)
             samples = gigpo.samples_from(trajs, [[1.0 - 2 * (i % 2)] * len(t.steps) for i, t in enumerate(trajs)])
             opt = torch.optim.SGD([p for p in pol.model.parameters() if p.requires_grad], lr=0.1)
             stats = gigpo.update(pol, opt, samples, gigpo.GiGPOConfig(lr=0.1), seed=0)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import config
 import siri
 from envs import EnvWorkerDied, make_envs
 from test_siri import ROOT, run_cli, tiny_overrides
@@ -21,11 +22,11 @@ def cache(tmp_path_factory):
 
 
 def test_yaml_on_off_is_accepted_where_documented(tmp_path):
-    assert siri.load_config(None, ["coldstart.enabled=off"]).coldstart.enabled == "off"
+    assert config.load_config(None, ["coldstart.enabled=off"]).coldstart.enabled == "off"
     (tmp_path / "c.yaml").write_text("coldstart:\n  enabled: on\n")
-    assert siri.load_config(str(tmp_path / "c.yaml"), []).coldstart.enabled == "on"
-    with pytest.raises(siri.ConfigError, match="coldstart.enabled='maybe'"):
-        siri.load_config(None, ["coldstart.enabled=maybe"])
+    assert config.load_config(str(tmp_path / "c.yaml"), []).coldstart.enabled == "on"
+    with pytest.raises(config.ConfigError, match="coldstart.enabled='maybe'"):
+        config.load_config(None, ["coldstart.enabled=maybe"])
 
 
 def test_expected_errors_are_one_line_and_leave_nothing_behind(cache, tmp_path):
@@ -75,13 +76,13 @@ def test_a_second_run_on_a_locked_folder_stops(cache, tmp_path):
 
 
 def test_resume_refuses_changed_settings_and_metrics_without_checkpoint(tmp_path):
-    cfg = siri.load_config(None, [f"run.out_dir={tmp_path}"])
+    cfg = config.load_config(None, [f"run.out_dir={tmp_path}"])
     state = {"done": 2, "config": dataclasses.asdict(cfg)}
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"unit": u, "phase": "x"}) + "\n" for u in range(3)))
     siri.check_resume(tmp_path, state, cfg)  # same settings: fine
     siri.check_resume(tmp_path, state, dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=4)))
-    changed = siri.load_config(None, [f"run.out_dir={tmp_path}", "gigpo.group_size=4", "gigpo.lr=1000"])
+    changed = config.load_config(None, [f"run.out_dir={tmp_path}", "gigpo.group_size=4", "gigpo.lr=1000"])
     with pytest.raises(siri.RunError, match=r"Changed: gigpo.group_size: 8 -> 4; gigpo.lr: 0.003 -> 1000.0"):
         siri.check_resume(tmp_path, state, changed)
     with pytest.raises(siri.RunError, match="no complete checkpoint"):  # e.g. checkpoint/COMPLETE lost
@@ -102,7 +103,7 @@ def test_a_nonfinite_cold_start_stops_and_saves_nothing(cache, tmp_path):
 
 
 def test_consecutive_skipped_updates_stop_the_run():
-    cfg = siri.load_config(None, ["run.max_skipped_updates=3"])
+    cfg = config.load_config(None, ["run.max_skipped_updates=3"])
     state, unit = {"done": 5, "skipped_streak": 0}, siri.Unit("warmup", 0)
     skips = lambda n, steps=0: {"warmup/skipped_nonfinite": n, "warmup/optimizer_steps": steps,  # noqa: E731
                                 "warmup/skipped_leading": n if not steps else 0, "warmup/skipped_trailing": n if not steps else 0}
@@ -123,7 +124,7 @@ def test_consecutive_skipped_updates_stop_the_run():
 
 
 def test_a_dead_env_worker_is_one_clear_error(cache):
-    cfg = siri.load_config(None, tiny_overrides(cache / "unused", cache, **{"env.num_workers": 2}))
+    cfg = config.load_config(None, tiny_overrides(cache / "unused", cache, **{"env.num_workers": 2}))
     envs = make_envs(cfg.env)
     try:
         tasks = envs.task_ids("train")[:2]

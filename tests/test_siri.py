@@ -11,11 +11,13 @@ import pytest
 import torch
 import yaml
 
+import core
 import gigpo
 import mining
+import config
 import siri
 from envs import make_envs
-from policy import ModelConfig, load_policy
+from model import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,62 +47,62 @@ def cache(tmp_path_factory):
 # --- configuration ----------------------------------------------------------------------------
 
 def test_unknown_key_names_the_key_and_suggests_the_fix():
-    with pytest.raises(siri.ConfigError, match=r"unknown config key 'gigpo.gama' — did you mean 'gigpo.gamma'"):
-        siri.load_config(None, ["gigpo.gama=0.9"])
-    with pytest.raises(siri.ConfigError, match="unknown config key 'warmpu'"):
-        siri.load_config(None, ["warmpu.iterations=3"])
+    with pytest.raises(config.ConfigError, match=r"unknown config key 'gigpo.gama' — did you mean 'gigpo.gamma'"):
+        config.load_config(None, ["gigpo.gama=0.9"])
+    with pytest.raises(config.ConfigError, match="unknown config key 'warmpu'"):
+        config.load_config(None, ["warmpu.iterations=3"])
 
 
 def test_mistyped_values_are_clear_errors():
-    with pytest.raises(siri.ConfigError, match="config key 'warmup.iterations': expected int"):
-        siri.load_config(None, ["warmup.iterations=many"])
-    with pytest.raises(siri.ConfigError, match="expected true/false"):
-        siri.load_config(None, ["model.qlora=maybe"])
-    with pytest.raises(siri.ConfigError, match="is a section"):
-        siri.load_config(None, ["gigpo=3"])
-    with pytest.raises(siri.ConfigError, match="unknown preset"):
-        siri.load_config(None, ["preset=huge"])
-    with pytest.raises(siri.ConfigError, match="section 'mining'"):
-        siri.load_config(None, ["mining.summariser=oracle"])
+    with pytest.raises(config.ConfigError, match="config key 'warmup.iterations': expected int"):
+        config.load_config(None, ["warmup.iterations=many"])
+    with pytest.raises(config.ConfigError, match="expected true/false"):
+        config.load_config(None, ["model.qlora=maybe"])
+    with pytest.raises(config.ConfigError, match="is a section"):
+        config.load_config(None, ["gigpo=3"])
+    with pytest.raises(config.ConfigError, match="unknown preset"):
+        config.load_config(None, ["preset=huge"])
+    with pytest.raises(config.ConfigError, match="section 'mining'"):
+        config.load_config(None, ["mining.summariser=oracle"])
     # enums and ranges are checked when the config loads, not at the first update
     for bad, key in [("gigpo.norm=zscore", "gigpo.norm"), ("gigpo.kl_estimator=k9", "gigpo.kl_estimator"),
                      ("gigpo.loss_agg=foo", "gigpo.loss_agg"), ("gigpo.group_size=0", "gigpo.group_size"),
                      ("distill.advantage_reference=plain", "distill.advantage_reference"),
                      ("gigpo_defaults=verl", "gigpo_defaults")]:
-        with pytest.raises(siri.ConfigError, match=key):
-            siri.load_config(None, [bad])
+        with pytest.raises(config.ConfigError, match=key):
+            config.load_config(None, [bad])
 
 
 def test_gigpo_defaults_switch_to_the_public_code_and_overrides_still_win():
-    ours, verl = (siri.load_config(None, [f"gigpo_defaults={d}"]) for d in ("ours", "verl-agent"))
+    ours, verl = (config.load_config(None, [f"gigpo_defaults={d}"]) for d in ("ours", "verl-agent"))
     assert (ours.gigpo.invalid_penalty_mode, ours.gigpo.episode_stats, ours.gigpo.entropy_coef) == ("reward", "trajectory", 0.0)
     assert (verl.gigpo.invalid_penalty_mode, verl.gigpo.episode_stats, verl.gigpo.entropy_coef,
             verl.gigpo.old_logprobs, verl.gigpo.clip_ratio_c) == ("row", "step", 0.001, "recompute", 3.0)
     assert verl.gigpo.lr == ours.gigpo.lr  # the preset's other settings are untouched
-    assert siri.load_config(None, ["gigpo_defaults=verl-agent", "gigpo.entropy_coef=0"]).gigpo.entropy_coef == 0.0
+    assert config.load_config(None, ["gigpo_defaults=verl-agent", "gigpo.entropy_coef=0"]).gigpo.entropy_coef == 0.0
 
 
 def test_overrides_presets_yaml_and_env_shorthand(tmp_path):
-    cfg = siri.load_config(None, ["gigpo.clip_eps=3e-1", "warmup.iterations=7"])
+    cfg = config.load_config(None, ["gigpo.clip_eps=3e-1", "warmup.iterations=7"])
     assert cfg.gigpo.clip_eps == 0.3 and cfg.warmup.iterations == 7 and cfg.model.name == "tiny"
-    assert siri.load_config(None, ["preset=qwen1.5b"]).model.name == "Qwen/Qwen2.5-1.5B-Instruct"
-    web = siri.load_config(None, ["env=webshop"])
+    assert config.load_config(None, ["preset=qwen1.5b"]).model.name == "Qwen/Qwen2.5-1.5B-Instruct"
+    web = config.load_config(None, ["env=webshop"])
     assert web.env.name == "webshop" and web.env.max_steps == 15
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"gigpo": {"omega": 0.5}, "run": {"seed": 3}}))
-    cfg = siri.load_config(str(path), ["run.seed=4"])
+    cfg = config.load_config(str(path), ["run.seed=4"])
     assert cfg.gigpo.omega == 0.5 and cfg.run.seed == 4  # the command line wins over the file
     path.write_text(yaml.safe_dump({"gigpo": {"omgea": 0.5}}))
-    with pytest.raises(siri.ConfigError, match="gigpo.omgea"):
-        siri.load_config(str(path), [])
+    with pytest.raises(config.ConfigError, match="gigpo.omgea"):
+        config.load_config(str(path), [])
 
 
 def test_config_yaml_is_generated_from_the_dataclass_defaults():
-    assert (ROOT / "config.yaml").read_text() == siri.config_reference(), "run: python siri.py --write-config"
+    assert (ROOT / "config.yaml").read_text() == config.config_reference(), "run: python siri.py --write-config"
 
 
 def test_shipped_config_yaml_loads():
-    cfg = siri.load_config(str(ROOT / "config.yaml"), [])
+    cfg = config.load_config(str(ROOT / "config.yaml"), [])
     assert cfg.gigpo.gamma == 0.95 and cfg.gigpo.group_size >= 2
 
 
@@ -116,8 +118,8 @@ def test_update_moves_every_lora_parameter_and_no_base_weight(cache):
     policy = load_policy(ModelConfig(name="tiny", dtype="float32", tiny_dir=str(cache / "tiny_u")), device="cpu")
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     prompt = policy.chat_ids("go to the fridge")
-    samples = [gigpo.Sample(prompt, [5, 6, 7], [-7.0, -7.0, -7.0], +1.0),
-               gigpo.Sample(prompt[:-2], [8, 9], [-7.0, -7.0], -1.0)]
+    samples = [core.Sample(prompt, [5, 6, 7], [-7.0, -7.0, -7.0], +1.0),
+               core.Sample(prompt[:-2], [8, 9], [-7.0, -7.0], -1.0)]
     cfg = gigpo.GiGPOConfig(lr=1e-2, beta_kl=0.01)
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=cfg.lr)
     # Two updates: LoRA's B starts at zero, so A receives its first gradient on the second one.
@@ -135,7 +137,7 @@ def test_nonfinite_loss_skips_the_update(cache):
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     prompt = policy.chat_ids("look")
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
-    stats = gigpo.update(policy, opt, [gigpo.Sample(prompt, [5, 6], [0.0, 0.0], float("nan"))],
+    stats = gigpo.update(policy, opt, [core.Sample(prompt, [5, 6], [0.0, 0.0], float("nan"))],
                          gigpo.GiGPOConfig(), seed=0)
     assert stats["skipped_nonfinite"] == 1 and stats["optimizer_steps"] == 0
     assert all(torch.equal(before[n], p) for n, p in policy.model.named_parameters() if p.requires_grad)
@@ -146,7 +148,7 @@ def test_recomputed_old_logprobs_make_the_first_ratio_one(cache):
     from 1 (clipped tokens); "recompute" re-scores π_old first, so no token is clipped."""
     policy = load_policy(ModelConfig(name="tiny", dtype="float32", tiny_dir=str(cache / "tiny_u")), device="cpu")
     prompt = policy.chat_ids("go to the fridge")
-    samples = [gigpo.Sample(prompt, [5, 6, 7], [-1.0, -1.0, -1.0], 1.0), gigpo.Sample(prompt, [8, 9], [-1.0, -1.0], -1.0)]
+    samples = [core.Sample(prompt, [5, 6, 7], [-1.0, -1.0, -1.0], 1.0), core.Sample(prompt, [8, 9], [-1.0, -1.0], -1.0)]
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     out = {}
     for mode in ("sampler", "recompute"):
@@ -181,7 +183,7 @@ def test_one_distillation_step_raises_its_action_and_moves_other_responses_less(
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-2)
     target0, others0 = logps()
     for seed in (0, 1):
-        stats = gigpo.update(policy, opt, [gigpo.Sample(plain, action, sampler, 1.0, "distill")],
+        stats = gigpo.update(policy, opt, [core.Sample(plain, action, sampler, 1.0, "distill")],
                              gigpo.GiGPOConfig(), siri.distill.DistillConfig(), seed=seed)
         assert stats["distill_tokens"] == 3 and stats["optimizer_steps"] == 1
     target1, others1 = logps()
@@ -189,13 +191,13 @@ def test_one_distillation_step_raises_its_action_and_moves_other_responses_less(
     assert rise > 0, (target0, target1)
     assert (others1 - others0).abs().mean().item() < rise
     with pytest.raises(ValueError, match="distill_cfg"):
-        gigpo.update(policy, opt, [gigpo.Sample(plain, action, sampler, 1.0, "distill")], gigpo.GiGPOConfig())
+        gigpo.update(policy, opt, [core.Sample(plain, action, sampler, 1.0, "distill")], gigpo.GiGPOConfig())
 
 
 # --- inference uses the plain prompt only ------------------------------------------------------
 
 def test_evaluation_prompt_contains_no_skill_text(cache, monkeypatch):
-    cfg = siri.load_config(None, tiny_overrides(cache / "unused", cache))
+    cfg = config.load_config(None, tiny_overrides(cache / "unused", cache))
     envs = make_envs(cfg.env)
     policy = load_policy(cfg.model, device="cpu", corpus=lambda: siri.corpus_for_tokenizer(envs, n_tasks=3))
     skill = mining.Skill(name="fridge-first", task_type="pick_and_place_simple", when_to_use="always",
@@ -302,7 +304,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cache, tmp_path):
 
 
 def test_ablation_switches():
-    assert siri.load_config(None, ["run.ablation=random_skills"]).mining.summariser == "random"
+    assert config.load_config(None, ["run.ablation=random_skills"]).mining.summariser == "random"
     # the selection ablations change what is distilled: a guided group with one winner and one
     # loser against a plain group that wins half the time
     from test_distill import make_traj
@@ -310,12 +312,12 @@ def test_ablation_switches():
     plain = [make_traj("t@0", 0, [0.0, 10.0], ["o0", "o1"], skill=False), make_traj("t@0", 1, [0.0, 0.0], ["o0", "o3"], skill=False)]
     kept = {}
     for ablation in ("none", "no_utility_filter", "no_selection"):
-        cfg = siri.load_config(None, [f"run.ablation={ablation}"])
+        cfg = config.load_config(None, [f"run.ablation={ablation}"])
         kept[ablation] = siri.distill.distill_samples(skill, plain, cfg.gigpo, cfg.distill)[1]["distill/tokens_kept"]
     assert kept == {"none": 4, "no_utility_filter": 4, "no_selection": 8}
-    plain, ablated = (siri.build_units(siri.load_config(None, [f"run.ablation={a}", "run.rounds=2"]))
+    plain, ablated = (siri.build_units(config.load_config(None, [f"run.ablation={a}", "run.rounds=2"]))
                       for a in ("none", "no_mining"))
     assert [u for u in plain if u[0] != "mining"] == ablated  # same update iterations, no mining
     assert sum(u[0] == "mining" for u in plain) == 2
-    with pytest.raises(siri.ConfigError, match="run.ablation='no_skills': choose one of"):
-        siri.load_config(None, ["run.ablation=no_skills"])
+    with pytest.raises(config.ConfigError, match="run.ablation='no_skills': choose one of"):
+        config.load_config(None, ["run.ablation=no_skills"])

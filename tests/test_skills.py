@@ -15,9 +15,12 @@ import random
 import pytest
 import torch
 
+import core
 import gigpo
 import mining
-import policy as policy_lib
+import agent
+import model
+import config
 import siri
 from envs import make_envs
 
@@ -33,10 +36,10 @@ def reader(tmp_path_factory):
     """(policy, envs, cfg): a tiny model cold-started to read skill blocks."""
     cache = tmp_path_factory.mktemp("skills")
     torch.manual_seed(0)
-    cfg = siri.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
+    cfg = config.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
                            [f"env.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
     envs = make_envs(cfg.env)
-    pol = policy_lib.load_policy(cfg.model, device="cpu",
+    pol = model.load_policy(cfg.model, device="cpu",
                                  corpus=lambda: siri.corpus_for_tokenizer(envs, think=cfg.coldstart.think))
     siri.coldstart(pol, envs, cfg, seed=0)
     yield pol, envs, cfg
@@ -114,14 +117,14 @@ def test_validate_pairs_arms_on_the_same_seeds_and_only_skill_prompts_hold_the_s
     tasks = type_tasks(envs)[:2]
     skill = answer_skill(envs, tasks, "pick_and_place_simple")
     calls = []
-    real = policy_lib.rollout
+    real = agent.rollout
 
     def spy(policy, envs_, task_ids, group_size, sampling, skill=None, seed=0, desc=""):
         trajs = real(policy, envs_, task_ids, group_size, sampling, skill=skill, seed=seed, desc=desc)
         calls.append((skill, list(task_ids), seed, trajs))
         return trajs
 
-    monkeypatch.setattr(policy_lib, "rollout", spy)
+    monkeypatch.setattr(agent, "rollout", spy)
     res = mining.validate(pol, envs, skill, tasks, 2, cfg.rollout, seed=11)
     (with_skill, ids_w, seed_w, trajs_w), (without, ids_p, seed_p, trajs_p) = calls
     assert with_skill == {skill.task_type: skill.text()} and without is None
@@ -140,10 +143,10 @@ def test_one_distillation_update_raises_the_plain_prompt_logprob_of_guided_actio
     pol, envs, cfg = reader
     tasks = type_tasks(envs)
     skill = answer_skill(envs, tasks, "pick_and_place_simple")
-    guided = policy_lib.rollout(pol, envs, tasks, 2, cfg.rollout, skill={skill.task_type: skill.text()}, seed=3)
+    guided = agent.rollout(pol, envs, tasks, 2, cfg.rollout, skill={skill.task_type: skill.text()}, seed=3)
     # every action of the skill-guided rollouts, advantage +1 (the selection is tested in
     # test_distill.py); scored and trained on the plain prompt, sampled under the skill prompt
-    samples = [gigpo.Sample(s.plain_prompt_ids, s.response_ids, s.logprobs, 1.0, "distill")
+    samples = [core.Sample(s.plain_prompt_ids, s.response_ids, s.logprobs, 1.0, "distill")
                for t in guided for s in t.steps if s.response_ids]
     n_tokens = sum(len(s.response_ids) for s in samples)
 

@@ -1,35 +1,23 @@
-"""The policy: model loading, a KV-cached batched decoder, log-prob scoring, group rollouts.
+"""The decoder and scorer: `Policy`, a KV-cached batched sampler and per-token log-probs.
 
-Read it top to bottom:
+1. `SamplingConfig`     how to sample (every default defined here, once)
+2. decoding helpers     `sample_next`, the stop rule, a preallocated KV cache, `merged_copy`
+3. `Policy.generate`    our KV-cached decoder (default; it samples from a copy with the LoRA adapter
+                        merged into the weights, `merged_copy`) or HF `generate` (the oracle)
+4. `Policy.score`       per-token log-probs (+ entropy) of responses, with or without grad, in
+                        length-sorted micro-batches (`Policy.pack_rows`)
 
-1. configs            `ModelConfig`, `SamplingConfig` (every default is defined here, once)
-2. tiny model         `build_tiny_model`: a random Qwen2 + a BPE tokenizer trained on env text, offline
-3. loading            `load_policy`: hub id / local path / "tiny" -> `Policy` (LoRA via peft, QLoRA on CUDA)
-4. decoding           `Policy.generate`: our KV-cached decoder (default; it samples from a copy with the
-                      LoRA adapter merged into the weights, `merged_copy`) or HF `generate` (the oracle)
-5. scoring            `Policy.score`: per-token log-probs (+ entropy) of responses, with or without grad,
-                      in length-sorted micro-batches (`Policy.pack_rows`)
-6. rollouts           `rollout`: G episodes per task played together, returned as `Trajectory`s
-
-The KL reference policy of GiGPO/SIRI is the same model with the LoRA adapter disabled
-(`Policy.score(..., reference=True)`), so no second copy of the weights is kept in memory.
+`model.load_policy` builds a Policy; `agent.rollout` plays episodes with one.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import logging
 import os
-import random
-import shutil
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 # peft imports bitsandbytes, which on some CPU-only machines logs a warning about an optional
 # CPU kernel we never use (QLoRA runs on CUDA only here). Silence that one logger.
@@ -37,69 +25,18 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import peft  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
-    AutoTokenizer,
     Cache,
     DynamicCache,
     GenerationConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 from transformers.cache_utils import CacheLayerMixin  # noqa: E402
 
-import mining  # noqa: E402  (skill_id only: one id for a skill in the bank and in a rollout)
+from core import atomic_dir, atomic_write  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Configs
+# 1. Config
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    name: str = "Qwen/Qwen2.5-1.5B-Instruct"
-    """hub id, local directory, or "tiny" (a random 2-layer Qwen2 built offline, for tests/CPU)"""
-    dtype: str = "auto"
-    """"auto" (the checkpoint's own dtype, from its config) | "float32" | "bfloat16" | "float16\""""
-    lora_r: int = 16
-    """LoRA rank (our choice for the 1.5B reproduction; the paper does not state its adapter setup)"""
-    lora_alpha: int = 32
-    """LoRA scaling numerator: the update is (lora_alpha / lora_r) * B @ A"""
-    lora_dropout: float = 0.0
-    """our choice: 0, so the PPO ratio is exactly 1 on the first update (dropout would make the
-    update's log-probs differ from the sampling ones)"""
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    """modules that get a LoRA adapter (all linear layers of a Qwen2 block)"""
-    qlora: bool = False
-    """load the base model in 4-bit NF4 (bitsandbytes) under the LoRA adapter; CUDA only"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% slower updates"""
-    tiny_dir: str = ".cache/tiny"
-    """where name="tiny" models are built and cached (one subfolder per corpus + tiny config)"""
-    tiny_layers: int = 2
-    """tiny model: decoder layers"""
-    tiny_hidden: int = 128
-    """tiny model: hidden size"""
-    tiny_heads: int = 4
-    """tiny model: attention heads (head dim = tiny_hidden / tiny_heads)"""
-    tiny_kv_heads: int = 2
-    """tiny model: key/value heads (grouped-query attention, as in Qwen2.5)"""
-    tiny_vocab: int = 3000
-    """tiny model: BPE vocabulary target (smaller if the corpus has fewer merges to offer)"""
-    tiny_seed: int = 0
-    """tiny model: seed of its random weights"""
-
-    def __post_init__(self):
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
-        if min(self.lora_r, self.lora_alpha, self.tiny_layers, self.tiny_hidden, self.tiny_heads,
-               self.tiny_kv_heads, self.tiny_vocab) < 1 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("model.lora_r, lora_alpha and the tiny_* sizes must be >= 1, lora_dropout in [0, 1)")
-        if self.tiny_hidden % self.tiny_heads or self.tiny_heads % self.tiny_kv_heads:
-            raise ValueError(f"model.tiny_hidden ({self.tiny_hidden}) must divide by tiny_heads ({self.tiny_heads}) "
-                             f"and tiny_heads by tiny_kv_heads ({self.tiny_kv_heads})")
-
-
 @dataclass
 class SamplingConfig:
     engine: str = "custom"
@@ -162,284 +99,17 @@ class SamplingConfig:
             raise ValueError(f"rollout.waves must be >= 1 (got {self.waves})")
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. A tiny model the project builds itself, offline
-# ---------------------------------------------------------------------------------------------
-# Qwen's chat format: <|im_start|>role\n...<|im_end|>\n, ending with the assistant header when a
-# generation prompt is asked for. (Real Qwen2.5 templates also insert a default system message.)
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, turn start, eos (as Qwen)
-
-
-def default_tiny_corpus(n: int = 400, seed: int = 0) -> list[str]:
-    """ALFWorld-like strings (rooms, tasks, think/action turns) to train the tiny tokenizer on when the
-    caller has no environment text at hand (tests, bench). siri.py passes the env's own prompts."""
-    rng = random.Random(seed)
-    objects = ("alarmclock apple baseballbat basketball book bowl box bread butterknife candle cd cellphone "
-               "cloth creditcard cup dishsponge egg fork glassbottle handtowel houseplant kettle keychain "
-               "knife ladle laptop lettuce mug newspaper pan papertowelroll pen pencil peppershaker pillow "
-               "plate plunger pot potato remotecontrol saltshaker soapbar soapbottle spatula spoon "
-               "spraybottle statue tennisracket tissuebox toiletpaper tomato towel vase watch wateringcan "
-               "winebottle desklamp floorlamp").split()
-    places = ("armchair bathtubbasin bed cabinet cart coffeemachine coffeetable countertop desk diningtable "
-              "drawer dresser fridge garbagecan handtowelholder laundryhamper microwave ottoman safe shelf "
-              "sidetable sinkbasin sofa stoveburner toaster toilet toiletpaperhanger towelholder "
-              "tvstand").split()
-    tasks = ["put a {o} in {p}.", "put some {o} on {p}.", "clean some {o} and put it in {p}.",
-             "heat some {o} and put it in {p}.", "cool some {o} and put it in {p}.",
-             "look at {o} under the desklamp.", "put two {o} in {p}.", "find two {o} and put them in {p}."]
-    verbs = ["go to {p} {i}", "open {p} {i}", "close {p} {i}", "take {o} {i} from {p} {i}",
-             "move {o} {i} to {p} {i}", "examine {p} {i}", "use desklamp {i}", "inventory", "look",
-             "heat {o} {i} with microwave {i}", "cool {o} {i} with fridge {i}",
-             "clean {o} {i} with sinkbasin {i}", "slice {o} {i} with knife {i}"]
-    thoughts = ["I need to find a {o} first. It is probably in the {p}.",
-                "The {o} is not here, so I should check another {p}.",
-                "Now I have the {o}. Next, I must go to the {p} and put it there.",
-                "I still have not found it; maybe the {p} is closed and I should open it.",
-                "The task is done once the {o} is in the {p}."]
-    corpus = []
-    for _ in range(n):
-        o, p, i = rng.choice(objects), rng.choice(places), rng.randint(1, 20)
-        seen = ", ".join(f"a {rng.choice(places)} {rng.randint(1, 20)}" for _ in range(rng.randint(3, 9)))
-        acts = [rng.choice(verbs).format(o=rng.choice(objects), p=rng.choice(places), i=rng.randint(1, 20))
-                for _ in range(4)]
-        think = rng.choice(thoughts).format(o=o, p=p)
-        corpus += [
-            f"-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly "
-            f"around you, you see {seen}.\n\nYour task is to: " + rng.choice(tasks).format(o=o, p=p),
-            f"You arrive at {p} {i}. On the {p} {i}, you see a {o} {rng.randint(1, 3)}.",
-            f"You open the {p} {i}. The {p} {i} is open. In it, you see nothing.",
-            f"You pick up the {o} {i} from the {p} {i}. Nothing happens.",
-            f"Your admissible actions of the current situation are: {acts}.",
-            f"<think>{think}</think><action>{acts[0]}</action>",
-        ]
-    return corpus
-
-
-# Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer): words, single digits, punctuation
-# runs, newlines, spaces. A saved qwen2 model directory reloads its tokenizer as Qwen2Tokenizer, which
-# rebuilds exactly this pipeline (NFC, split, byte-level), so we train with it too.
-QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `corpus` (milliseconds) with Qwen2's pre-tokenization and
-    wrap it like a Qwen tokenizer: Qwen chat template, eos = <|im_end|>, pad = <|endoftext|>.
-    Byte-level means any text encodes; the vocabulary is smaller than vocab_size when the corpus
-    has fewer distinct word pieces to merge."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=TINY_CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,  # decode(encode(text)) == text
-    )
-
-
-def make_tiny_model(corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
-                    vocab_size: int = 3000, seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
-    """A random-weight Qwen2 causal LM (fp32, seeded) and its tokenizer trained on `corpus`."""
-    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,  # our choice: a random tied head echoes its input token forever
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    return model, tokenizer
-
-
-def build_tiny_model(out_dir: str, corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4,
-                     kv_heads: int = 2, vocab_size: int = 3000, seed: int = 0) -> str:
-    """Make the tiny model (`make_tiny_model`), save model + tokenizer to `out_dir`, return it.
-
-    The directory then loads exactly like a downloaded hub model (`load_policy` with name=out_dir).
-    """
-    model, tokenizer = make_tiny_model(corpus, layers, hidden, heads, kv_heads, vocab_size, seed)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def _tiny_model_dir(cfg: ModelConfig, corpus) -> str:
-    """Build (once) and return the cached tiny model for this corpus + tiny config."""
-    corpus = corpus() if callable(corpus) else corpus
-    corpus = default_tiny_corpus() if corpus is None else list(corpus)
-    spec = dict(layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
-                kv_heads=cfg.tiny_kv_heads, vocab_size=cfg.tiny_vocab, seed=cfg.tiny_seed)
-    key = hashlib.sha1(json.dumps([spec, corpus]).encode()).hexdigest()[:12]
-    out_dir = os.path.join(cfg.tiny_dir, f"tiny-{key}")
-    if not os.path.exists(os.path.join(out_dir, "config.json")):
-        tmp = f"{out_dir}.tmp{os.getpid()}"  # build aside, then rename: safe if two processes race
-        build_tiny_model(tmp, corpus, **spec)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Loading
-# ---------------------------------------------------------------------------------------------
-class ModelLoadError(ValueError):
-    """The model asked for cannot be loaded here; the message says how to fix it."""
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_policy(cfg: ModelConfig, corpus=None, device: str = "auto", adapter: str | None = None) -> Policy:
-    """Load tokenizer + causal LM, wrap it with a LoRA adapter, return a `Policy`.
-
-    cfg.name: a hub id ("Qwen/Qwen2.5-1.5B-Instruct"), a local directory, or "tiny" (built on demand
-    under cfg.tiny_dir from `corpus`: a list of strings or a function returning one, called only
-    when the tiny model is not cached yet; None = `default_tiny_corpus()`).
-    device: "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:1" ...
-    adapter: directory of a saved adapter (`Policy.save`) to resume from, else a fresh LoRA.
-    Raises `ModelLoadError` (one message, naming the fix) when the model cannot be loaded.
-    """
-    name = cfg.name
-    if name == "tiny":
-        name = _tiny_model_dir(cfg, corpus)
-    device = _resolve_device(device)
-    if cfg.qlora and device.type != "cuda":  # checked before anything touches bitsandbytes' kernels
-        raise ModelLoadError(
-            f"model.qlora=true needs a CUDA GPU (4-bit NF4 through bitsandbytes), but the device is "
-            f"'{device}'. Fix: set model.qlora=false (plain LoRA) or run on a CUDA machine.")
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
-    if looks_local or os.path.isdir(os.path.expanduser(name)):  # absolute: a saved adapter's base loads from anywhere
-        name = os.path.abspath(os.path.expanduser(name))
-    if looks_local and not os.path.isdir(name):
-        raise ModelLoadError(
-            f"model path '{name}' does not exist. Fix: use model.name=tiny (built offline), a local "
-            f"directory with a downloaded model, or a hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
-
-    kwargs: dict = {"dtype": cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
-    if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kwargs)
-    except (OSError, ValueError) as e:  # missing files, no internet, unknown architecture
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"could not load model '{name}': {first_line}\nFix: with no internet use model.name=tiny "
-            f"(built offline) or a local directory holding a downloaded model; a hub id needs internet "
-            f"or a filled Hugging Face cache.") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    if cfg.qlora:
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    else:
-        model.to(device)
-        if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable()  # non-reentrant: works with a frozen base under LoRA
-    with warnings.catch_warnings():  # peft still calls transformers' deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if adapter is not None:
-            model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
-        else:
-            lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                   target_modules=list(cfg.lora_target_modules), bias="none",
-                                   task_type="CAUSAL_LM")
-            model = peft.get_peft_model(model, lora)
-    return Policy(model, tokenizer, device, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data exchanged with the other modules (plain dataclasses: save them with dataclasses.asdict)
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Generation:
+    """One sampled response (`Policy.generate`)."""
     ids: list[int]          # response token ids (the EOS token is kept when the row ended on it)
     logprobs: list[float]   # log pi(token | context) of each sampled token, at `logprob_temperature`
     text: str               # decoded response, special tokens removed
     finish_reason: str      # "eos" | "stop" (a stop string) | "length" (max_new_tokens)
 
 
-@dataclass
-class Step:
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]
-    text: str
-    action: str | None      # parsed action (None if invalid)
-    valid: bool
-    reward: float           # reward of this transition
-    done: bool              # episode ended with this step
-    won: bool
-    anchor: str             # GiGPO anchor key of the state the action was taken in
-    obs: str                # observation the action was taken on
-    plain_prompt_ids: list[int] | None = None  # same prompt without the skill (skill-guided rollouts)
-    distilled: bool = False  # Phase 2: selected for distillation (set by distill.distill_samples)
-
-
-@dataclass
-class Trajectory:
-    task_id: str
-    task_type: str
-    group: str              # deterministic group key: task id + rollout seed
-    index: int              # 0..G-1 inside the group
-    skill_id: str | None    # `mining.skill_id` of the skill in the prompt (= its Skill.id), None for plain rollouts
-    steps: list[Step]
-    won: bool
-    task: str = ""          # the task instruction text (EnvState.task at reset)
-    # the final state's `score` if the env provides one (WebShop: its [0, 1] purchase reward), else
-    # None (ALFWorld, where success is `won`)
-    score: float | None = None
-
-    @property
-    def return_(self) -> float:
-        """Undiscounted episode return: the sum of step rewards."""
-        return sum(s.reward for s in self.steps)
-
-
 # ---------------------------------------------------------------------------------------------
-# 4. Decoding helpers
+# 2. Decoding helpers
 # ---------------------------------------------------------------------------------------------
 def _dedupe(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Unique prompts (first-seen order) and, for each input row, the index of its unique prompt."""
@@ -615,16 +285,16 @@ def merged_copy(model) -> torch.nn.Module | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The policy
+# 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
 class Policy:
     """A causal LM (normally a `peft.PeftModel` with one LoRA adapter) + its tokenizer."""
 
     def __init__(self, model, tokenizer, device: torch.device | str | None = None,
-                 cfg: ModelConfig | None = None):
+                 cfg=None):
         self.model = model
         self.tokenizer = tokenizer
-        self.cfg = cfg  # the ModelConfig it was loaded with (None if built by hand)
+        self.cfg = cfg  # the model.ModelConfig it was loaded with (None if built by hand)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._lm_config = lm.config
@@ -954,14 +624,10 @@ class Policy:
         layout (config, safetensors, tokenizer) with a COMPLETE marker, written aside and renamed
         into place; from then on saved adapters name this folder as their base. Plain
         `AutoModelForCausalLM.from_pretrained(path)` loads it; `load_base_weights` puts it back."""
-        tmp = f"{path}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.get_base_model().save_pretrained(tmp, state_dict=self.base_state_dict())
-        self.tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write("ok")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            self.model.get_base_model().save_pretrained(tmp, state_dict=self.base_state_dict())
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write(os.path.join(tmp, "COMPLETE"), "ok")
         self.set_base_path(path)
 
     def load_base_weights(self, path: str) -> None:
@@ -975,135 +641,3 @@ class Policy:
         self.set_base_path(path)
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. Group rollouts
-# ---------------------------------------------------------------------------------------------
-def rollout(policy: Policy, envs, task_ids: list[str], group_size: int, cfg: SamplingConfig,
-            skill: dict[str, str] | None = None, seed: int = 0, desc: str = "rollout",
-            stats: dict | None = None) -> list[Trajectory]:
-    """Play len(task_ids) x group_size episodes together, each to its end (won or max_steps).
-
-    Slots are group-contiguous: [t0, t0, .., t0, t1, ..] (G copies of each task, identical initial
-    states), so a group's prompts coincide at the first step and share one prefill (within a wave:
-    cfg.waves > 1 decodes the slots in parts, see `SamplingConfig.waves`).
-    skill: task_type -> skill text put in the prompt (None = plain prompts). Then every Step also
-    carries plain_prompt_ids, the same prompt without the skill (Phase 2 re-scores actions on it).
-    stats: if given, accumulates wall seconds "reset_s" (env reset), "prompt_s" (build + tokenize),
-    "generate_s", "env_s" (env steps), "merge_s" (folding the adapter into the weights, once per
-    rollout: `Policy.merged_adapter`), and counts "steps" (agent decisions), "env_steps" (valid actions
-    the env executed; invalid ones never reach it) and "tokens" (generated).
-    """
-    t_merge = time.perf_counter()
-    with policy.merged_adapter(cfg.merge_adapter and cfg.engine == "custom"):
-        t_merge = time.perf_counter() - t_merge
-        return _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, t_merge)
-
-
-def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, merge_s) -> list[Trajectory]:
-    """`rollout`'s body, run while the merged copy (if any) is open."""
-    slot_tasks = [t for t in task_ids for _ in range(group_size)]
-    n = len(slot_tasks)
-    waves = rollout_waves(len(task_ids), group_size, cfg.waves)
-    generators = [torch.Generator(device=policy.device).manual_seed(wave_seed(seed, w)) for w in range(len(waves))]
-    overlap = len(waves) > 1 and cfg.overlap_env and getattr(getattr(envs, "cfg", None), "num_workers", 0) > 0
-    timing = dict(reset_s=0.0, prompt_s=0.0, generate_s=0.0, env_s=0.0, merge_s=merge_s, steps=0, env_steps=0,
-                  tokens=0)
-    states: list = [None] * n  # a slot's EnvState once its reset is in
-    skills: list[str | None] = [None] * n
-    trajs: list = [None] * n
-    history: list[list[tuple[str, str | None]]] = [[] for _ in range(n)]
-
-    def start(part) -> None:  # wait for the reset of a part of the slots and open their Trajectories
-        t0 = time.perf_counter()
-        for i, s in envs.reset_end(part).items():
-            states[i], skills[i] = s, (skill or {}).get(s.task_type)
-            trajs[i] = Trajectory(task_id=s.task_id, task_type=s.task_type, group=f"{s.task_id}@seed{seed}",
-                                  index=i % group_size, skill_id=mining.skill_id(s.task_type, skills[i]) if skills[i]
-                                  else None, steps=[], won=False, task=s.task)
-        timing["reset_s"] += time.perf_counter() - t0
-
-    # With the overlap, every wave's games are loaded by a request of its own, so wave 0 decodes
-    # while the workers still load the later waves' games; without, one reset of all the slots.
-    t0 = time.perf_counter()
-    resets = dict(enumerate(envs.reset_begin(slot_tasks, waves if overlap else [list(range(n))])))
-    timing["reset_s"] += time.perf_counter() - t0
-    if not overlap:
-        start(resets.pop(0))
-    pending: dict[int, tuple] = {}  # wave -> its env step in flight, and what its Steps need
-
-    def finish(w: int) -> None:  # wait for wave w's env step and record its Steps
-        t0 = time.perf_counter()
-        handle, active, prompts, plain, gens, parsed = pending.pop(w)
-        new_states = envs.step_end(handle)
-        timing["env_s"] += time.perf_counter() - t0
-        for i, p, pp, g, (action, valid) in zip(active, prompts, plain, gens, parsed):
-            s, ns = states[i], new_states[i]
-            trajs[i].steps.append(Step(
-                prompt_ids=p, response_ids=g.ids, logprobs=g.logprobs, text=g.text, action=action,
-                valid=valid, reward=ns.reward, done=ns.done, won=ns.won, anchor=s.anchor, obs=s.obs,
-                plain_prompt_ids=pp))
-            history[i].append((s.obs, action if valid else None))  # envs shows None as "(invalid)"
-            states[i] = ns
-
-    bar = tqdm(total=getattr(getattr(envs, "cfg", None), "max_steps", None), desc=desc, leave=False)
-    try:
-        while resets or pending or any(not s.done for s in states):
-            decoded = False
-            for w, slots in enumerate(waves):  # ping-pong: wave w decodes while wave w-1 steps
-                if w in resets:
-                    start(resets.pop(w))
-                if w in pending:
-                    finish(w)
-                if not (active := [i for i in slots if not states[i].done]):
-                    continue
-                decoded = True
-                t0 = time.perf_counter()
-                prompts = [policy.chat_ids(envs.build_prompt(states[i], history[i], skills[i])) for i in active]
-                plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
-                         for i in active]
-                t1 = time.perf_counter()
-                gens = policy.generate(prompts, cfg, generators[w])
-                t2 = time.perf_counter()
-                parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
-                handle = envs.step_begin({i: action if valid else None for i, (action, valid) in zip(active, parsed)})
-                timing["env_s"] += time.perf_counter() - t2
-                pending[w] = (handle, active, prompts, plain, gens, parsed)
-                if not overlap:
-                    finish(w)
-                timing["prompt_s"] += t1 - t0
-                timing["generate_s"] += t2 - t1
-                timing["steps"] += len(active)
-                timing["env_steps"] += sum(valid for _, valid in parsed)
-                timing["tokens"] += sum(len(g.ids) for g in gens)
-            bar.set_postfix(active=sum(not s.done for s in states))
-            bar.update(int(decoded))  # the last pass of an overlapped rollout only collects
-    finally:  # an error while a request is in flight: read its replies, so the workers' pipes stay in step
-        for end, request in [*((envs.reset_end, r) for r in resets.values()),  # resets were sent first;
-                             *((envs.step_end, p[0]) for p in pending.values())]:  # steps in the order begun
-            with contextlib.suppress(Exception):
-                end(request)
-        bar.close()
-    for traj, s in zip(trajs, states):
-        traj.won = s.won
-        traj.score = getattr(s, "score", None)  # WebShop's final reward; ALFWorld states have none
-    if stats is not None:
-        for k, v in timing.items():
-            stats[k] = stats.get(k, 0) + v
-    return trajs
-
-
-def rollout_waves(n_tasks: int, group_size: int, waves: int) -> list[list[int]]:
-    """The slots of `rollout` cut into up to `waves` consecutive parts of about equal size, at
-    task-group boundaries where there are at least as many tasks as waves (a group's G copies
-    then share one prefill), else inside the groups."""
-    n = n_tasks * group_size
-    unit = group_size if n_tasks >= waves else 1
-    k = min(waves, n // unit) or 1
-    cuts = [round(j * (n // unit) / k) * unit for j in range(k + 1)]
-    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
-def wave_seed(seed: int, wave: int) -> int:
-    """Seed of wave `wave`'s random stream: the rollout's seed for wave 0 (one wave samples exactly
-    as before waves existed), others spread by the 64-bit golden ratio."""
-    return seed if wave == 0 else (seed + wave * 0x9E3779B97F4A7C15) % 2**63
