@@ -37,9 +37,11 @@ on (b); the lines above them give the same ratios for "lora" and "lora_merged".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -47,19 +49,27 @@ import tempfile
 import time
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
 import gigpo
 import agent
+import config
 import core
 import decoder
+import envs as envs_lib
 import model
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
+def cpu_preset_env(**changes) -> envs_lib.EnvConfig:
+    """The cpu preset's games (the ones `python siri.py` generates and caches), in one worker-less
+    process, with `changes` to the env section."""
+    return dataclasses.replace(config.load_config(None, []).env, num_workers=0, **changes)
+
+
 def make_prompts(pol: decoder.Policy, n: int, length: int, seed: int) -> list[list[int]]:
     """n distinct chat prompts of length-40..length tokens, cut from ALFWorld-like text."""
     rng = random.Random(seed)
@@ -316,8 +326,6 @@ class AdmissibleActions:
 def cmd_rollout(args) -> dict:
     """Environment share of rollout wall time: `policy.rollout` with the tiny model on the
     embedded ALFWorld env, N = tasks x G slots, env stepped in-process or in worker processes."""
-    import envs as E
-
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     pol = model.load_policy(model.ModelConfig(name="tiny", dtype="float32"), device="cpu")
@@ -325,8 +333,8 @@ def cmd_rollout(args) -> dict:
     for n, w, waves, overlap in [(n, w, waves, overlap) for n in args.slots for w in args.workers
                                  for waves in args.waves for overlap in ([True, False] if waves > 1 and w else [False])]:
         sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens, waves=waves, overlap_env=overlap)
-        cfg = E.EnvConfig(max_steps=args.max_steps, num_workers=w)
-        with E.EnvManager(cfg) as manager:  # worker start-up is not timed
+        cfg = envs_lib.EnvConfig(max_steps=args.max_steps, num_workers=w)
+        with envs_lib.EnvManager(cfg) as manager:  # worker start-up is not timed
             envs = manager if args.model_actions else AdmissibleActions(manager)
             tasks = manager.task_ids("train")[:n // args.group_size]
             stats: dict = {}
@@ -383,15 +391,13 @@ def make_model(out_dir: str, shape: str, dtype: str = "float32", layers: int = 0
     """Save a random-weight Qwen2 of one of SHAPES (layers > 0 overrides the depth; vocab > 0 pads
     the embedding beyond the tokenizer's ids, which the model may then sample: they decode to
     nothing) with the tiny tokenizer to out_dir; returns out_dir (loads with ModelConfig name=out_dir)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = model.build_tiny_tokenizer(model.default_tiny_corpus(), 3000)
     spec = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    config = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), max_position_embeddings=8192, bos_token_id=None,
+    qwen_cfg = Qwen2Config(vocab_size=max(vocab, len(tokenizer)), max_position_embeddings=8192, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lm = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+        lm = Qwen2ForCausalLM(qwen_cfg).to(getattr(torch, dtype))
     lm.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -447,9 +453,7 @@ def hf_rollout(pol, envs, tasks, G, sample, seed, timing) -> list:
     """What a user writes by hand: per step, chat-template every slot's prompt, left-pad the batch,
     `generate` on the LoRA-wrapped model (every prompt prefilled, no shared prefix), cut each row
     at the pad token generate fills finished rows with, parse, step the envs in this process."""
-    from transformers import GenerationConfig
-
-    model, tok = pol.model, pol.tokenizer
+    lm, tok = pol.model, pol.tokenizer
     gen_cfg = GenerationConfig(do_sample=True, temperature=sample.temperature, top_k=0, top_p=1.0,
                                max_new_tokens=sample.max_new_tokens, stop_strings=list(sample.stop) or None,
                                eos_token_id=pol.eos_ids, pad_token_id=pol.pad_id)
@@ -461,7 +465,7 @@ def hf_rollout(pol, envs, tasks, G, sample, seed, timing) -> list:
     trajs = [core.Trajectory(task_id=t, task_type=s.task_type, group=f"{t}@seed{seed}", index=i % G, skill_id=None,
                           steps=[], won=False, task=s.task) for i, (t, s) in enumerate(zip(slots, states))]
     history: list[list] = [[] for _ in slots]
-    model.eval()
+    lm.eval()
     while active := [i for i, s in enumerate(states) if not s.done]:
         t0 = time.perf_counter()
         texts = [tok.apply_chat_template([{"role": "user", "content": envs.build_prompt(states[i], history[i])}],
@@ -470,7 +474,7 @@ def hf_rollout(pol, envs, tasks, G, sample, seed, timing) -> list:
         batch = batch.to(pol.device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**batch, generation_config=gen_cfg, tokenizer=tok)  # (b, P + T)
+            out = lm.generate(**batch, generation_config=gen_cfg, tokenizer=tok)  # (b, P + T)
         sync(pol.device)
         t2 = time.perf_counter()
         prompts = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
@@ -581,19 +585,14 @@ def hf_iteration(pol, envs, tasks, G, sample, gcfg, seed) -> dict:
 
 def loop_setup(args, shape: str, dtype: str, layers: int, tmp: str, model_dir: str = ""):
     """(policy, env config) for one model of the loop benchmark (model_dir: a saved one)."""
-    import envs as E
-
     path = model_dir or make_model(os.path.join(tmp, f"{shape}-{dtype}-{layers}"), shape, dtype, layers, args.vocab)
     pol = model.load_policy(model.ModelConfig(name=path, dtype=dtype), device=args.device)
-    env_cfg = E.EnvConfig(max_steps=args.max_steps, receptacles=6, distractors=2, num_train_tasks=96,
-                          eval_per_type=20)  # the cpu preset's games (cached by `python siri.py`)
+    env_cfg = cpu_preset_env(max_steps=args.max_steps)
     return pol, env_cfg
 
 
 def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "hf")) -> dict:
     """One iteration per arm from the same LoRA weights, tasks and seed; returns arm -> timings."""
-    import envs as E
-
     cuda = torch.device(pol.device).type == "cuda"
     sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
     gcfg = gigpo.GiGPOConfig(group_size=G, lr=3e-3, minibatches=2, token_budget=args.token_budget)  # cpu preset
@@ -601,7 +600,7 @@ def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "hf")) -> d
     out = {}
     for arm in arms:
         workers = args.workers if arm == "ours" else 0  # by hand: environments in this process
-        with E.EnvManager(dataclasses.replace(env_cfg, num_workers=workers)) as manager:  # start-up not timed
+        with envs_lib.EnvManager(dataclasses.replace(env_cfg, num_workers=workers)) as manager:  # start-up not timed
             envs = AdmissibleActions(manager)
             tasks = manager.task_ids("train")[:tasks_n]
             set_lora_state(pol, start)
@@ -703,8 +702,6 @@ def cmd_qlora(args) -> dict:
     play 1 task x G=2 for 2 steps and take one GiGPO update step; records seconds, peak GPU
     memory, whether the rollout sampled merged (it cannot: `merged_copy` is None for a 4-bit base)
     and whether the adapter moved. Without CUDA it records the one-line error and stops."""
-    import envs as E
-
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     report: dict = dict(args=vars(args) | {"func": None})
@@ -723,8 +720,7 @@ def cmd_qlora(args) -> dict:
             report["merged_for_sampling"] = decoder.merged_copy(pol.model) is not None
             gcfg = gigpo.GiGPOConfig(group_size=2, lr=1e-4)
             before = lora_state(pol)
-            with E.EnvManager(E.EnvConfig(max_steps=2, receptacles=6, distractors=2, num_train_tasks=96,
-                                          eval_per_type=20)) as manager:
+            with envs_lib.EnvManager(cpu_preset_env(max_steps=2)) as manager:
                 envs = AdmissibleActions(manager)
                 it = ours_iteration(pol, envs, manager.task_ids("train")[:1], 2,
                                     decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens), gcfg, seed=0)
@@ -763,9 +759,6 @@ def cmd_device(args) -> dict:
     """`python bench.py device` (what `cuda_bench.sh` runs): save the random model once, then
     `decode`, `loop` and `qlora` on it in this process, each writing OUT/<step>.json and .txt;
     OUT/summary.txt gathers tokens/s, peak memory and every ratio."""
-    import contextlib
-    import io
-
     run = DEVICE_RUNS[args.size]
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,8 +169,8 @@ PRESETS: dict[str, dict] = {
     # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
     # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
-            "env.receptacles": 6, "env.distractors": 2, "env.max_steps": 14, "env.num_train_tasks": 96,
-            "env.num_workers": 2,
+            "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 96,
+            "env.max_steps": 14, "env.num_workers": 2,
             "coldstart.tasks": 48, "coldstart.epochs": 11, "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
@@ -200,7 +200,7 @@ GIGPO_DEFAULTS: dict[str, dict] = {
     "ours": {},
     "verl-agent": {"gigpo.invalid_penalty_mode": "row", "gigpo.episode_stats": "step",
                    "gigpo.entropy_coef": 0.001, "gigpo.old_logprobs": "recompute",
-                   "gigpo.clip_ratio_c": 3.0, "env.verl_agent_prompt": True},
+                   "gigpo.clip_ratio_c": 3.0, "env.alfworld.verl_agent_prompt": True},
 }
 
 # run.ablation -> the settings it stands for ("no_mining" also drops the mining units, see build_units)
@@ -338,7 +338,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
               "-> 50, as GiGPO's ALFWorld script; set env.max_steps to choose")
         cfg.env.max_steps = 50
     if cfg.env.name == "webshop" and cfg.env.source == "real" and cfg.coldstart.enabled != "off":
-        # no expert walkthroughs to imitate there (webshop.WebShopBackend.walkthrough returns [])
+        # no expert walkthroughs to imitate there (webshop.RealWebShop.walkthrough returns [])
         if cfg.coldstart.enabled == "on":
             raise ConfigError("coldstart.enabled=on: real WebShop has no expert walkthroughs; set coldstart.enabled=off")
         if cfg.model.name == "tiny":
@@ -393,16 +393,26 @@ def config_reference() -> str:
     for section in dataclasses.fields(Config):
         if section.name in ("preset", "gigpo_defaults"):
             continue
-        obj = getattr(Config(), section.name)
-        docs = field_docs(type(obj))
         lines.append(f"# {section.name}:")
-        for f in dataclasses.fields(obj):
-            for doc_line in textwrap.wrap(docs.get(f.name, ""), 84):
-                lines.append(f"#   # {doc_line}")
-            value = yaml.safe_dump({f.name: getattr(obj, f.name)}, default_flow_style=True, width=1000).strip()
-            lines.append(f"#   {value[1:-1]}")
+        lines += _section_lines(getattr(Config(), section.name), "#   ")
         lines.append("")
     return "\n".join(lines)
+
+
+def _section_lines(obj, indent: str) -> list[str]:
+    """`config_reference`'s lines of one section: each field's doc and default; a sub-section
+    (env.alfworld, env.webshop) nested under its name."""
+    docs, lines = field_docs(type(obj)), []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += [f"{indent}{f.name}:", *_section_lines(value, indent + "  ")]
+            continue
+        for doc_line in textwrap.wrap(docs.get(f.name, ""), 88 - len(indent)):
+            lines.append(f"{indent}# {doc_line}")
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+        lines.append(f"{indent}{dumped[1:-1]}")
+    return lines
 
 
 def flat(d: dict, prefix: str = "") -> dict:

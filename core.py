@@ -6,6 +6,8 @@
     Trajectory    one episode: its Steps, the task, the group it belongs to (GiGPO's G rollouts)
     Sample        one training row of the update: a response's tokens under one prompt
 
+    collapse, history_block, ANSWER,   the pieces of a prompt and of its answer rule that both
+    extract_action                     environments use (each owns its template and grammar)
     atomic_write / atomic_write_json   files that hold the old or the new content, never half
     atomic_dir                         a folder built aside and renamed into place
     save_figure                        a matplotlib figure as a PNG, by atomic_write
@@ -23,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -74,6 +77,41 @@ class GameBackend(Protocol):
     def walkthrough(self, task_id: str) -> list[str]: ...        # expert actions that win
     def reset(self, task_id: str) -> tuple[str, dict]: ...       # (obs, info); same id -> same state
     def step(self, action: str) -> tuple[str, float, bool, dict]: ...  # (obs, reward, done, info)
+
+
+# Prompt pieces both environments use. Our own wording, kept short because a tiny CPU model reads
+# it in the tests. A block is either empty or ends in "\n".
+ANSWER = "Think briefly inside <think></think>, then give exactly one admissible action inside <action></action>."
+HISTORY_BLOCK = "Your recent steps, oldest first:\n{steps}\n"
+HISTORY_STEP = "- you saw: {obs}\n  you did: {action}"
+_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
+_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.S | re.I)
+
+
+def collapse(text: str) -> str:
+    """Whitespace runs -> one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def history_block(history: list[tuple[str, str | None]], n: int) -> str:
+    """The prompt's block of the last n (observation, action) pairs of the episode; "" if none.
+    An invalid step's action (None) shows as "(invalid)"."""
+    recent = history[-n:] if n > 0 else []
+    steps = "\n".join(HISTORY_STEP.format(obs=collapse(o), action=a if a else "(invalid)") for o, a in recent)
+    return HISTORY_BLOCK.format(steps=steps) if recent else ""
+
+
+def extract_action(text: str) -> str | None:
+    """The answer rule of both environments (verl-agent's): a response counts only if it has a
+    <think>...</think> block and an <action>...</action> block; the last <action> block is the
+    action, lower-cased, whitespace collapsed. None if the rule fails or the block is empty. Never
+    raises. Each environment then checks the action against its own grammar."""
+    if not isinstance(text, str):
+        return None
+    blocks = _ACTION_RE.findall(text)
+    if not blocks or not _THINK_RE.search(text):
+        return None
+    return collapse(blocks[-1]).lower() or None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 # CPU kernel we never use (QLoRA runs on CUDA only here). Silence that one logger.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import peft  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     Cache,
@@ -237,7 +238,6 @@ def _lora_layers(model) -> dict[str, torch.nn.Module]:
     """name -> LoRA wrapper module of a peft model's inner transformers model ({} if none)."""
     if not isinstance(model, peft.PeftModel):
         return {}
-    from peft.tuners.lora import LoraLayer
     return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
 
 

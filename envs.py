@@ -1,12 +1,13 @@
-"""Environments for SIRI: ALFWorld (embedded or real), prompts, action parsing, batched manager.
-WebShop (embedded or real) lives in webshop.py and plugs in as a backend when EnvConfig.name == "webshop".
+"""Environments for SIRI: the batched manager every environment plays in, and ALFWorld.
+WebShop (its config section, prompt, grammar and backends) lives in webshop.py; the shared types
+(`EnvState`, the `GameBackend` protocol) in core.py.
 
 Reading order:
-  1. Config and per-slot state (`EnvConfig`, `EnvState`).
-  2. Prompts and action parsing (`PROMPTS`, `build_prompt`, `parse_action`, `anchor_key`).
-  3. The backend Protocol (`GameBackend`): one playable environment slot of one game family.
+  1. Config (`EnvConfig`, with a section per family: `AlfworldConfig`, `webshop.WebShopConfig`).
+  2. ALFWorld's prompt template, the anchor key, `backend_class` (family x source -> backend class).
+  3. (the protocol every backend follows is `core.GameBackend`)
   4. ALFWorld on TextWorld's PDDL engine: the engine, the embedded task generator, the loader
-     for the official game files, and `AlfworldBackend`.
+     for the official game files, and the backends `EmbeddedAlfworld` / `RealAlfworld`.
   5. `EnvManager`: N slots stepped together, in this process or in worker processes.
   6. `python envs.py bench`: generation / reset / step / rollout timings.
 
@@ -35,13 +36,14 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import alfworld.gen.constants as alfred_constants
 import alfworld.gen.goal_library as alfred_goals
 import alfworld.info as alfworld_info
 
-from core import atomic_write_json
+from core import ANSWER, WIN_REWARD, EnvState, GameBackend, atomic_write_json, collapse, extract_action, history_block
+from webshop import EmbeddedWebShop, RealWebShop, WebShopConfig
 
 # The six ALFWorld task types, in ALFWorld's own order (TASK_TYPES in alfred_tw_env.py).
 TASK_TYPES = (
@@ -52,7 +54,6 @@ TASK_TYPES = (
     "pick_cool_then_place_in_recep",
     "pick_two_obj_and_place",
 )
-WIN_REWARD = 10.0  # DESIGN: reward = 10 x won, paid on the winning step
 INVALID_OBS = "Nothing happens."  # what TextWorld answers to a command it cannot execute
 
 
@@ -60,27 +61,16 @@ INVALID_OBS = "Nothing happens."  # what TextWorld answers to a command it canno
 # 1. Config and state
 # --------------------------------------------------------------------------------------------
 @dataclass
-class EnvConfig:
-    name: str = "alfworld"
-    """environment family: "alfworld" | "webshop" (webshop.py plugs in a `WebShopBackend`)"""
-    source: str = "embedded"
-    """"embedded" (generated offline by our code) | "real" (ALFWorld: official games from `alfworld-download`;
-    WebShop: a princeton-nlp/WebShop checkout at `webshop_path`)"""
-    max_steps: int = 50
-    """episode cap in env steps, invalid steps included (GiGPO's ALFWorld script: 50; WebShop preset: 15)"""
-    history_len: int = 2
-    """the prompt shows the last H (observation, action) pairs"""
+class AlfworldConfig:
+    """The ALFWorld section of the environment config (``env.alfworld.*``)."""
+
     verl_agent_prompt: bool = False
-    """ALFWorld: show the step count ("You have taken N step(s); this is step N+1.") and hide `help`
-    from the admissible actions, as the public GiGPO code's prompt does (`gigpo_defaults=verl-agent`
-    turns it on). Our default is off, measured: with it, the learning test's cold start (4 games,
-    45 epochs) left the tiny model at 0.17 success instead of 0.30 and GiGPO's 10-iteration gain
-    fell to +0.14; a 2-layer model generalises poorly over a number that changes every step. An
-    instruct model reads it without trouble."""
-    num_workers: int = 0
-    """0: step all slots in this process; >0: that many worker processes, slot i on worker i % num_workers"""
-    start_method: str = "fork"
-    """multiprocessing start method for workers ("fork" | "forkserver" | "spawn"); see EnvManager"""
+    """Show the step count ("You have taken N step(s); this is step N+1.") and hide `help` from the
+    admissible actions, as the public GiGPO code's prompt does (`gigpo_defaults=verl-agent` turns it
+    on). Our default is off, measured: with it, the learning test's cold start (4 games, 45 epochs)
+    left the tiny model at 0.17 success instead of 0.30 and GiGPO's 10-iteration gain fell to +0.14;
+    a 2-layer model generalises poorly over a number that changes every step. An instruct model
+    reads it without trouble."""
     receptacles: int = 8
     """embedded difficulty: receptacles in a generated room (more = more searching; real ALFWorld: 15-35)"""
     distractors: int = 4
@@ -92,8 +82,6 @@ class EnvConfig:
     """embedded: number of generated training games (the six task types in turn)"""
     eval_per_type: int = 20
     """embedded: evaluation games per task type (6 x this; real valid_unseen has 134 games)"""
-    seed: int = 0
-    """selects the embedded task set: ALFWorld games (train and eval seeds disjoint for every value), WebShop catalogue and goals"""
     cache_dir: str = ".cache/alfworld_embedded"
     """where generated games are cached, one file per seed; a relative path is taken from envs.py's folder"""
     data_path: str = ""
@@ -102,58 +90,57 @@ class EnvConfig:
     """real: the evaluation split, "valid_unseen" (out of distribution) or "valid_seen" """
     real_max_tasks: int = 0
     """real: cap on games per split (0 = all): the first N of the seeded, type-interleaved order
-    (`stratified_order`), so the subset is fixed by `seed` and holds every type"""
-    num_products: int = 1000
-    """WebShop: catalogue size (embedded: products generated; real: WebShop's product subset, 1000 = the
-    data of its `setup.sh -d small`, 0 = all)"""
-    num_train_goals: int = 2000
-    """WebShop: goals in the train split (embedded: the goals after the eval ones; real: WebShop's baseline
-    train split, goals 1500 on, capped by what WebShop has)"""
-    num_eval_goals: int = 500
-    """WebShop: goals in the fixed eval split, goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]
-    (real: at most 1500, its test and val goals)"""
-    webshop_path: str = ""
-    """WebShop, real: root of a princeton-nlp/WebShop checkout after its setup.sh ("" = none)"""
+    (`stratified_order`), so the subset is fixed by env.seed and holds every type"""
 
     def __post_init__(self):
-        choices = {"name": ("alfworld", "webshop"), "source": ("embedded", "real"),
-                   "start_method": ("fork", "forkserver", "spawn"),
-                   "real_eval_split": ("valid_unseen", "valid_seen")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"env.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
-        for key in ("max_steps", "receptacles"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"env.{key}={getattr(self, key)}: must be at least 1")
-        for key in ("history_len", "num_workers", "distractors", "real_max_tasks", "num_products",
-                    "num_train_tasks", "eval_per_type",
-                    "num_train_goals", "num_eval_goals"):
+        if self.real_eval_split not in ("valid_unseen", "valid_seen"):
+            raise ValueError(f"env.alfworld.real_eval_split={self.real_eval_split!r}: choose valid_unseen or valid_seen")
+        if self.receptacles < 1:
+            raise ValueError(f"env.alfworld.receptacles={self.receptacles}: must be at least 1")
+        for key in ("distractors", "real_max_tasks", "num_train_tasks", "eval_per_type"):
             if getattr(self, key) < 0:
-                raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
-        if self.name == "webshop" and self.source == "real":   # WebShop's search indexes; its baseline's splits
-            if self.num_products not in (0, 100, 1000, 100000):
-                raise ValueError(f"env.num_products={self.num_products}: real WebShop has search indexes for "
-                                 "100, 1000 or 100000 products, or 0 for all")
-            if self.num_eval_goals > 1500:
-                raise ValueError(f"env.num_eval_goals={self.num_eval_goals}: real WebShop's train split starts at "
-                                 "goal 1500, so at most 1500")
+                raise ValueError(f"env.alfworld.{key}={getattr(self, key)}: must be >= 0")
 
 
 @dataclass
-class EnvState:
-    """What the manager returns for one slot after reset/step."""
-    task_id: str
-    task_type: str     # e.g. "pick_and_place_simple"
-    task: str          # instruction text, e.g. "put a apple in fridge."
-    obs: str           # current observation text (the env's feedback)
-    admissible: list[str]
-    reward: float      # reward of the last transition: 10.0 on the winning step, else 0 (both envs)
-    done: bool
-    won: bool
-    anchor: str        # GiGPO anchor-state key: hash of the normalised current observation
-    steps: int         # env steps taken so far in this episode (invalid ones included)
-    score: float | None = None  # WebShop: its own reward in [0, 1] of the purchase (0.0 before buying),
-    #                             reported as score = 100 x mean and success = (score == 1); ALFWorld: None
+class EnvConfig:
+    """The environment: which family and source, the episode and prompt settings every family
+    shares, the worker processes, and one section per family."""
+
+    name: str = "alfworld"
+    """environment family: "alfworld" (this module) | "webshop" (webshop.py)"""
+    source: str = "embedded"
+    """"embedded" (generated offline by our code) | "real" (ALFWorld: official games from `alfworld-download`;
+    WebShop: a princeton-nlp/WebShop checkout at env.webshop.path)"""
+    max_steps: int = 50
+    """episode cap in env steps, invalid steps included (GiGPO's ALFWorld script: 50; WebShop preset: 15)"""
+    history_len: int = 2
+    """the prompt shows the last H (observation, action) pairs"""
+    num_workers: int = 0
+    """0: step all slots in this process; >0: that many worker processes, slot i on worker i % num_workers"""
+    start_method: str = "fork"
+    """multiprocessing start method for workers ("fork" | "forkserver" | "spawn"); see EnvManager"""
+    seed: int = 0
+    """selects the embedded task set: ALFWorld games (train and eval seeds disjoint for every value), WebShop
+    catalogue and goals; the real sources' task order"""
+    alfworld: AlfworldConfig = dataclasses.field(default_factory=AlfworldConfig)
+    webshop: WebShopConfig = dataclasses.field(default_factory=WebShopConfig)
+
+    def __post_init__(self):
+        choices = {"name": ("alfworld", "webshop"), "source": ("embedded", "real"),
+                   "start_method": ("fork", "forkserver", "spawn")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"env.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.max_steps < 1:
+            raise ValueError(f"env.max_steps={self.max_steps}: must be at least 1")
+        for key in ("history_len", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
+        self.alfworld.__post_init__()
+        self.webshop.__post_init__()
+        if self.name == "webshop" and self.source == "real":
+            self.webshop.check_real()
 
 
 @dataclass
@@ -175,150 +162,34 @@ class AlfworldDataNotFound(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Prompts and action parsing
+# 2. ALFWorld's prompt, and the backends
 # --------------------------------------------------------------------------------------------
-# Every template lives here. Our own wording; kept short because a tiny CPU model reads them
-# in the tests. "{skill}", "{history}" and "{search_hint}" are blocks that are either empty or
-# end in "\n". One template per environment (cfg.name), sharing the history and answer blocks.
-PROMPTS = {
-    "alfworld": (
-        "You are a household robot. You act in a text-based house by typing commands.\n"
-        "Your task is to: {task}\n"
-        "{skill}{history}"
-        "{step_count}"
-        "Now you see: {obs}\n"
-        "Admissible actions: {actions}\n"
-        "{answer}"
-    ),
-    "webshop": (
-        "You are a shopping assistant in an online store. You move between its pages one command "
-        "at a time; buying an item ends the episode.\n"
-        "The customer asks: {task}\n"
-        "{skill}{history}"
-        "Page you are on (parts separated by [SEP]): {obs}\n"
-        "Commands you can use on this page, one per line:\n{actions}\n"
-        "{search_hint}"
-        "{answer}"
-    ),
-    "skill": "A skill that helped with tasks like this before:\n{skill}\n",
-    "webshop_skill": "Shopping advice that worked for requests like this before:\n{skill}\n",
-    "webshop_search": "In search[<your query>], put your own search words in place of <your query>.\n",
-    "history": "Your recent steps, oldest first:\n{steps}\n",
-    "step_count": "You have taken {taken} step(s); this is step {step}.\n",
-    "history_step": "- you saw: {obs}\n  you did: {action}",
-    "answer": ("Think briefly inside <think></think>, then give exactly one admissible action "
-               "inside <action></action>."),
-}
-ACTION_SEPARATOR = " | "  # ALFWorld lists its actions on one line; WebShop one per line
-
-
-def _collapse(text: str) -> str:
-    """Whitespace runs -> one space, ends stripped."""
-    return " ".join(text.split())
-
-
-def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str | None]],
-                 skill: str | None = None) -> str:
-    """The user message for one step (the policy applies the chat template).
-
-    task, the last `cfg.history_len` (observation, action) pairs (``history`` is the whole
-    episode so far, so ALFWorld's prompt can count the steps taken), the current observation, the
-    admissible actions and the answer format, in the template of cfg.name. `skill` (text) adds
-    one block; with skill=None the prompt contains no skill text at all, so plain and skill
-    prompts differ only by that block.
-    """
-    web = cfg.name == "webshop"
-    recent = history[-cfg.history_len:] if cfg.history_len > 0 else []
-    # env.verl_agent_prompt: as the public GiGPO code's ALFWorld prompt, the step count is shown
-    # and "help" is not offered (it prints the command list and never advances a task; typed, it still plays)
-    verl = cfg.verl_agent_prompt and not web
-    actions = [a for a in state.admissible if a != "help"] if verl else state.admissible
-    steps = "\n".join(PROMPTS["history_step"].format(obs=_collapse(o), action=a if a else "(invalid)")
-                      for o, a in recent)
-    return PROMPTS[cfg.name].format(
-        task=state.task,
-        skill=PROMPTS["webshop_skill" if web else "skill"].format(skill=skill.strip()) if skill else "",
-        history=PROMPTS["history"].format(steps=steps) if recent else "",
-        obs=_collapse(state.obs),
-        actions=("\n" if web else ACTION_SEPARATOR).join(actions),
-        step_count=PROMPTS["step_count"].format(taken=len(history), step=len(history) + 1) if verl else "",
-        search_hint=PROMPTS["webshop_search"] if any(a.startswith("search[") for a in state.admissible) else "",
-        answer=PROMPTS["answer"],
-    )
-
-
-_THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
-_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.S | re.I)
-
-
-def parse_action(text: str, admissible: list[str], env: str = "alfworld") -> tuple[str | None, bool]:
-    """(action, valid) from a model response. Never raises.
-
-    Valid only if the response has a <think>...</think> block and an <action>...</action> block
-    (the verl-agent rule). The last <action> block counts; it is lower-cased and its whitespace
-    collapsed. Anything that fails below -> (None, False), which the manager plays as an invalid step.
-    ALFWorld (env="alfworld"): the action must equal an admissible action normalised the same way;
-      the admissible string itself is returned.
-    WebShop (env="webshop"): `webshop.is_admissible` decides: a listed click[...], or any
-      non-empty search[...] where the page offers the "search[<your query>]" template (our choice:
-      the literal placeholder is not a query). Returned as "kind[argument]", lower-cased.
-    """
-    if not isinstance(text, str):
-        return None, False
-    blocks = _ACTION_RE.findall(text)
-    if not blocks or not _THINK_RE.search(text):
-        return None, False
-    action = _collapse(blocks[-1]).lower()
-    if not action:
-        return None, False
-    if env == "webshop":
-        import webshop
-        if not webshop.is_admissible(action, admissible):
-            return None, False
-        kind, arg = webshop.parse_action(action)
-        return f"{kind}[{arg}]", True
-    for cand in admissible:
-        if action == _collapse(cand).lower():
-            return cand, True
-    return None, False
+# Our own wording; kept short because a tiny CPU model reads it in the tests. "{skill}" and
+# "{history}" are blocks that are either empty or end in "\n"; the history block and the answer
+# line are the ones WebShop's prompt uses too (core.py). `Alfworld.build_prompt` fills it.
+PROMPT = (
+    "You are a household robot. You act in a text-based house by typing commands.\n"
+    "Your task is to: {task}\n"
+    "{skill}{history}"
+    "{step_count}"
+    "Now you see: {obs}\n"
+    "Admissible actions: {actions}\n"
+    "{answer}"
+)
+SKILL_BLOCK = "A skill that helped with tasks like this before:\n{skill}\n"
+STEP_COUNT = "You have taken {taken} step(s); this is step {step}.\n"
+ACTION_SEPARATOR = " | "  # ALFWorld lists its actions on one line
 
 
 def anchor_key(obs: str) -> str:
     """GiGPO anchor-state key: sha1 of the lower-cased, whitespace-collapsed observation, 16 hex."""
-    return hashlib.sha1(_collapse(obs).lower().encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(collapse(obs).lower().encode("utf-8")).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------------------------
-# 3. Backend protocol: one environment slot of one game family
-# --------------------------------------------------------------------------------------------
-class GameBackend(Protocol):
-    """What EnvManager needs from a game family (ALFWorld here, WebShop in webshop.py).
-
-    The manager builds one backend per slot with `Backend(cfg)` (plus one more in the main
-    process that only answers task_ids / task_type / walkthrough). `info` always carries
-    "admissible" (list[str]), "won" (bool), "task" (str) and "task_type" (str); optionally
-    "score" (float, copied to EnvState.score) and "invalid" (bool, counted in invalid_steps).
-    The reward a backend returns is the training reward (10 x won for both families).
-    Optional: a `loaded_task` attribute (the task id whose game is loaded) lets the manager
-    route a returning task to the backend that already has it, and `close()` is called at shutdown.
-    """
-
-    def __init__(self, cfg: EnvConfig) -> None: ...
-    def task_ids(self, split: str) -> list[str]: ...            # split in {"train", "eval"}
-    def task_type(self, task_id: str) -> str: ...
-    def walkthrough(self, task_id: str) -> list[str]: ...        # expert actions that win
-    def reset(self, task_id: str) -> tuple[str, dict]: ...       # (obs, info); same id -> same state
-    def step(self, action: str) -> tuple[str, float, bool, dict]: ...  # (obs, reward, done, info)
-
-
-def backend_class(cfg: EnvConfig) -> type:
-    """The backend class for cfg.name (WebShop is imported only when asked for)."""
-    if cfg.name == "alfworld":
-        return AlfworldBackend
-    if cfg.name == "webshop":
-        from webshop import WebShopBackend
-        return WebShopBackend
-    raise ValueError(f"unknown environment name {cfg.name!r} (expected 'alfworld' or 'webshop')")
+def backend_class(cfg: EnvConfig) -> type[GameBackend]:
+    """The backend class of cfg.name and cfg.source (a `core.GameBackend`), chosen once per manager."""
+    return {("alfworld", "embedded"): EmbeddedAlfworld, ("alfworld", "real"): RealAlfworld,
+            ("webshop", "embedded"): EmbeddedWebShop, ("webshop", "real"): RealWebShop}[cfg.name, cfg.source]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,7 +282,7 @@ def split_intro(feedback: str) -> tuple[str, str]:
     m = re.search(r"Your task is to:\s*(.*)$", text, re.S)
     if not m:
         return text, ""
-    return text[:m.start()].strip(), _collapse(m.group(1))
+    return text[:m.start()].strip(), collapse(m.group(1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -741,11 +612,11 @@ def make_verified_game(seed: int, task_type: str, receptacles: int, distractors:
 
 def embedded_cache_folder(cfg: EnvConfig) -> str:
     """cache_dir/v{version}-rec{receptacles}-dis{distractors}[-uniform]: one file per seed inside."""
-    root = os.path.expanduser(cfg.cache_dir)
+    root = os.path.expanduser(cfg.alfworld.cache_dir)
     if not os.path.isabs(root):
         root = os.path.join(os.path.dirname(os.path.abspath(__file__)), root)
-    uniform = "" if cfg.location_priors else "-uniform"
-    return os.path.join(root, f"v{GENERATOR_VERSION}-rec{cfg.receptacles}-dis{cfg.distractors}{uniform}")
+    uniform = "" if cfg.alfworld.location_priors else "-uniform"
+    return os.path.join(root, f"v{GENERATOR_VERSION}-rec{cfg.alfworld.receptacles}-dis{cfg.alfworld.distractors}{uniform}")
 
 
 def embedded_task_ids(cfg: EnvConfig, split: str) -> list[str]:
@@ -756,10 +627,10 @@ def embedded_task_ids(cfg: EnvConfig, split: str) -> list[str]:
     eval_per_type games per type and train cycles through the types.
     """
     if split == "train":
-        n, offset = cfg.num_train_tasks, 0
+        n, offset = cfg.alfworld.num_train_tasks, 0
         assert n <= EVAL_SEED_OFFSET, "num_train_tasks would run into the eval seeds"
     elif split == "eval":
-        n, offset = len(TASK_TYPES) * cfg.eval_per_type, EVAL_SEED_OFFSET
+        n, offset = len(TASK_TYPES) * cfg.alfworld.eval_per_type, EVAL_SEED_OFFSET
     else:
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     base = cfg.seed * 1_000_000 + offset
@@ -779,8 +650,8 @@ def _generate_into_cache(args: tuple) -> int:
         path = os.path.join(folder, task_id + ".tw-pddl")
         if not os.path.exists(path):
             task_type, seed = _parse_embedded_id(task_id)
-            atomic_write_json(path, make_verified_game(seed, task_type, cfg.receptacles, cfg.distractors, engine,
-                                                        cfg.location_priors))
+            atomic_write_json(path, make_verified_game(seed, task_type, cfg.alfworld.receptacles, cfg.alfworld.distractors, engine,
+                                                        cfg.alfworld.location_priors))
     return len(task_ids)
 
 
@@ -810,8 +681,8 @@ def ensure_embedded_games(cfg: EnvConfig, task_ids: list[str], processes: int | 
 # 4c. Real ALFWorld: the official game files from `alfworld-download`
 # --------------------------------------------------------------------------------------------
 def real_data_path(cfg: EnvConfig) -> str:
-    """cfg.data_path, or $ALFWORLD_DATA/json_2.1.1 (where `alfworld-download` puts the games)."""
-    path = cfg.data_path or os.path.join(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"), "json_2.1.1")
+    """cfg.alfworld.data_path, or $ALFWORLD_DATA/json_2.1.1 (where `alfworld-download` puts the games)."""
+    path = cfg.alfworld.data_path or os.path.join(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"), "json_2.1.1")
     return os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
 
 
@@ -873,10 +744,12 @@ def stratified_order(games: tuple[tuple[str, str], ...], seed: int) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------
-# 4d. The ALFWorld backend (both sources)
+# 4d. The ALFWorld backends: one base that plays, one subclass per source
 # --------------------------------------------------------------------------------------------
-class AlfworldBackend:
-    """One ALFWorld slot (a GameBackend): one TextWorld engine, games loaded by task id.
+class Alfworld:
+    """One ALFWorld slot (a `core.GameBackend`): one TextWorld engine, games loaded by task id;
+    ALFWorld's prompt and action grammar. The source's subclass says which games exist and where
+    their files are (`task_ids`, `task_type`, `game_file`).
 
     Loading a game (parsing the grammar, translating the PDDL) costs ~0.1 s on embedded games
     and more on real ones; TextWorld's env.reset() restarts a loaded game (~30 ms). So the
@@ -887,44 +760,53 @@ class AlfworldBackend:
     """
 
     def __init__(self, cfg: EnvConfig):
-        if cfg.source not in ("embedded", "real"):
-            raise ValueError(f"EnvConfig.source must be 'embedded' or 'real', not {cfg.source!r}")
         self.cfg = cfg
         self._engine = None     # playing engine, made on the first reset
         self._planner = None    # planning engine, made only if a walkthrough must be planned
         self.loaded_task: str | None = None  # task id of the game in the engine (see _Slots)
         self._task, self._task_type = "", ""
-        self._real_types: dict[str, str] = {}
-        if cfg.source == "real" and not os.path.isdir(real_data_path(cfg)):
-            raise _missing_data(real_data_path(cfg), "the data folder does not exist")
 
-    # -- task lists -------------------------------------------------------------------------
+    # -- prompt and grammar --------------------------------------------------------------------
+    @staticmethod
+    def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str | None]],
+                     skill: str | None = None) -> str:
+        """The user message for one step (the policy applies the chat template): the task, `skill`
+        (one block; with skill=None the prompt holds no skill text at all, so plain and skill prompts
+        differ only by that block), the last cfg.history_len (observation, action) pairs
+        (``history`` is the whole episode so far, so the prompt can count the steps taken), the
+        current observation, the admissible actions on one line and the answer format.
+        env.alfworld.verl_agent_prompt: as the public GiGPO code's prompt, the step count is shown
+        and "help" is not offered (it prints the command list and never advances a task; typed, it
+        still plays)."""
+        verl = cfg.alfworld.verl_agent_prompt
+        actions = [a for a in state.admissible if a != "help"] if verl else state.admissible
+        return PROMPT.format(
+            task=state.task, skill=SKILL_BLOCK.format(skill=skill.strip()) if skill else "",
+            history=history_block(history, cfg.history_len),
+            step_count=STEP_COUNT.format(taken=len(history), step=len(history) + 1) if verl else "",
+            obs=collapse(state.obs), actions=ACTION_SEPARATOR.join(actions), answer=ANSWER)
+
+    @staticmethod
+    def parse_action(text: str, admissible: list[str]) -> tuple[str | None, bool]:
+        """(action, valid) from a model response, never raising: the answer rule of
+        `core.extract_action`, then the action must equal an admissible action normalised the same
+        way; the admissible string itself is returned. Anything else -> (None, False), which the
+        manager plays as an invalid step."""
+        action = extract_action(text)
+        for cand in admissible if action else ():
+            if action == collapse(cand).lower():
+                return cand, True
+        return None, False
+
+    # -- the source's part -------------------------------------------------------------------
     def task_ids(self, split: str) -> list[str]:
-        if self.cfg.source == "embedded":
-            ids = embedded_task_ids(self.cfg, split)
-            ensure_embedded_games(self.cfg, ids)  # "checked solvable before use"
-            return ids
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-        games = collect_real_games(real_data_path(self.cfg), "train" if split == "train" else self.cfg.real_eval_split)
-        self._real_types.update(games)
-        ids = stratified_order(games, self.cfg.seed)
-        return ids[:self.cfg.real_max_tasks or None]
+        raise NotImplementedError
 
     def task_type(self, task_id: str) -> str:
-        if self.cfg.source == "embedded":
-            return _parse_embedded_id(task_id)[0]
-        # official folder names start with the task type: "<split>/<task_type>-<obj>-.../trial_..."
-        return self._real_types.get(task_id) or task_id.split("/")[-2].split("-")[0]
+        raise NotImplementedError
 
     def game_file(self, task_id: str) -> str:
-        """Path of the task's game.tw-pddl (embedded: generated and verified first if missing)."""
-        if self.cfg.source == "real":
-            return os.path.join(real_data_path(self.cfg), task_id, "game.tw-pddl")
-        path = os.path.join(embedded_cache_folder(self.cfg), task_id + ".tw-pddl")
-        if not os.path.exists(path):
-            _generate_into_cache((self.cfg, [task_id]))
-        return path
+        raise NotImplementedError
 
     def walkthrough(self, task_id: str) -> list[str]:
         """Expert commands that win: the verified plan stored in embedded games, else planned."""
@@ -966,6 +848,51 @@ class AlfworldBackend:
         self.loaded_task = None
 
 
+class EmbeddedAlfworld(Alfworld):
+    """ALFWorld on games our generator made (section 4b), cached under env.alfworld.cache_dir."""
+
+    def task_ids(self, split: str) -> list[str]:
+        ids = embedded_task_ids(self.cfg, split)
+        ensure_embedded_games(self.cfg, ids)  # "checked solvable before use"
+        return ids
+
+    def task_type(self, task_id: str) -> str:
+        return _parse_embedded_id(task_id)[0]
+
+    def game_file(self, task_id: str) -> str:
+        """Path of the task's game.tw-pddl, generated and verified first if missing."""
+        path = os.path.join(embedded_cache_folder(self.cfg), task_id + ".tw-pddl")
+        if not os.path.exists(path):
+            _generate_into_cache((self.cfg, [task_id]))
+        return path
+
+
+class RealAlfworld(Alfworld):
+    """ALFWorld on the official game files (section 4c) under env.alfworld.data_path."""
+
+    def __init__(self, cfg: EnvConfig):
+        super().__init__(cfg)
+        self._real_types: dict[str, str] = {}
+        if not os.path.isdir(real_data_path(cfg)):
+            raise _missing_data(real_data_path(cfg), "the data folder does not exist")
+
+    def task_ids(self, split: str) -> list[str]:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+        games = collect_real_games(real_data_path(self.cfg),
+                                   "train" if split == "train" else self.cfg.alfworld.real_eval_split)
+        self._real_types.update(games)
+        ids = stratified_order(games, self.cfg.seed)
+        return ids[:self.cfg.alfworld.real_max_tasks or None]
+
+    def task_type(self, task_id: str) -> str:
+        # official folder names start with the task type: "<split>/<task_type>-<obj>-.../trial_..."
+        return self._real_types.get(task_id) or task_id.split("/")[-2].split("-")[0]
+
+    def game_file(self, task_id: str) -> str:
+        return os.path.join(real_data_path(self.cfg), task_id, "game.tw-pddl")
+
+
 # --------------------------------------------------------------------------------------------
 # 5. The batched manager
 # --------------------------------------------------------------------------------------------
@@ -984,7 +911,7 @@ class _Slots:
     """
 
     def __init__(self, cfg: EnvConfig):
-        self.cfg, self.cls = cfg, backend_class(cfg)
+        self.cfg, self.backend = cfg, backend_class(cfg)
         self.backends: dict[int, Any] = {}  # slot -> backend
         self.spare: list = []
 
@@ -1008,7 +935,7 @@ class _Slots:
         for slot, _ in items:                                     # 3. own / any idle / new
             if slot not in new:
                 key = own.get(slot) if own.get(slot) in idle else next(iter(idle), None)
-                new[slot] = idle.pop(key) if key is not None else self.cls(self.cfg)
+                new[slot] = idle.pop(key) if key is not None else self.backend(self.cfg)
         self.backends, self.spare = {**kept, **new}, list(idle.values())
 
     def run(self, cmd: str, items: list[tuple[int, Any]]) -> list:
@@ -1080,7 +1007,8 @@ class EnvManager:
     def __init__(self, cfg: EnvConfig):
         self.cfg = cfg
         self._pid = os.getpid()  # a forked copy of this object must not stop our workers
-        self._meta = backend_class(cfg)(cfg)  # answers task_ids/task_type/walkthrough here
+        self.backend = backend_class(cfg)  # the class: its prompt and grammar serve every slot
+        self._meta = self.backend(cfg)  # one instance answers task_ids/task_type/walkthrough here
         self._task_ids: dict[str, list[str]] = {}
         self._states: list[EnvState] = []
         self.invalid_steps: list[int] = []
@@ -1258,11 +1186,12 @@ class EnvManager:
 
     # -- prompts ------------------------------------------------------------------------------
     def build_prompt(self, state: EnvState, history: list[tuple[str, str]], skill: str | None = None) -> str:
-        return build_prompt(self.cfg, state, history, skill)
+        """The environment's own prompt (`Alfworld.build_prompt`, `webshop.WebShop.build_prompt`)."""
+        return self.backend.build_prompt(self.cfg, state, history, skill)
 
     def parse_action(self, text: str, admissible: list[str]) -> tuple[str | None, bool]:
-        """parse_action with the rules of cfg.name (WebShop: free-text search[...])."""
-        return parse_action(text, admissible, self.cfg.name)
+        """The environment's own action grammar (`Alfworld.parse_action`, `webshop.WebShop.parse_action`)."""
+        return self.backend.parse_action(text, admissible)
 
     # -- shutdown -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -1307,8 +1236,8 @@ def bench(games_per_type: int = 4, slot_counts: tuple[int, ...] = (16, 64), work
           group_size: int = 8, steps: int = 20) -> None:
     """Print generation speed, reset/step latency and random-action rollout wall times."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = EnvConfig(cache_dir=tmp, eval_per_type=games_per_type,
-                        num_train_tasks=max(slot_counts) // group_size, max_steps=steps)
+        cfg = EnvConfig(max_steps=steps, alfworld=AlfworldConfig(cache_dir=tmp, eval_per_type=games_per_type,
+                                                                 num_train_tasks=max(slot_counts) // group_size))
         ids = embedded_task_ids(cfg, "eval")
         t = time.perf_counter()
         ensure_embedded_games(cfg, ids, processes=1)
@@ -1322,7 +1251,7 @@ def bench(games_per_type: int = 4, slot_counts: tuple[int, ...] = (16, 64), work
         print(f"generation (fresh cache, {os.cpu_count()} processes): {len(more)} games in {dt:.2f} s = "
               f"{len(more) / dt:.1f} games/s")
 
-        backend = AlfworldBackend(cfg)
+        backend = EmbeddedAlfworld(cfg)
         t = time.perf_counter(); backend.reset(ids[0]); cold = time.perf_counter() - t
         loads, resets, step_times = [], [], []
         rng = random.Random(0)

@@ -5,8 +5,9 @@ term on top of the same loss. This module holds:
 
 * the advantage equations, each one pure function on plain lists / tensors
   (GiGPO Eq. 3 episode term, Eq. 6-8 step term, Eq. 9 joint advantage);
-* the PPO-clip + KL loss on action tokens (GiGPO Eq. 10, SIRI Eq. for L_RL);
-* ``update``: one optimisation pass over a batch of (prompt, response) samples.
+* the per-token losses: PPO-clip (GiGPO Eq. 10), the KL penalty, SIRI's distillation term;
+* ``objective``: SIRI's whole loss, L = L_PPO-clip + β·KL (− c·H) + λ·L_distill, on one screen;
+* ``update``: the plumbing around it, one optimisation pass over a batch of `core.Sample`s.
 
 A *group* is G trajectories of the same task from the same initial state. A *step group*
 is every step of one group (all G trajectories, repeated visits included) whose anchor

@@ -670,7 +670,6 @@ def validate(policy, envs, skill: Skill, task_ids: list[str], group_size: int, s
     once plain. `baseline`: plain trajectories of an earlier call with the same tasks and seed
     (they are the same episodes, so we skip re-playing them). Under torchrun each rank plays its
     shard of `task_ids` (with its own seed, shared by both arms) and the pairs are pooled."""
-    import distributed
     task_ids, seed = distributed.shard(task_ids), distributed.rank_seed(seed)
     with_trajs = agent.rollout(policy, envs, task_ids, group_size, sampling_cfg,
                                     skill={skill.task_type: skill.text()}, seed=seed,

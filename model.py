@@ -18,11 +18,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from decoder import Policy, peft  # decoder imports peft once, with its bitsandbytes logger quietened
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -151,8 +153,6 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000) -> PreTraine
     wrap it like a Qwen tokenizer: Qwen chat template, eos = <|im_end|>, pad = <|endoftext|>.
     Byte-level means any text encodes; the vocabulary is smaller than vocab_size when the corpus
     has fewer distinct word pieces to merge."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -272,8 +272,6 @@ def load_policy(cfg: ModelConfig, corpus=None, device: str = "auto", adapter: st
 
     kwargs: dict = {"dtype": cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)}
     if cfg.qlora:
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)

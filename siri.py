@@ -13,11 +13,15 @@ Every evaluation uses the plain prompt only: no skill bank, no retrieval at infe
 The run is a fixed list of *units* (one warmup iteration, one mining round, one distillation
 iteration, ...). A checkpoint records how many units are done, so ``--resume`` continues at
 the next one; a run killed at any moment loses at most the units since the last checkpoint.
+
+This file, top to bottom: the phases; the run (`build_units`, `run_unit`, `run_units`); checkpoints
+and resume; logs and the report; the command line. The configuration is config.py.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import dataclasses
 import json
 import os
@@ -30,6 +34,7 @@ import sys
 import time
 import typing
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +47,7 @@ import distributed
 import gigpo
 import mining
 import show
+import webshop
 from agent import rollout
 from config import ARMS, ColdStartConfig, Config, ConfigError, config_reference, flat, load_config
 from core import Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
@@ -49,152 +55,9 @@ from envs import EnvWorkerDied, make_envs
 from model import ModelLoadError, load_policy
 from webshop import WebShopNotInstalled
 
-# ---------------------------------------------------------------------------------------
-# Plumbing: atomic files, checkpoints, metrics, plots
-# ---------------------------------------------------------------------------------------
-
-
-class Metrics:
-    """A JSONL file of the run with one or more rows per unit: metrics.jsonl (keys namespaced by
-    phase; TensorBoard opt-in) or trajectories.jsonl (`log_rows`). A unit's rows are appended after
-    the unit; on resume, rows of units past the checkpoint are dropped, so none is ever doubled.
-    Under torchrun only rank 0 writes; on the other ranks log/truncate do nothing."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, name: str = "metrics.jsonl"):
-        self.path = run_dir / name
-        self.tb = None
-        self.writer = distributed.is_main()
-        if tensorboard and self.writer:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def log(self, unit: int, phase: str, values: dict, arm: str = "") -> None:
-        if not self.writer:
-            return
-        row = {"unit": unit, "phase": phase, **({"arm": arm} if arm else {}), "time": time.time(), **values}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, unit)
-
-    def log_rows(self, unit: int, phase: str, rows: list[dict], arm: str = "") -> None:
-        """Append rows (trajectories.jsonl), each tagged with the unit, phase and arm."""
-        if not self.writer or not rows:
-            return
-        with open(self.path, "a") as f:
-            f.write("".join(json.dumps({"unit": unit, "phase": phase, "arm": arm, **r}) + "\n" for r in rows))
-
-    def truncate(self, units_done: int) -> None:
-        """On resume: drop rows of units that were logged but not checkpointed (they run again)."""
-        if not self.writer:
-            return
-        kept = [r for r in self.rows() if r["unit"] < units_done]
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def training_state(policy, optimizer) -> dict:
-    """Trainable weights (copies), optimiser state and RNG: what a checkpoint and a branch point hold."""
-    return {"trainable": {n: p.detach().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad},
-            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state()}
-
-
-def restore_training_state(policy, optimizer, blob: dict) -> None:
-    """Put back what `training_state` captured."""
-    params = dict(policy.model.named_parameters())
-    with torch.no_grad():
-        for n, t in blob["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(copy.deepcopy(blob["optimizer"]))
-    set_rng_state(blob["rng"])
-
-
-def save_checkpoint(run_dir: Path, policy, optimizer, state: dict) -> None:
-    """Checkpoint = adapter + trainable weights + optimiser + RNG + loop state, swapped in atomically.
-
-    Written into ``checkpoint.new/`` and renamed over ``checkpoint/``: a kill at any moment
-    leaves either the previous or the new checkpoint complete.
-    """
-    final, new, old = run_dir / "checkpoint", run_dir / "checkpoint.new", run_dir / "checkpoint.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    policy.save(new / "adapter")  # save_pretrained: loadable by PeftModel.from_pretrained
-    torch.save(training_state(policy, optimizer), new / "training.pt")
-    (new / "state.pkl").write_bytes(pickle.dumps(state))
-    (new / "COMPLETE").write_text("ok")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(run_dir: Path, policy, optimizer) -> dict | None:
-    """Restore the newest complete checkpoint; returns the loop state, or None if there is none."""
-    for name in ("checkpoint", "checkpoint.old"):
-        ckpt = run_dir / name
-        if (ckpt / "COMPLETE").exists():
-            restore_training_state(policy, optimizer, torch.load(ckpt / "training.pt", weights_only=False))
-            return pickle.loads((ckpt / "state.pkl").read_bytes())
-    return None
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """One PNG: training success/return over all units, eval success, phases marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    series = {("warmup", ""): "tab:blue", ("distill", "gigpo"): "tab:purple", ("distill", "siri"): "tab:green",
-              ("distill", "siri_random"): "tab:red", ("distill", ""): "tab:green"}
-    for (phase, arm), color in series.items():
-        mine = [r for r in rows if r.get("phase") == phase and r.get("arm", "") == arm]
-        name = f"{phase} {arm}".strip()
-        pts = [(r["unit"], r[f"{phase}/success"]) for r in mine if f"{phase}/success" in r]
-        if pts:
-            ax1.plot(*zip(*pts), "o-", color=color, label=f"{name} success (train rollouts)")
-        pts = [(r["unit"], r[f"{phase}/return"]) for r in mine if f"{phase}/return" in r]
-        if pts:
-            ax2.plot(*zip(*pts), "o-", color=color, label=f"{name} mean return")
-    ev = [(r["unit"], r["eval/success"]) for r in rows if "eval/success" in r]
-    if ev:
-        ax1.plot(*zip(*ev), "s--", color="black", label="eval success (plain prompt)")
-    for r in rows:
-        if r.get("phase") == "mining":
-            for ax in (ax1, ax2):
-                ax.axvline(r["unit"], color="tab:orange", alpha=0.4, linestyle=":")
-    ax1.set(xlabel="unit (iteration / mining round)", ylabel="success rate", ylim=(-0.02, 1.02),
-            title="success (orange lines: mining rounds)")
-    ax2.set(xlabel="unit", ylabel="return", title="mean episode return")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 
 # ---------------------------------------------------------------------------------------
-# Phases
+# Phases: evaluation, cold start, Phase 0 (GiGPO warmup), Phase 2 (distillation); Phase 1 is mining.mine_round
 # ---------------------------------------------------------------------------------------
 
 
@@ -207,7 +70,7 @@ def success_stats(trajs, prefix: str) -> dict:
            f"{prefix}/invalid_rate": sum(not s.valid for s in steps) / max(len(steps), 1)}
     scores = [t.score for t in trajs if t.score is not None]
     if scores:  # WebShop: mean purchase reward × 100, as the paper's table reports it
-        out[f"{prefix}/score"] = 100.0 * sum(scores) / len(scores)
+        out[f"{prefix}/score"] = webshop.summarize(scores)["score"]
     return out
 
 
@@ -415,6 +278,11 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     return out
 
 
+def training_pool(envs, cfg: Config) -> list[str]:
+    """The training tasks the policy trains on: the first warmup.task_pool ones (all if 0)."""
+    return envs.task_ids("train")[:cfg.warmup.task_pool or None]
+
+
 def train_task_ids(envs, cfg: Config, rng: random.Random, n: int) -> list[str]:
     """n tasks drawn from the training pool (`training_pool`: the first warmup.task_pool ones)."""
     pool = training_pool(envs, cfg)
@@ -430,9 +298,9 @@ def add_timing(timing: dict, rollout_s: float, update_s: float, update_stats: di
     timing["update_backward"] += update_stats["backward_s"]
 
 
-def refill_buffer(state: dict, trajs: list, cfg: Config) -> list:
+def refill_buffer(state: RunState, trajs: list, cfg: Config) -> list:
     """Self-mining's buffer: the won plain trajectories appended, only the newest buffer_size kept."""
-    buffer = state["buffer"]
+    buffer = state.buffer
     buffer.extend(t for t in trajs if t.won)
     del buffer[:-cfg.warmup.buffer_size]
     return buffer
@@ -483,7 +351,7 @@ def group_rows(trajs: list, cfg: gigpo.GiGPOConfig, n_groups: int, reference: li
     return rows
 
 
-def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: int, timing: dict) -> tuple[dict, list]:
+def warmup_iteration(policy, optimizer, envs, cfg: Config, state: RunState, seed: int, timing: dict) -> tuple[dict, list]:
     """Phase 0, one GiGPO iteration: B tasks × G rollouts → advantages → PPO update.
 
     Under torchrun every rank draws the same B task ids and plays its shard of them (whole
@@ -510,7 +378,7 @@ def warmup_iteration(policy, optimizer, envs, cfg: Config, state: dict, seed: in
     return out, group_rows(trajs, cfg.gigpo, cfg.run.log_groups)
 
 
-def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, seed: int, timing: dict) -> tuple[dict, list]:
+def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: RunState, seed: int, timing: dict) -> tuple[dict, list]:
     """Phase 2, one iteration: B tasks of every type, 2·B·G rollouts, GiGPO + λ·L_distill.
 
     Each task is played G times plain (seed s: GiGPO's group, and the utility baseline), and G
@@ -562,22 +430,21 @@ def distill_iteration(policy, optimizer, envs, bank, cfg: Config, state: dict, s
     out.update({"distill/rollout_s": t1 - t0, "distill/update_s": t2 - t1, "distill/buffer": len(buffer)})
     for per in distributed.gather_objects([per_type]) if distributed.world_size() > 1 else [per_type]:
         for tt, counts in per.items():
-            skills[tt].distilled.append({"round": state.get("round", 0), **counts})
+            skills[tt].distilled.append({"round": state.round, **counts})
     rows = group_rows(trained, cfg.gigpo, cfg.run.log_groups)
     rows += group_rows(guided, cfg.gigpo, cfg.run.log_groups,
                        reference=pooled(paired) if cfg.distill.advantage_reference == "union" else [])
     return out, rows
 
-
 # ---------------------------------------------------------------------------------------
-# The run
+# The run: a fixed list of units, run in order, checkpointed after each
 # ---------------------------------------------------------------------------------------
 
 
 class Unit(typing.NamedTuple):
     """One step of the run: a phase, its index inside the phase, and the branch it belongs to
     ("" before the branches split at the end of the warmup)."""
-    phase: str   # "eval" | "coldstart" | "warmup" | "mining" | "distill"
+    phase: typing.Literal["eval", "coldstart", "warmup", "mining", "distill"]
     index: int
     arm: str = ""
     stage: str = ""  # eval units: the row of results.md ("base", "coldstart", "warmup", or the arm)
@@ -606,6 +473,466 @@ def unit_seed(cfg: Config, unit: Unit) -> int:
     draw the same tasks and rollout seeds (paired); evaluations all use one seed (the same episodes)."""
     return seed_of(cfg.run.seed, "eval" if unit.phase == "eval" else (unit.phase, unit.index))
 
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the weights, the optimiser and the random state: where the
+    run is, and what later units need from earlier ones."""
+
+    config: dict
+    """the resolved config as a dict (a resume with other settings is refused, `check_resume`)"""
+    done: int = 0
+    """units finished (`build_units`); --resume continues at this one"""
+    buffer: list = field(default_factory=list)
+    """the won plain trajectories Phase 1 summarises (the newest warmup.buffer_size, `refill_buffer`)"""
+    evals: dict = field(default_factory=dict)
+    """stage -> its evaluation metrics (a row of results.md)"""
+    outcomes: dict = field(default_factory=dict)
+    """stage -> its evaluation episodes' outcomes (`evaluate`), for the paired differences"""
+    timing: dict = field(default_factory=lambda: defaultdict(float))
+    """phase -> wall seconds, summed"""
+    arm: str = ""
+    """the branch the last unit belonged to ("" before the branches split)"""
+    branch: dict | None = None
+    """the branch point every arm starts from (`enter_arm`): training state and buffer after the warmup"""
+    banks: dict = field(default_factory=dict)
+    """arm -> its mining.SkillBank"""
+    skipped_streak: int = 0
+    """consecutive optimiser steps skipped for non-finite numbers (`check_skipped`)"""
+    round: int = 0
+    """the SIRI round of the current Phase 2 iteration"""
+
+
+def run_unit(unit: Unit, seed: int, policy, optimizer, envs, cfg: Config, state: RunState,
+             run_dir: Path) -> tuple[dict, list[dict]]:
+    """One unit of the run: its metrics (a metrics.jsonl row) and its trajectories.jsonl rows."""
+    bank = state.banks.get(unit.arm)
+    if unit.phase == "eval":
+        t0 = time.perf_counter()
+        values, state.outcomes[unit.stage] = evaluate(policy, envs, cfg, seed=seed)
+        state.timing["eval"] += time.perf_counter() - t0
+        state.evals[unit.stage] = values
+        return values, []
+    if unit.phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
+        values = {}
+        if distributed.is_main():
+            values = coldstart(policy, envs, cfg, seed)
+            policy.save_base_weights(run_dir / COLDSTART_DIR)
+        distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
+        return values, []
+    if unit.phase == "warmup":
+        values, rows = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state.timing)
+        if cfg.warmup.eval_every and (unit.index + 1) % cfg.warmup.eval_every == 0 \
+                and unit.index + 1 < cfg.warmup.iterations:
+            values.update(evaluate(policy, envs, cfg, seed=unit_seed(cfg, Unit("eval", 0)))[0])
+        return values, rows
+    if unit.phase == "mining":
+        t0 = time.perf_counter()
+        mcfg = dataclasses.replace(cfg.mining, summariser="random") if unit.arm == "siri_random" else cfg.mining
+        values = mining.mine_round(policy, envs, state.buffer, bank, unit.index, mcfg, cfg.rollout,
+                                   seed=seed, bank_dir=bank.dir, pool=training_pool(envs, cfg),
+                                   split_seed=cfg.run.seed)
+        state.timing["mining"] += time.perf_counter() - t0
+        by_id = {f"{t.group}/{t.index}": t for t in state.buffer}  # the new skills' sources
+        rows = [trajectory_row(by_id[i]) for s in bank.skills if s.round == unit.index
+                for i in s.sources if i in by_id]
+        write_skill_story(bank, unit.index, run_dir)
+        return values, rows
+    state.round = unit.index // cfg.distill.iterations  # "distill"
+    values, rows = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state.timing)
+    if bank.skills and (unit.index + 1) % cfg.distill.iterations == 0:
+        write_skill_story(bank, state.round, run_dir)
+    return values, rows
+
+
+def enter_arm(policy, optimizer, state: RunState, arm: str, run_dir: Path, cfg: Config) -> None:
+    """Start a branch from the warmup checkpoint (the *branch point*): the first arm records it
+    (trainable weights, optimiser, RNG, mining buffer), every later arm restores it, so all arms
+    start from the same policy, optimiser moments, random state and buffer. Each arm has its own
+    skill bank (skills/ for siri, skills_<arm>/ otherwise), started from mining.initial_bank (empty for
+    the GiGPO-only control) and kept in the checkpoint: a resume never reads stray bank files."""
+    if state.branch is None:
+        state.branch = {**training_state(policy, optimizer), "buffer": list(state.buffer)}
+    else:
+        restore_training_state(policy, optimizer, state.branch)
+        state.buffer = list(state.branch["buffer"])
+    state.arm = arm
+    folder = str(run_dir / ("skills" if arm == "siri" else f"skills_{arm}"))
+    if arm not in state.banks:
+        start = cfg.mining.initial_bank if arm != "gigpo" else ""
+        state.banks[arm] = mining.SkillBank(folder, mining.SkillBank.load(start).skills if start else [])
+
+
+def check_skipped(state: RunState, values: dict, unit: Unit, cfg: Config) -> None:
+    """Count consecutive optimiser steps skipped for non-finite numbers, across units; stop the run
+    at run.max_skipped_updates. A skipped step changes no weight, so the last checkpoint's are finite."""
+    get = lambda key: values.get(f"{unit.phase}/{key}", 0)  # noqa: E731
+    streak = state.skipped_streak + get("skipped_leading")  # the run of skips before the first step
+    if get("optimizer_steps") and not (cfg.run.max_skipped_updates and streak >= cfg.run.max_skipped_updates):
+        streak = get("skipped_trailing")  # a step was taken: only the skips after the last one count on
+    state.skipped_streak = streak
+    if cfg.run.max_skipped_updates and state.skipped_streak >= cfg.run.max_skipped_updates:
+        raise RunError(f"{state.skipped_streak} consecutive updates skipped for a non-finite loss or gradient "
+                       f"at unit {state.done} ({unit.phase}); lower gigpo.lr (now {cfg.gigpo.lr}) and start again, "
+                       f"or --resume from the last checkpoint with run.max_skipped_updates=0 to carry on")
+
+
+def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
+    """skills/round_NN.md (`mining.SkillBank.story`), rewritten after the round's mining and again
+    after its Phase 2 iterations. Rank 0 only."""
+    if distributed.is_main():
+        atomic_write(Path(bank.dir) / f"round_{round_idx:02d}.md", bank.story(round_idx))
+
+
+def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    if not params:
+        raise SystemExit("the policy has no trainable parameters; check model.lora_* settings")
+    return torch.optim.AdamW(params, lr=cfg.gigpo.lr, weight_decay=cfg.gigpo.weight_decay)
+
+
+def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[str]:
+    """Environment text the tiny model's tokenizer is trained on: prompts and expert answers."""
+    texts = []
+    skill_example = mining.corpus_examples()[-1]
+    for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
+        demo = demonstration(envs, tid, [], None)[0]
+        if not demo:  # no expert walkthrough (real WebShop): the task's first prompt alone
+            (state,) = envs.reset([tid])
+            demo = [(state, [], state.admissible[0] if state.admissible else "")]
+        for state, history, action in demo:
+            texts.append(envs.build_prompt(state, history))
+            texts.append(envs.build_prompt(state, history, skill=skill_example))
+            texts.append(f"<think>{think}</think><action>{action}</action>")
+    texts.extend(mining.corpus_examples())
+    return texts
+
+
+def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
+    """The run: start-up, then every unit in order (`build_units`), checkpointed; the report at the end.
+    ``progress``: "done", units finished so far, and "checkpoint", units in the last checkpoint (the
+    error message of a dead env worker says where --resume continues)."""
+    # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
+    started_group = distributed.init(cfg.run.device)
+    is_main = distributed.is_main()
+    threads = torch.get_num_threads()  # restored at the end: main() may be called in-process (tests)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+
+    if not is_main:
+        distributed.barrier()  # rank 0 first: it fills the game and tiny-model caches the others read
+    envs = make_envs(cfg.env)
+    try:
+        for split in ("train", "eval"):
+            envs.task_ids(split)  # embedded ALFWorld: generates and caches the games on first call
+        policy = load_policy(cfg.model, device=distributed.device(cfg.run.device),
+                             corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
+        if is_main:
+            distributed.barrier()
+        # start-up succeeded: only now does the run folder get written (and locked)
+        lock = None
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+            found = previous_artefacts(run_dir)
+            if found and not resume:  # checked again under the lock: another run may have started
+                raise RunError(f"{run_dir} holds a previous run ({', '.join(found)}); pass --resume or choose run.out_dir=...")
+        return run_units(cfg, run_dir, resume, progress, envs, policy, started_group, lock)
+    finally:
+        envs.close()
+        torch.set_num_threads(threads)
+
+
+def start_state(cfg: Config, run_dir: Path, resume: bool, policy, optimizer, units: list[Unit], metrics: Metrics,
+                trajectories: Metrics) -> RunState:
+    """The state the run starts from: the checkpoint's with --resume (weights, optimiser and random
+    state restored in place; the logs cut back to it), else a fresh one (fresh logs, config.yaml
+    written, every rank's adapter made equal to rank 0's). Also puts back the cold-started base
+    weights when the checkpoint is past the cold start."""
+    is_main = distributed.is_main()
+    coldstart_dir = run_dir / COLDSTART_DIR
+    state = RunState(config=dataclasses.asdict(cfg))
+    loaded = None
+    if resume:
+        try:
+            loaded = load_checkpoint(run_dir, policy, optimizer)
+        except Exception as e:  # any damage (truncated, garbled): the message says what to do
+            raise RunError(f"--resume: the checkpoint in {run_dir} cannot be read ({type(e).__name__}: {e}); "
+                           "it is damaged: start a new run.out_dir") from None
+        seen = distributed.all_reduce_sum([loaded is not None])[0]
+        if 0 < seen < distributed.world_size():
+            raise RunError(f"--resume: only {seen:.0f} of {distributed.world_size()} ranks can read "
+                           f"{run_dir}/checkpoint; put run.out_dir on a filesystem every node shares")
+        if is_main:
+            check_resume(run_dir, loaded, cfg)
+        if loaded is None:
+            print(f"--resume: no checkpoint in {run_dir}, starting from the beginning")
+        else:
+            state = loaded
+            metrics.truncate(state.done)
+            trajectories.truncate(state.done)
+            print(f"resumed at unit {state.done}/{len(units)} ({units[min(state.done, len(units) - 1)]})")
+    # the cold-started base counts only if the checkpoint is past the cold start (a kill between
+    # saving it and the next checkpoint re-runs the cold start from the base model it started from)
+    cold = next((i for i, u in enumerate(units) if u.phase == "coldstart"), None)
+    if cold is not None and state.done > cold and (coldstart_dir / "COMPLETE").exists():
+        policy.load_base_weights(coldstart_dir)
+    elif is_main and coldstart_dir.exists():
+        shutil.rmtree(coldstart_dir)
+    if loaded is None:  # a fresh start: fresh metrics, trajectories and settings file
+        metrics.truncate(0)
+        trajectories.truncate(0)
+        if is_main:
+            atomic_write(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
+    return state
+
+
+def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, policy, started_group: bool,
+              lock) -> dict:
+    """Every unit from where the run stands (`start_state`) to the end: `run_unit`, its logs, a
+    checkpoint after every run.checkpoint_every units and at each phase's end; Ctrl-C finishes the
+    unit, saves and exits with 130. Then curves.png and results.md. `lock` (the run folder's) is
+    held until this returns."""
+    is_main = distributed.is_main()
+    metrics = Metrics(run_dir, cfg.run.tensorboard)
+    trajectories = Metrics(run_dir, False, "trajectories.jsonl")
+    units = build_units(cfg)
+    optimizer = make_optimizer(policy, cfg)
+    state = start_state(cfg, run_dir, resume, policy, optimizer, units, metrics, trajectories)
+    progress["done"] = progress["checkpoint"] = state.done
+
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        interrupted["flag"] = True
+        print("\ninterrupt: finishing the current unit, then saving a checkpoint and exiting")
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    t_start = time.perf_counter()
+    bar = tqdm(total=len(units), initial=state.done, desc="siri", position=0)
+    stop = False
+    try:
+        while state.done < len(units):
+            unit = units[state.done]
+            seed = unit_seed(cfg, unit)
+            if unit.arm and unit.arm != state.arm:  # a branch starts from the warmup checkpoint
+                enter_arm(policy, optimizer, state, unit.arm, run_dir, cfg)
+            values, rows = run_unit(unit, seed, policy, optimizer, envs, cfg, state, run_dir)
+            if unit.phase in ("warmup", "distill"):
+                check_skipped(state, values, unit, cfg)
+            metrics.log(state.done, unit.phase, values, arm=unit.arm)
+            trajectories.log_rows(state.done, unit.phase, rows, arm=unit.arm)
+            state.done += 1
+            progress["done"] = state.done
+            bar.update(1)
+            phase_end = state.done == len(units) or units[state.done][:1] != unit[:1]
+            stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
+            if is_main and (state.done % cfg.run.checkpoint_every == 0 or phase_end or stop):
+                save_checkpoint(run_dir, policy, optimizer, state)
+                progress["checkpoint"] = state.done
+            if stop:
+                print(f"saved checkpoint at unit {state.done}; continue with --resume")
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old_handler)
+
+    if stop:  # interrupted: no report for an unfinished run
+        if started_group:
+            distributed.destroy()
+        raise SystemExit(130)
+    state.timing["total_this_session"] = time.perf_counter() - t_start
+    result = {"evals": state.evals, "done": state.done, "units": len(units), "timing": dict(state.timing),
+              "outcomes": state.outcomes}
+    if not is_main:  # rank 0 writes the report
+        if started_group:
+            distributed.destroy()
+        return result
+    rows = metrics.rows()
+    plot_curves(rows, run_dir / "curves.png")
+    report = write_report(cfg, state, rows)
+    atomic_write(run_dir / "results.md", report)
+    print(report)
+    if started_group:
+        distributed.destroy()
+    return result
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ---------------------------------------------------------------------------------------
+
+COLDSTART_DIR = "coldstart_model"  # the cold-started base weights, in the transformers layout
+
+RUN_ARTEFACTS = ("checkpoint", "checkpoint.old", "checkpoint.new", "metrics.jsonl", COLDSTART_DIR,
+                 "results.md", "skills")
+
+# what a resume may change: where and how the run executes, not what it computes
+SAFE_ON_RESUME = {"run.threads", "run.tensorboard", "run.device", "run.checkpoint_every",
+                  "run.max_skipped_updates", "run.log_groups", "run.out_dir", "env.num_workers", "env.start_method"}
+
+
+class RunError(RuntimeError):
+    """An expected failure a user can fix (the run folder, a checkpoint, diverged training); `main`
+    prints its message as one line and exits with code 1."""
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(policy, optimizer) -> dict:
+    """Trainable weights (copies), optimiser state and RNG: what a checkpoint and a branch point hold."""
+    return {"trainable": {n: p.detach().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": rng_state()}
+
+
+def restore_training_state(policy, optimizer, blob: dict) -> None:
+    """Put back what `training_state` captured."""
+    params = dict(policy.model.named_parameters())
+    with torch.no_grad():
+        for n, t in blob["trainable"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(copy.deepcopy(blob["optimizer"]))
+    set_rng_state(blob["rng"])
+
+
+def save_checkpoint(run_dir: Path, policy, optimizer, state: RunState) -> None:
+    """Checkpoint = adapter + trainable weights + optimiser + RNG + loop state, swapped in atomically.
+
+    Written into ``checkpoint.new/`` and renamed over ``checkpoint/``: a kill at any moment
+    leaves either the previous or the new checkpoint complete.
+    """
+    final, new, old = run_dir / "checkpoint", run_dir / "checkpoint.new", run_dir / "checkpoint.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    policy.save(new / "adapter")  # save_pretrained: loadable by PeftModel.from_pretrained
+    torch.save(training_state(policy, optimizer), new / "training.pt")
+    (new / "state.pkl").write_bytes(pickle.dumps(vars(state)))  # a plain dict: loads wherever siri is imported
+    (new / "COMPLETE").write_text("ok")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, policy, optimizer) -> RunState | None:
+    """Restore the newest complete checkpoint; returns the loop state, or None if there is none."""
+    for name in ("checkpoint", "checkpoint.old"):
+        ckpt = run_dir / name
+        if (ckpt / "COMPLETE").exists():
+            restore_training_state(policy, optimizer, torch.load(ckpt / "training.pt", weights_only=False))
+            return RunState(**pickle.loads((ckpt / "state.pkl").read_bytes()))
+    return None
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME."""
+    a, b = flat(saved), flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in SAFE_ON_RESUME]
+
+
+def previous_artefacts(run_dir: Path) -> list[str]:
+    """Names in run_dir that a run writes (checkpoints, metrics, skill banks, the report)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name in RUN_ARTEFACTS or p.name.startswith("skills"))
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock for the life of the process (released when it ends, even
+    on kill -9); a second run on the same folder stops here."""
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(f"another run is using {run_dir} (it holds {run_dir}/.lock); wait for it or choose "
+                       "run.out_dir=...") from None
+    return handle
+
+
+def check_resume(run_dir: Path, state: RunState | None, cfg: Config) -> None:
+    """Refuse a resume that would mix runs: metrics without a checkpoint, metrics that end before the
+    checkpoint, or a changed setting (the list of changes is in the message)."""
+    rows = Metrics(run_dir, False).rows() if (run_dir / "metrics.jsonl").exists() else []
+    if state is None:
+        if any(r["unit"] > 0 for r in rows):  # unit 0 (the base evaluation) ends with the first checkpoint
+            raise RunError(f"--resume: {run_dir} has metrics for {len(rows)} units but no complete checkpoint; "
+                           "it cannot be continued: start afresh with another run.out_dir")
+        return
+    done_rows = {r["unit"] for r in rows}
+    if not all(u in done_rows for u in range(state.done)):
+        raise RunError(f"--resume: {run_dir}/metrics.jsonl and its checkpoint disagree (checkpoint at unit "
+                       f"{state.done}, metrics for {len(done_rows)} units); it is not this run's folder")
+    if state.config:
+        changes = config_changes(state.config, dataclasses.asdict(cfg))
+        if changes:
+            raise RunError("--resume with a changed config would mix two runs; resume with the original "
+                           f"settings ({run_dir}/config.yaml) or start a new run.out_dir. Changed: " + "; ".join(changes))
+
+# ---------------------------------------------------------------------------------------
+# Logs and report: metrics.jsonl, trajectories.jsonl, results.md, curves.png
+# ---------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """A JSONL file of the run with one or more rows per unit: metrics.jsonl (keys namespaced by
+    phase; TensorBoard opt-in) or trajectories.jsonl (`log_rows`). A unit's rows are appended after
+    the unit; on resume, rows of units past the checkpoint are dropped, so none is ever doubled.
+    Under torchrun only rank 0 writes; on the other ranks log/truncate do nothing."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, name: str = "metrics.jsonl"):
+        self.path = run_dir / name
+        self.tb = None
+        self.writer = distributed.is_main()
+        if tensorboard and self.writer:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, unit: int, phase: str, values: dict, arm: str = "") -> None:
+        if not self.writer:
+            return
+        row = {"unit": unit, "phase": phase, **({"arm": arm} if arm else {}), "time": time.time(), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, unit)
+
+    def log_rows(self, unit: int, phase: str, rows: list[dict], arm: str = "") -> None:
+        """Append rows (trajectories.jsonl), each tagged with the unit, phase and arm."""
+        if not self.writer or not rows:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps({"unit": unit, "phase": phase, "arm": arm, **r}) + "\n" for r in rows))
+
+    def truncate(self, units_done: int) -> None:
+        """On resume: drop rows of units that were logged but not checkpointed (they run again)."""
+        if not self.writer:
+            return
+        kept = [r for r in self.rows() if r["unit"] < units_done]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 STAGE_LABELS = {"base": "base model", "coldstart": "after cold start", "warmup": "after GiGPO warmup", **ARMS}
 
@@ -640,12 +967,12 @@ def paired_difference(a: list[tuple], b: list[tuple], level: float = 0.9, seed: 
     return out
 
 
-def write_report(cfg: Config, state: dict, rows: list[dict]) -> str:
+def write_report(cfg: Config, state: RunState, rows: list[dict]) -> str:
     """results.md: the success table, the arms against the GiGPO-only control (paired interval over
     eval episodes), the skills of every mining round, Phase 2's distilled tokens, and timings."""
     report = f"# Results ({cfg.preset} preset, env {cfg.env.name}/{cfg.env.source}, seed {cfg.run.seed})\n\n"
-    report += results_table(state["evals"]) + "\n"
-    outcomes = state["outcomes"]
+    report += results_table(state.evals) + "\n"
+    outcomes = state.outcomes
     if "gigpo" in outcomes:
         report += ("## Against the GiGPO-only control\n\nSame warmup checkpoint, same update iterations, "
                    "rollouts and seeds; difference in eval success on the same episodes, with a paired "
@@ -654,7 +981,7 @@ def write_report(cfg: Config, state: dict, rows: list[dict]) -> str:
             for key, (d, lo, hi, n) in paired_difference(outcomes[arm], outcomes["gigpo"]).items():
                 report += f"| {arm} ({key}) | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {n} |\n"
         report += "\n"
-    for arm, bank in state["banks"].items():
+    for arm, bank in state.banks.items():
         if bank.skills:
             folder = Path(bank.dir).name
             stories = ", ".join(f"[round {r}]({folder}/round_{r:02d}.md)" for r in range(cfg.run.rounds)
@@ -671,88 +998,46 @@ def write_report(cfg: Config, state: dict, rows: list[dict]) -> str:
                        f"{r.get('distill/trajectories_kept', 0):.0f} | {r['distill/success']:.3f} | "
                        f"{r.get('distill/skill_success', float('nan')):.3f} |\n")
         report += "\n"
-    report += "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in state["timing"].items()) + "\n"
+    report += "Timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in state.timing.items()) + "\n"
     return report
 
 
-def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[str]:
-    """Environment text the tiny model's tokenizer is trained on: prompts and expert answers."""
-    texts = []
-    skill_example = mining.corpus_examples()[-1]
-    for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
-        demo = demonstration(envs, tid, [], None)[0]
-        if not demo:  # no expert walkthrough (real WebShop): the task's first prompt alone
-            (state,) = envs.reset([tid])
-            demo = [(state, [], state.admissible[0] if state.admissible else "")]
-        for state, history, action in demo:
-            texts.append(envs.build_prompt(state, history))
-            texts.append(envs.build_prompt(state, history, skill=skill_example))
-            texts.append(f"<think>{think}</think><action>{action}</action>")
-    texts.extend(mining.corpus_examples())
-    return texts
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """One PNG: training success/return over all units, eval success, phases marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    series = {("warmup", ""): "tab:blue", ("distill", "gigpo"): "tab:purple", ("distill", "siri"): "tab:green",
+              ("distill", "siri_random"): "tab:red", ("distill", ""): "tab:green"}
+    for (phase, arm), color in series.items():
+        mine = [r for r in rows if r.get("phase") == phase and r.get("arm", "") == arm]
+        name = f"{phase} {arm}".strip()
+        pts = [(r["unit"], r[f"{phase}/success"]) for r in mine if f"{phase}/success" in r]
+        if pts:
+            ax1.plot(*zip(*pts), "o-", color=color, label=f"{name} success (train rollouts)")
+        pts = [(r["unit"], r[f"{phase}/return"]) for r in mine if f"{phase}/return" in r]
+        if pts:
+            ax2.plot(*zip(*pts), "o-", color=color, label=f"{name} mean return")
+    ev = [(r["unit"], r["eval/success"]) for r in rows if "eval/success" in r]
+    if ev:
+        ax1.plot(*zip(*ev), "s--", color="black", label="eval success (plain prompt)")
+    for r in rows:
+        if r.get("phase") == "mining":
+            for ax in (ax1, ax2):
+                ax.axvline(r["unit"], color="tab:orange", alpha=0.4, linestyle=":")
+    ax1.set(xlabel="unit (iteration / mining round)", ylabel="success rate", ylim=(-0.02, 1.02),
+            title="success (orange lines: mining rounds)")
+    ax2.set(xlabel="unit", ylabel="return", title="mean episode return")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
-class RunError(RuntimeError):
-    """An expected failure a user can fix (the run folder, a checkpoint, diverged training); `main`
-    prints its message as one line and exits with code 1."""
-
-
-# what a resume may change: where and how the run executes, not what it computes
-SAFE_ON_RESUME = {"run.threads", "run.tensorboard", "run.device", "run.checkpoint_every",
-                  "run.max_skipped_updates", "run.log_groups", "run.out_dir", "env.num_workers", "env.start_method"}
-RUN_ARTEFACTS = ("checkpoint", "checkpoint.old", "checkpoint.new", "metrics.jsonl", "coldstart_model",
-                 "results.md", "skills")
-
-
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME."""
-    a, b = flat(saved), flat(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in SAFE_ON_RESUME]
-
-
-def previous_artefacts(run_dir: Path) -> list[str]:
-    """Names in run_dir that a run writes (checkpoints, metrics, skill banks, the report)."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p.name for p in run_dir.iterdir() if p.name in RUN_ARTEFACTS or p.name.startswith("skills"))
-
-
-def lock_run_dir(run_dir: Path):
-    """An exclusive lock on run_dir/.lock for the life of the process (released when it ends, even
-    on kill -9); a second run on the same folder stops here."""
-    import fcntl
-
-    handle = open(run_dir / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunError(f"another run is using {run_dir} (it holds {run_dir}/.lock); wait for it or choose "
-                       "run.out_dir=...") from None
-    return handle
-
-
-def check_resume(run_dir: Path, state: dict | None, cfg: Config) -> None:
-    """Refuse a resume that would mix runs: metrics without a checkpoint, metrics that end before the
-    checkpoint, or a changed setting (the list of changes is in the message)."""
-    rows = Metrics(run_dir, False).rows() if (run_dir / "metrics.jsonl").exists() else []
-    if state is None:
-        if any(r["unit"] > 0 for r in rows):  # unit 0 (the base evaluation) ends with the first checkpoint
-            raise RunError(f"--resume: {run_dir} has metrics for {len(rows)} units but no complete checkpoint; "
-                           "it cannot be continued: start afresh with another run.out_dir")
-        return
-    done_rows = {r["unit"] for r in rows}
-    if not all(u in done_rows for u in range(state["done"])):
-        raise RunError(f"--resume: {run_dir}/metrics.jsonl and its checkpoint disagree (checkpoint at unit "
-                       f"{state['done']}, metrics for {len(done_rows)} units); it is not this run's folder")
-    if "config" in state:
-        changes = config_changes(state["config"], dataclasses.asdict(cfg))
-        if changes:
-            raise RunError("--resume with a changed config would mix two runs; resume with the original "
-                           f"settings ({run_dir}/config.yaml) or start a new run.out_dir. Changed: " + "; ".join(changes))
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -795,178 +1080,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}")
     except EnvWorkerDied as e:
         raise SystemExit(f"error: {e}; `--resume` continues from unit {progress.get('checkpoint', 0)}")
-
-
-def run(cfg: Config, run_dir: Path, resume: bool, progress: dict) -> dict:
-    """The run: start-up, then every unit in order (`build_units`), checkpointed; the report at the end.
-    ``progress``: "done", units finished so far, and "checkpoint", units in the last checkpoint (the
-    error message of a dead env worker says where --resume continues)."""
-    # torchrun (WORLD_SIZE > 1): join the process group; rank 0 alone writes files. One process: no-op.
-    started_group = distributed.init(cfg.run.device)
-    is_main = distributed.is_main()
-    threads = torch.get_num_threads()  # restored at the end: main() may be called in-process (tests)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    random.seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-
-    if not is_main:
-        distributed.barrier()  # rank 0 first: it fills the game and tiny-model caches the others read
-    envs = make_envs(cfg.env)
-    try:
-        for split in ("train", "eval"):
-            envs.task_ids(split)  # embedded ALFWorld: generates and caches the games on first call
-        policy = load_policy(cfg.model, device=distributed.device(cfg.run.device),
-                             corpus=lambda: corpus_for_tokenizer(envs, think=cfg.coldstart.think))
-        if is_main:
-            distributed.barrier()
-        # start-up succeeded: only now does the run folder get written (and locked)
-        lock = None
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(run_dir)
-            found = previous_artefacts(run_dir)
-            if found and not resume:  # checked again under the lock: another run may have started
-                raise RunError(f"{run_dir} holds a previous run ({', '.join(found)}); pass --resume or choose run.out_dir=...")
-        return run_units(cfg, run_dir, resume, progress, envs, policy, started_group, lock)
-    finally:
-        envs.close()
-        torch.set_num_threads(threads)
-
-
-def run_units(cfg: Config, run_dir: Path, resume: bool, progress: dict, envs, policy, started_group: bool,
-              lock) -> dict:
-    is_main = distributed.is_main()
-    coldstart_dir = run_dir / "coldstart_model"
-    metrics = Metrics(run_dir, cfg.run.tensorboard)
-    trajectories = Metrics(run_dir, False, "trajectories.jsonl")
-    units = build_units(cfg)
-    state = {"done": 0, "buffer": [], "evals": {}, "outcomes": {}, "timing": defaultdict(float),
-             "arm": "", "branch": None, "banks": {}, "skipped_streak": 0, "config": dataclasses.asdict(cfg)}
-    optimizer = make_optimizer(policy, cfg)
-    loaded = None
-    if resume:
-        try:
-            loaded = load_checkpoint(run_dir, policy, optimizer)
-        except Exception as e:  # any damage (truncated, garbled): the message says what to do
-            raise RunError(f"--resume: the checkpoint in {run_dir} cannot be read ({type(e).__name__}: {e}); "
-                           "it is damaged: start a new run.out_dir") from None
-        seen = distributed.all_reduce_sum([loaded is not None])[0]
-        if 0 < seen < distributed.world_size():
-            raise RunError(f"--resume: only {seen:.0f} of {distributed.world_size()} ranks can read "
-                           f"{run_dir}/checkpoint; put run.out_dir on a filesystem every node shares")
-        if is_main:
-            check_resume(run_dir, loaded, cfg)
-        if loaded is None:
-            print(f"--resume: no checkpoint in {run_dir}, starting from the beginning")
-        else:
-            state = loaded
-            metrics.truncate(state["done"])
-            trajectories.truncate(state["done"])
-            print(f"resumed at unit {state['done']}/{len(units)} ({units[min(state['done'], len(units) - 1)]})")
-    # the cold-started base counts only if the checkpoint is past the cold start (a kill between
-    # saving it and the next checkpoint re-runs the cold start from the base model it started from)
-    cold = next((i for i, u in enumerate(units) if u.phase == "coldstart"), None)
-    if cold is not None and state["done"] > cold and (coldstart_dir / "COMPLETE").exists():
-        policy.load_base_weights(coldstart_dir)
-    elif is_main and coldstart_dir.exists():
-        shutil.rmtree(coldstart_dir)
-    if loaded is None:  # a fresh start: fresh metrics, trajectories and settings file
-        metrics.truncate(0)
-        trajectories.truncate(0)
-        if is_main:
-            atomic_write(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        distributed.broadcast_params([p for p in policy.model.parameters() if p.requires_grad])  # one start
-    progress["done"] = progress["checkpoint"] = state["done"]
-
-    interrupted = {"flag": False}
-
-    def on_sigint(signum, frame):
-        interrupted["flag"] = True
-        print("\ninterrupt: finishing the current unit, then saving a checkpoint and exiting")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    t_start = time.perf_counter()
-    bar = tqdm(total=len(units), initial=state["done"], desc="siri", position=0)
-    stop = False
-    try:
-        while state["done"] < len(units):
-            unit = units[state["done"]]
-            seed = unit_seed(cfg, unit)
-            if unit.arm and unit.arm != state["arm"]:  # a branch starts from the warmup checkpoint
-                enter_arm(policy, optimizer, state, unit.arm, run_dir, cfg)
-            bank = state["banks"].get(unit.arm)
-            values, rows = {}, []
-            if unit.phase == "eval":
-                t0 = time.perf_counter()
-                values, state["outcomes"][unit.stage] = evaluate(policy, envs, cfg, seed=seed)
-                state["timing"]["eval"] += time.perf_counter() - t0
-                state["evals"][unit.stage] = values
-            elif unit.phase == "coldstart":  # torchrun: rank 0 trains, every rank receives its weights
-                if is_main:
-                    values = coldstart(policy, envs, cfg, seed)
-                    policy.save_base_weights(coldstart_dir)
-                distributed.broadcast_params([p for n, p in policy.model.named_parameters() if "lora_" not in n])
-            elif unit.phase == "warmup":
-                values, rows = warmup_iteration(policy, optimizer, envs, cfg, state, seed, state["timing"])
-                if cfg.warmup.eval_every and (unit.index + 1) % cfg.warmup.eval_every == 0 \
-                        and unit.index + 1 < cfg.warmup.iterations:
-                    values.update(evaluate(policy, envs, cfg, seed=unit_seed(cfg, Unit("eval", 0)))[0])
-            elif unit.phase == "mining":
-                t0 = time.perf_counter()
-                mcfg = dataclasses.replace(cfg.mining, summariser="random") if unit.arm == "siri_random" else cfg.mining
-                values = mining.mine_round(policy, envs, state["buffer"], bank, unit.index, mcfg, cfg.rollout,
-                                           seed=seed, bank_dir=bank.dir, pool=training_pool(envs, cfg),
-                                           split_seed=cfg.run.seed)
-                state["timing"]["mining"] += time.perf_counter() - t0
-                by_id = {f"{t.group}/{t.index}": t for t in state["buffer"]}  # the new skills' sources
-                rows = [trajectory_row(by_id[i]) for s in bank.skills if s.round == unit.index
-                        for i in s.sources if i in by_id]
-                write_skill_story(bank, unit.index, run_dir)
-            elif unit.phase == "distill":
-                state["round"] = unit.index // cfg.distill.iterations
-                values, rows = distill_iteration(policy, optimizer, envs, bank, cfg, state, seed, state["timing"])
-                if bank.skills and (unit.index + 1) % cfg.distill.iterations == 0:
-                    write_skill_story(bank, state["round"], run_dir)
-            if unit.phase in ("warmup", "distill"):
-                check_skipped(state, values, unit, cfg)
-            metrics.log(state["done"], unit.phase, values, arm=unit.arm)
-            trajectories.log_rows(state["done"], unit.phase, rows, arm=unit.arm)
-            state["done"] += 1
-            progress["done"] = state["done"]
-            bar.update(1)
-            phase_end = state["done"] == len(units) or units[state["done"]][:1] != unit[:1]
-            stop = distributed.all_reduce_sum([interrupted["flag"]])[0] > 0  # a Ctrl-C on any rank stops all
-            if is_main and (state["done"] % cfg.run.checkpoint_every == 0 or phase_end or stop):
-                save_checkpoint(run_dir, policy, optimizer, state)
-                progress["checkpoint"] = state["done"]
-            if stop:
-                print(f"saved checkpoint at unit {state['done']}; continue with --resume")
-                break
-    finally:
-        bar.close()
-        signal.signal(signal.SIGINT, old_handler)
-
-    if stop:  # interrupted: no report for an unfinished run
-        if started_group:
-            distributed.destroy()
-        raise SystemExit(130)
-    state["timing"]["total_this_session"] = time.perf_counter() - t_start
-    result = {"evals": state["evals"], "done": state["done"], "units": len(units), "timing": dict(state["timing"]),
-              "outcomes": state["outcomes"]}
-    if not is_main:  # rank 0 writes the report
-        if started_group:
-            distributed.destroy()
-        return result
-    rows = metrics.rows()
-    plot_curves(rows, run_dir / "curves.png")
-    report = write_report(cfg, state, rows)
-    atomic_write(run_dir / "results.md", report)
-    print(report)
-    if started_group:
-        distributed.destroy()
-    return result
 
 
 def export(argv: list[str]) -> Path:
@@ -1012,57 +1125,6 @@ def export(argv: list[str]) -> Path:
         atomic_write(tmp / "EXPORTED", f"{run_dir.resolve()}\n")
     print(f"exported {'merged model' if '--merged' in argv else 'base model + adapter/'} to {out}")
     return out
-
-
-def write_skill_story(bank, round_idx: int, run_dir: Path) -> None:
-    """skills/round_NN.md (`mining.SkillBank.story`), rewritten after the round's mining and again
-    after its Phase 2 iterations. Rank 0 only."""
-    if distributed.is_main():
-        atomic_write(Path(bank.dir) / f"round_{round_idx:02d}.md", bank.story(round_idx))
-
-
-def check_skipped(state: dict, values: dict, unit: Unit, cfg: Config) -> None:
-    """Count consecutive optimiser steps skipped for non-finite numbers, across units; stop the run
-    at run.max_skipped_updates. A skipped step changes no weight, so the last checkpoint's are finite."""
-    get = lambda key: values.get(f"{unit.phase}/{key}", 0)  # noqa: E731
-    streak = state.get("skipped_streak", 0) + get("skipped_leading")  # the run of skips before the first step
-    if get("optimizer_steps") and not (cfg.run.max_skipped_updates and streak >= cfg.run.max_skipped_updates):
-        streak = get("skipped_trailing")  # a step was taken: only the skips after the last one count on
-    state["skipped_streak"] = streak
-    if cfg.run.max_skipped_updates and state["skipped_streak"] >= cfg.run.max_skipped_updates:
-        raise RunError(f"{state['skipped_streak']} consecutive updates skipped for a non-finite loss or gradient "
-                       f"at unit {state['done']} ({unit.phase}); lower gigpo.lr (now {cfg.gigpo.lr}) and start again, "
-                       f"or --resume from the last checkpoint with run.max_skipped_updates=0 to carry on")
-
-
-def training_pool(envs, cfg: Config) -> list[str]:
-    """The training tasks the policy trains on: the first warmup.task_pool ones (all if 0)."""
-    return envs.task_ids("train")[:cfg.warmup.task_pool or None]
-
-
-def enter_arm(policy, optimizer, state: dict, arm: str, run_dir: Path, cfg: Config) -> None:
-    """Start a branch from the warmup checkpoint (the *branch point*): the first arm records it
-    (trainable weights, optimiser, RNG, mining buffer), every later arm restores it, so all arms
-    start from the same policy, optimiser moments, random state and buffer. Each arm has its own
-    skill bank (skills/ for siri, skills_<arm>/ otherwise), started from mining.initial_bank (empty for
-    the GiGPO-only control) and kept in the checkpoint: a resume never reads stray bank files."""
-    if state["branch"] is None:
-        state["branch"] = {**training_state(policy, optimizer), "buffer": list(state["buffer"])}
-    else:
-        restore_training_state(policy, optimizer, state["branch"])
-        state["buffer"] = list(state["branch"]["buffer"])
-    state["arm"] = arm
-    folder = str(run_dir / ("skills" if arm == "siri" else f"skills_{arm}"))
-    if arm not in state["banks"]:
-        start = cfg.mining.initial_bank if arm != "gigpo" else ""
-        state["banks"][arm] = mining.SkillBank(folder, mining.SkillBank.load(start).skills if start else [])
-
-
-def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    if not params:
-        raise SystemExit("the policy has no trainable parameters; check model.lora_* settings")
-    return torch.optim.AdamW(params, lr=cfg.gigpo.lr, weight_decay=cfg.gigpo.weight_decay)
 
 
 if __name__ == "__main__":

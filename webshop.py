@@ -18,10 +18,12 @@ default is an *embedded* shop built from a catalogue our own code generates:
 Rewards, as for ALFWorld (DESIGN): the backend pays 10 x won on the buying step (won = WebShop
 reward 1) and reports WebShop's own reward in [0, 1] as info["score"] (EnvState.score), from
 which evaluation reports WebShop's two numbers (``summarize``: score = 100 x mean, success rate).
-The knobs (num_products, num_train_goals, num_eval_goals, webshop_path, seed) are fields of
-envs.EnvConfig, defined there only. Episodes are capped by the manager (EnvConfig.max_steps;
-15 in GiGPO's WebShop setting, ``python siri.py env=webshop``).
-``source == "real"`` drives a local WebShop checkout in-process (``_RealWebShop``): its text
+The knobs are this module's config section, `WebShopConfig` (``env.webshop.*``); the catalogue and
+goals also follow env.seed. Episodes are capped by the manager (env.max_steps; 15 in GiGPO's WebShop
+setting, ``python siri.py env=webshop``). The prompt template and the action grammar are here too
+(`WebShop.build_prompt`, `WebShop.parse_action`); `EmbeddedWebShop` and `RealWebShop` are the two
+backends, chosen once by envs.backend_class.
+``source == "real"`` drives a local WebShop checkout in-process (``RealWebShop``): its text
 pages with the instruction cut (the prompt shows it) and the chosen options noted, its human
 goals split as its baseline's (test 0-499, train 1500+), our random state kept apart from its
 own, and no expert walkthrough (so no cold start); without one, ``WebShopNotInstalled`` says
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import itertools
 import os
 import random
@@ -45,12 +48,44 @@ from difflib import SequenceMatcher
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from envs import WIN_REWARD, EnvConfig   # envs imports this module only lazily (backend_class)
+from core import WIN_REWARD, EnvState, collapse, extract_action, history_block, ANSWER
 
 
 class WebShopNotInstalled(RuntimeError):
-    """source == "real" was asked for but WebShop is not usable: no checkout at env.webshop_path,
+    """source == "real" was asked for but WebShop is not usable: no checkout at env.webshop.path,
     its packages, product data or search index missing, or too few goals for the train split."""
+
+
+@dataclass
+class WebShopConfig:
+    """The WebShop section of the environment config (``env.webshop.*``)."""
+
+    num_products: int = 1000
+    """catalogue size (embedded: products generated; real: WebShop's product subset, 1000 = the data of its
+    `setup.sh -d small`, 0 = all)"""
+    num_train_goals: int = 2000
+    """goals in the train split (embedded: the goals after the eval ones; real: WebShop's baseline train
+    split, goals 1500 on, capped by what WebShop has)"""
+    num_eval_goals: int = 500
+    """goals in the fixed eval split, goals 0..N-1, as WebShop's test split (and GiGPO's) is goals[:500]
+    (real: at most 1500, its test and val goals)"""
+    path: str = ""
+    """real: root of a princeton-nlp/WebShop checkout after its setup.sh ("" = none)"""
+
+    def __post_init__(self):
+        for key in ("num_products", "num_train_goals", "num_eval_goals"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"env.webshop.{key}={getattr(self, key)}: must be >= 0")
+
+    def check_real(self) -> None:
+        """The limits of a real WebShop checkout: its search indexes and its baseline's splits."""
+        if self.num_products not in (0, 100, 1000, 100000):
+            raise ValueError(f"env.webshop.num_products={self.num_products}: real WebShop has search indexes for "
+                             "100, 1000 or 100000 products, or 0 for all")
+        if self.num_eval_goals > 1500:
+            raise ValueError(f"env.webshop.num_eval_goals={self.num_eval_goals}: real WebShop's train split starts at "
+                             "goal 1500, so at most 1500")
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,7 +475,7 @@ SEARCH_TEMPLATE = "search[<your query>]"   # shown as admissible where the page 
 SUBPAGES = ("description", "features", "reviews")
 
 
-def parse_action(action: str) -> tuple[str, str]:
+def split_action(action: str) -> tuple[str, str]:
     """'search[x]' / 'click[x]' -> (kind, argument), lower-cased, spaces collapsed; ('', '') if malformed."""
     m = re.fullmatch(r"(search|click)\[(.+)\]", " ".join(action.lower().split()))
     return (m.group(1), m.group(2).strip()) if m else ("", "")
@@ -450,7 +485,7 @@ def is_admissible(action: str, admissible: list[str]) -> bool:
     """For the manager: an action is admissible if listed, or if it is a non-empty
     search[...] and the page offers SEARCH_TEMPLATE (any query may be typed). Our choice: the
     template copied as is ("search[<your query>]") is not a query, so it is not admissible."""
-    kind, arg = parse_action(action)
+    kind, arg = split_action(action)
     if kind == "search":
         return bool(arg) and arg != "<your query>" and SEARCH_TEMPLATE in admissible
     return bool(kind) and f"click[{arg}]" in admissible
@@ -477,19 +512,65 @@ def _build_shop(seed: int, num_products: int, num_goals: int) -> tuple[list[Prod
     return products, generate_goals(products, num_goals, seed), SearchEngine(products)
 
 
-class WebShopBackend:
-    """One WebShop browser for envs.EnvManager (one instance per env slot)."""
+# ---------------------------------------------------------------------------------------
+# The prompt and the action grammar (both backends)
+# ---------------------------------------------------------------------------------------
+# Our own wording. "{skill}", "{history}" and "{search_hint}" are blocks that are either empty or
+# end in "\n"; the history block and the answer line are the ones ALFWorld's prompt uses (core.py).
+PROMPT = (
+    "You are a shopping assistant in an online store. You move between its pages one command "
+    "at a time; buying an item ends the episode.\n"
+    "The customer asks: {task}\n"
+    "{skill}{history}"
+    "Page you are on (parts separated by [SEP]): {obs}\n"
+    "Commands you can use on this page, one per line:\n{actions}\n"
+    "{search_hint}"
+    "{answer}"
+)
+SKILL_BLOCK = "Shopping advice that worked for requests like this before:\n{skill}\n"
+SEARCH_HINT = "In search[<your query>], put your own search words in place of <your query>.\n"
 
-    def __init__(self, cfg: EnvConfig, products: list[Product] | None = None, goals: list[Goal] | None = None):
-        """cfg: seed, num_products, num_train_goals, num_eval_goals, source, webshop_path are read.
+
+class WebShop:
+    """What both WebShop backends share: the prompt template and the action grammar."""
+
+    @staticmethod
+    def build_prompt(cfg, state: EnvState, history: list[tuple[str, str | None]], skill: str | None = None) -> str:
+        """The user message for one step: the customer's request, `skill` (one block, or none at all),
+        the last cfg.history_len steps, the page, its commands one per line, and the answer format."""
+        return PROMPT.format(
+            task=state.task, skill=SKILL_BLOCK.format(skill=skill.strip()) if skill else "",
+            history=history_block(history, cfg.history_len), obs=collapse(state.obs),
+            actions="\n".join(state.admissible),
+            search_hint=SEARCH_HINT if any(a.startswith("search[") for a in state.admissible) else "",
+            answer=ANSWER)
+
+    @staticmethod
+    def parse_action(text: str, admissible: list[str]) -> tuple[str | None, bool]:
+        """(action, valid) from a model response, never raising: the answer rule of
+        `core.extract_action`, then `is_admissible`: a listed click[...], or any non-empty search[...]
+        where the page offers the "search[<your query>]" template (our choice: the literal
+        placeholder is not a query). Returned as "kind[argument]", lower-cased."""
+        action = extract_action(text)
+        if action is None or not is_admissible(action, admissible):
+            return None, False
+        kind, arg = split_action(action)
+        return f"{kind}[{arg}]", True
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded shop
+# ---------------------------------------------------------------------------------------
+class EmbeddedWebShop(WebShop):
+    """One browser of the embedded shop for envs.EnvManager (one instance per env slot)."""
+
+    def __init__(self, cfg, products: list[Product] | None = None, goals: list[Goal] | None = None):
+        """cfg: an envs.EnvConfig; its seed and webshop section are read.
         products/goals: hand-made shop for tests (goals[:num_eval_goals] = eval, rest = train)."""
-        self.cfg = cfg
-        self.real = _RealWebShop(cfg) if cfg.source == "real" else None
-        if self.real:
-            return
+        self.cfg = cfg.webshop
         if products is None:
-            products, goals, self.engine = _build_shop(cfg.seed, cfg.num_products,
-                                                       cfg.num_eval_goals + cfg.num_train_goals)
+            products, goals, self.engine = _build_shop(cfg.seed, self.cfg.num_products,
+                                                       self.cfg.num_eval_goals + self.cfg.num_train_goals)
         else:
             self.engine = SearchEngine(products)
         self.products, self.goals = products, goals
@@ -499,8 +580,6 @@ class WebShopBackend:
     # --- task bookkeeping ---------------------------------------------------------------
     def task_ids(self, split: str) -> list[str]:
         """Eval = goals 0..num_eval_goals-1 (fixed, as WebShop's test split), train = the rest."""
-        if self.real:
-            return self.real.task_ids(split)
         n_eval = min(self.cfg.num_eval_goals, len(self.goals))
         idx = range(n_eval) if split == "eval" else range(n_eval, len(self.goals))
         return [f"webshop:{i}" for i in idx]
@@ -509,7 +588,7 @@ class WebShopBackend:
         return self.goals[int(task_id.split(":")[1])]
 
     def task_type(self, task_id: str) -> str:
-        return self.real.task_type(task_id) if self.real else self._goal(task_id).category
+        return self._goal(task_id).category
 
     # --- browser ------------------------------------------------------------------------
     def _render(self) -> tuple[str, list[str]]:
@@ -550,8 +629,6 @@ class WebShopBackend:
                     score=s.score, invalid=invalid, **extra)
 
     def reset(self, task_id: str) -> tuple[str, dict]:
-        if self.real:
-            return self.real.reset(task_id)
         self.session = _Session(self._goal(task_id))
         obs, adm = self._render()
         return obs, self._info(adm)
@@ -561,13 +638,11 @@ class WebShopBackend:
         after the episode ends), reward = 10 x won with won = (score == 1); every other step
         has reward 0 and score 0. An inadmissible action leaves the page unchanged and sets
         info["invalid"] = True (never raises)."""
-        if self.real:
-            return self.real.step(action)
         s = self.session
         obs, adm = self._render()
         if not is_admissible(action, adm):
             return obs, 0.0, s.page == "done", self._info(adm, invalid=True)
-        kind, arg = parse_action(action)
+        kind, arg = split_action(action)
         reward, extra = 0.0, {}
         if kind == "search":
             s.page, s.query, s.results, s.page_num = "results", arg, self.engine.search(arg), 1
@@ -605,10 +680,7 @@ class WebShopBackend:
         """Expert actions that earn reward 1: search the instruction without its price clause,
         page to the first result that can score 1 (choosing the goal's option values), click
         its options, buy. Falls back to searching the target's title (always in the top 50).
-        Real WebShop: [] (no expert; it has human demonstrations, not a plan per goal), as
-        envs.AlfworldBackend returns [] when its planner finds none; so no cold start there."""
-        if self.real:
-            return []
+        (Real WebShop has none: `RealWebShop.walkthrough`.)"""
         g = self._goal(task_id)
         for query in (g.instruction.split(", and price lower than")[0], g.name.lower()):
             for rank, asin in enumerate(self.engine.search(query)):
@@ -626,7 +698,7 @@ class WebShopBackend:
 # ---------------------------------------------------------------------------------------
 INSTALL_HINT = ("env.source=real needs a local princeton-nlp/WebShop checkout with its packages, product data "
                 "and search index, installed as README.md says (Environments: real WebShop; not its setup.sh, "
-                "which pins torch 1.11 and transformers 4.19), and env.webshop_path set to it")
+                "which pins torch 1.11 and transformers 4.19), and env.webshop.path set to it")
 REAL_VAL_END = 1500   # WebShop's baseline (baseline_models/env.py): test goals 0-499, val 500-1499, train 1500+
 DEBUG_SEARCHES = ("<r>", "<a>", "<c>", "<q>")   # first words that switch WebShop's search to a listing mode
 
@@ -671,7 +743,7 @@ def _plain_query(query: str) -> str:
     return " ".join(words)
 
 
-class _RealWebShop:
+class RealWebShop(WebShop):
     """Drives ``web_agent_site.envs.WebAgentTextEnv`` in-process (its SimServer, no Flask), in
     WebShop's "text" observation mode. Goal i is WebShop's goal i; splits as WebShop's baseline:
     eval = goals[:num_eval_goals] (its test split is 0-499), train = goals from 1500 on (its val
@@ -682,20 +754,22 @@ class _RealWebShop:
     before and after an option click (the policy could not see its choice, and GiGPO would take
     the two pages for one anchor state). No expert: walkthrough() is empty."""
 
-    def __init__(self, cfg: EnvConfig):
-        """cfg.num_products and cfg.num_eval_goals were checked by EnvConfig (WebShop's index sizes, splits)."""
-        path = cfg.webshop_path
+    def __init__(self, cfg):
+        """cfg: an envs.EnvConfig; its seed and webshop section are read (`WebShopConfig.check_real`
+        checked the index size and the eval split when the config was made)."""
+        seed, cfg = cfg.seed, cfg.webshop
+        path = cfg.path
         if not path or not os.path.isdir(os.path.join(path, "web_agent_site")):
-            raise WebShopNotInstalled(f"{INSTALL_HINT} (webshop_path={path!r} has no web_agent_site/)")
+            raise WebShopNotInstalled(f"{INSTALL_HINT} (env.webshop.path={path!r} has no web_agent_site/)")
         try:
-            server = _real_server(os.path.abspath(path), cfg.num_products or None, cfg.seed)
+            server = _real_server(os.path.abspath(path), cfg.num_products or None, seed)
             from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
         except Exception as e:   # missing packages, data or index
             raise WebShopNotInstalled(f"{INSTALL_HINT} (loading it failed: {e!r})") from e
         if cfg.num_train_goals and len(server.goals) <= REAL_VAL_END:
             raise WebShopNotInstalled(f"real WebShop loaded {len(server.goals)} goals, but its train split starts at "
-                                      f"goal {REAL_VAL_END}: load more products (env.num_products=0 with its full "
-                                      "product data) or set env.num_train_goals=0 to evaluate only")
+                                      f"goal {REAL_VAL_END}: load more products (env.webshop.num_products=0 with its "
+                                      "full product data) or set env.webshop.num_train_goals=0 to evaluate only")
         # one server (products, index, goals) for all slots; a session prefix per slot, because
         # WebShop keys its browser state by session id and group rollouts share a goal index
         with _own_random():   # the constructor resets to a random session name
@@ -712,6 +786,11 @@ class _RealWebShop:
 
     def task_type(self, task_id: str) -> str:
         return self.goals[int(task_id.split(":")[1])]["category"]
+
+    def walkthrough(self, task_id: str) -> list[str]:
+        """None: WebShop has human demonstrations, not a plan per goal (so no cold start here), as
+        ALFWorld's backend returns [] when its planner finds none."""
+        return []
 
     def _observe(self, obs: str) -> str:
         """WebShop's text page -> what the policy sees (see the class docstring); updates the admissible actions."""
@@ -740,8 +819,8 @@ class _RealWebShop:
         return self._observe(obs), self._info()
 
     def step(self, action: str) -> tuple[str, float, bool, dict]:
-        """As WebShopBackend.step: WebShop's reward (paid when buying) -> info["score"], reward 10 x won."""
-        kind, arg = parse_action(action)
+        """As EmbeddedWebShop.step: WebShop's reward (paid when buying) -> info["score"], reward 10 x won."""
+        kind, arg = split_action(action)
         arg = _plain_query(arg) if kind == "search" else arg
         if not is_admissible(action, self.admissible) or not arg:
             return self.last, 0.0, self.done, self._info(invalid=True)
@@ -755,7 +834,7 @@ class _RealWebShop:
 # ---------------------------------------------------------------------------------------
 # Scripted buyer and bench.
 # ---------------------------------------------------------------------------------------
-def scripted_buyer(backend: WebShopBackend, task_id: str) -> float:
+def scripted_buyer(backend: EmbeddedWebShop, task_id: str) -> float:
     """A naive baseline (embedded shop): search the whole instruction, open the first result,
     click every option value the instruction names that the item offers, buy. Returns WebShop's
     reward of the purchase (info["score"])."""
@@ -771,9 +850,12 @@ def scripted_buyer(backend: WebShopBackend, task_id: str) -> float:
     return backend.step("click[buy now]")[3]["score"]
 
 
-def bench(seed: int = 0) -> None:
+def bench(cfg) -> None:
+    """`python webshop.py bench`: catalogue, step and search latency, a scripted buyer, the expert.
+    cfg: an envs.EnvConfig with name=webshop."""
+    seed = cfg.seed
     t0 = time.perf_counter()
-    ws = WebShopBackend(EnvConfig(name="webshop", seed=seed))
+    ws = EmbeddedWebShop(cfg)
     t_build = time.perf_counter() - t0
     eval_ids = ws.task_ids("eval")
     print(f"catalogue: {len(ws.products)} products, {len(ws.goals)} goals "
@@ -813,9 +895,7 @@ def upstream_goal_module(path: str):
     """WebShop's own ``web_agent_site.engine.goal`` from the checkout at `path` (for ``agree`` and
     the tests). Importing it loads spaCy's en_core_web_sm, which only its type reward uses;
     where that model is missing, a blank English pipeline stands in while it imports."""
-    import importlib
-
-    import spacy
+    import spacy  # WebShop's dependency, not ours
     if path not in sys.path:
         sys.path.insert(0, path)
     spacy_load = spacy.load
@@ -832,14 +912,14 @@ def upstream_goal_module(path: str):
         spacy.load = spacy_load
 
 
-def agree(path: str, seed: int = 0) -> None:
+def agree(cfg, path: str) -> None:
     """Our reward against WebShop's own rules (goal.py get_attribute_reward and get_option_reward,
     run from the checkout at `path`) on 5,000 purchases: the 500 eval goals x the top 5 search
     results for the instruction x 2 option choices (the goal's value where the item offers it,
     else its first; the first value of every option). Both sides take our type reward (WebShop
     tags nouns with spaCy, see title_nouns) and the price rule, so only n_att and n_opt can differ."""
     up = upstream_goal_module(path)
-    ws = WebShopBackend(EnvConfig(name="webshop", seed=seed))
+    ws = EmbeddedWebShop(cfg)
     n = differ = flips = 0
     for tid in ws.task_ids("eval"):
         g = ws._goal(tid)
@@ -858,9 +938,11 @@ def agree(path: str, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
+    from envs import EnvConfig  # envs imports this module; as a script it is imported once more, as "webshop"
+
     if sys.argv[1:2] == ["bench"]:
-        bench()
+        bench(EnvConfig(name="webshop"))
     elif sys.argv[1:2] == ["agree"] and len(sys.argv) == 3:
-        agree(sys.argv[2])
+        agree(EnvConfig(name="webshop"), sys.argv[2])
     else:
         print("usage: python webshop.py bench | python webshop.py agree PATH_TO_WEBSHOP_CHECKOUT")

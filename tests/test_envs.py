@@ -10,16 +10,29 @@ import sys
 
 import pytest
 
+import core
 import envs
-from envs import EnvConfig, EnvManager, TASK_TYPES, parse_action
+import webshop
+from envs import AlfworldConfig, EnvConfig, EnvManager, TASK_TYPES
 
-SMALL = dict(receptacles=5, distractors=2, num_train_tasks=6, eval_per_type=1, max_steps=30)
+SMALL = dict(receptacles=5, distractors=2, num_train_tasks=6, eval_per_type=1)
+parse_action = envs.Alfworld.parse_action
+
+
+def alf(seed: int = 0, **alfworld) -> EnvConfig:
+    """An embedded ALFWorld config with these env.alfworld settings."""
+    return EnvConfig(seed=seed, alfworld=AlfworldConfig(**alfworld))
+
+
+def real(root, **alfworld) -> EnvConfig:
+    return EnvConfig(source="real", max_steps=30, alfworld=AlfworldConfig(data_path=str(root), **alfworld))
 
 
 @pytest.fixture(scope="session")
 def cfg(tmp_path_factory):
     """A small embedded config whose games are generated once per session."""
-    return EnvConfig(cache_dir=str(tmp_path_factory.mktemp("alfworld_cache")), **SMALL)
+    return EnvConfig(max_steps=30, alfworld=AlfworldConfig(cache_dir=str(tmp_path_factory.mktemp("alfworld_cache")),
+                                                           **SMALL))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +66,7 @@ def test_every_task_type_generates_solvable_and_its_walkthrough_wins(manager):
     assert all(s.won and s.done for s in final)
     for i, plan in enumerate(plans):
         win_step = history[len(plan)][i]
-        assert win_step.won and win_step.reward == envs.WIN_REWARD and win_step.steps == len(plan)
+        assert win_step.won and win_step.reward == core.WIN_REWARD and win_step.steps == len(plan)
         assert all(h[i].reward == 0.0 and not h[i].won for h in history[:len(plan)])
     first = history[0]
     assert all(s.task.endswith(".") and s.task_type in TASK_TYPES for s in first)
@@ -157,15 +170,15 @@ def test_objects_start_at_their_usual_home_unless_priors_are_off():
 
 def test_train_and_eval_seeds_are_disjoint_and_eval_is_balanced():
     for seed in (0, 1, 7):
-        c = EnvConfig(seed=seed, num_train_tasks=300, eval_per_type=5)
+        c = alf(seed, num_train_tasks=300, eval_per_type=5)
         train, ev = envs.embedded_task_ids(c, "train"), envs.embedded_task_ids(c, "eval")
         seeds = lambda ids: {envs._parse_embedded_id(t)[1] for t in ids}  # noqa: E731
         assert len(train) == 300 and len(ev) == 30
         assert not seeds(train) & seeds(ev)
         assert all(sum(t.startswith(tt + "-s") for t in ev) == 5 for tt in TASK_TYPES)
         assert envs.embedded_task_ids(c, "eval") == ev  # deterministic
-    other = EnvConfig(seed=1, num_train_tasks=300)
-    assert not set(envs.embedded_task_ids(other, "eval")) & set(envs.embedded_task_ids(EnvConfig(seed=0), "train"))
+    other = alf(1, num_train_tasks=300)
+    assert not set(envs.embedded_task_ids(other, "eval")) & set(envs.embedded_task_ids(alf(0), "train"))
 
 
 def test_room_catalogue_is_consistent():
@@ -227,7 +240,7 @@ def real_root(manager, tmp_path_factory):
 
 
 def test_real_loader_reads_the_official_layout_and_plays(real_root, manager):
-    cfg = EnvConfig(source="real", data_path=str(real_root), max_steps=30)
+    cfg = real(real_root)
     with EnvManager(cfg) as m:
         ids = m.task_ids("eval")
         assert len(ids) == 6  # the movable / Sliced / unsolvable / no-"solvable" / no-game ones are skipped
@@ -252,14 +265,14 @@ def test_real_game_order_is_seeded_and_type_interleaved(real_root):
     first = envs.stratified_order(big, seed=0)[:12]
     assert sorted(types_of := [t.split("/")[1].rsplit("-", 1)[0] for t in first]) == sorted(TASK_TYPES * 2), types_of
     assert envs.stratified_order(big, seed=0) == envs.stratified_order(big, seed=0) != envs.stratified_order(big, seed=1)
-    with EnvManager(EnvConfig(source="real", data_path=str(real_root), real_max_tasks=3)) as m:
+    with EnvManager(real(real_root, real_max_tasks=3)) as m:
         assert m.task_ids("eval") == order[:3]
 
 
 def test_real_loader_missing_data_raises_a_clear_error(tmp_path, real_root):
     with pytest.raises(envs.AlfworldDataNotFound, match="alfworld-download"):
-        EnvManager(EnvConfig(source="real", data_path=str(tmp_path / "nowhere")))
-    with EnvManager(EnvConfig(source="real", data_path=str(real_root), real_eval_split="valid_seen")) as m:
+        EnvManager(real(tmp_path / "nowhere"))
+    with EnvManager(real(real_root, real_eval_split="valid_seen")) as m:
         with pytest.raises(envs.AlfworldDataNotFound, match="valid_seen"):
             m.task_ids("eval")
 
@@ -287,19 +300,20 @@ def test_parse_action(text, expected):
     assert parse_action(text, ADM) == expected
 
 
-def test_parse_action_never_raises_and_dispatches_on_the_env_name():
+def test_parse_action_never_raises_and_each_env_has_its_grammar():
+    web_parse = webshop.WebShop.parse_action
     for junk in (None, 3, "<think></think><action>\x00</action>", "<" * 1000):
         assert parse_action(junk, ADM) == (None, False)
-        assert parse_action(junk, ["search[<your query>]"], "webshop") == (None, False)
+        assert web_parse(junk, ["search[<your query>]"]) == (None, False)
     web = ["search[<your query>]", "click[buy now]"]
     # ALFWorld: exact match only, a bracket template is just another string
     assert parse_action("<think>t</think><action>Search[Red  shoes]</action>", web) == (None, False)
     # WebShop: any non-empty query where the page offers the search template (webshop.is_admissible)
-    assert parse_action("<think>t</think><action>Search[Red  shoes]</action>", web, "webshop") == ("search[red shoes]", True)
-    assert parse_action("<think>t</think><action>click[Buy Now]</action>", web, "webshop") == ("click[buy now]", True)
+    assert web_parse("<think>t</think><action>Search[Red  shoes]</action>", web) == ("search[red shoes]", True)
+    assert web_parse("<think>t</think><action>click[Buy Now]</action>", web) == ("click[buy now]", True)
     for bad in ("search[]", "search[ ]", "search[<your query>]", "search red shoes", "click[red shoes]"):
-        assert parse_action(f"<think>t</think><action>{bad}</action>", web, "webshop") == (None, False)
-    assert parse_action("<think>t</think><action>search[shoes]</action>", ["click[buy now]"], "webshop") == (None, False)
+        assert web_parse(f"<think>t</think><action>{bad}</action>", web) == (None, False)
+    assert web_parse("<think>t</think><action>search[shoes]</action>", ["click[buy now]"]) == (None, False)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -311,18 +325,18 @@ def test_prompt_plain_and_with_skill(manager):
     with_skill = manager.build_prompt(state, history, skill=skill)
     assert state.task in plain and state.obs in plain
     assert envs.ACTION_SEPARATOR.join(state.admissible) + "\n" in plain and "step(s)" not in plain
-    verl = dataclasses.replace(manager.cfg, verl_agent_prompt=True)  # the public GiGPO code's prompt
+    verl = dataclasses.replace(manager.cfg, alfworld=dataclasses.replace(manager.cfg.alfworld, verl_agent_prompt=True))  # the public GiGPO code's prompt
     assert "help" in state.admissible  # offered by the engine, not by that prompt
-    assert envs.ACTION_SEPARATOR.join(a for a in state.admissible if a != "help") + "\n" in envs.build_prompt(verl, state, history)
-    assert "taken 3 step(s); this is step 4" in envs.build_prompt(verl, state, history)
-    assert "this is step 1." in envs.build_prompt(verl, state, [])
+    assert envs.ACTION_SEPARATOR.join(a for a in state.admissible if a != "help") + "\n" in envs.Alfworld.build_prompt(verl, state, history)
+    assert "taken 3 step(s); this is step 4" in envs.Alfworld.build_prompt(verl, state, history)
+    assert "this is step 1." in envs.Alfworld.build_prompt(verl, state, [])
     assert "<think>" in plain and "<action>" in plain
     assert "obs A" not in plain and "obs B" in plain and "(invalid)" in plain  # history_len = 2
     assert skill in with_skill and "SKILL" not in plain and "skill" not in plain.lower()
-    assert with_skill.replace(envs.PROMPTS["skill"].format(skill=skill), "") == plain
+    assert with_skill.replace(envs.SKILL_BLOCK.format(skill=skill), "") == plain
     assert manager.build_prompt(state, [], skill=None) == manager.build_prompt(state, [], skill="")
     assert "steps" not in manager.build_prompt(state, [])
-    assert envs.PROMPTS["webshop_search"] not in plain and "\n".join(state.admissible) not in plain
+    assert webshop.SEARCH_HINT not in plain and "\n".join(state.admissible) not in plain
 
 
 # ------------------------------------------------------------------------------ manager
@@ -447,7 +461,7 @@ def test_workers_give_the_same_states_as_in_process(cfg):
 
 
 def test_make_envs_and_unknown_names():
-    assert isinstance(envs.make_envs(EnvConfig(num_train_tasks=0, eval_per_type=0)), EnvManager)
+    assert isinstance(envs.make_envs(alf(num_train_tasks=0, eval_per_type=0)), EnvManager)
     with pytest.raises(ValueError):
         EnvManager(EnvConfig(name="nethack"))
     with pytest.raises(ValueError):

@@ -20,7 +20,6 @@ the same math, other rounding; a start that high leaves no room for +15); 40 epo
 (sorted). Our choice: 40 epochs, and a precondition that the start leaves room to learn.
 """
 import json
-from collections import defaultdict
 
 import torch
 
@@ -31,7 +30,7 @@ from agent import rollout
 from model import load_policy
 
 SETTING = {
-    "env.receptacles": 4, "env.distractors": 2, "env.max_steps": 10,
+    "env.alfworld.receptacles": 4, "env.alfworld.distractors": 2, "env.max_steps": 10,
     "coldstart.tasks": 4, "coldstart.epochs": 40, "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
     "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
 }
@@ -43,7 +42,7 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
     cache = tmp_path_factory.mktemp("learn")
     torch.manual_seed(0)
     cfg = config.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
-                           [f"env.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
+                           [f"env.alfworld.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
     with make_envs(cfg.env) as envs:
         policy = load_policy(cfg.model, device="cpu",
                              corpus=lambda: siri.corpus_for_tokenizer(envs, think=cfg.coldstart.think))
@@ -56,9 +55,9 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
         siri.coldstart(policy, envs, cfg, seed=0)
         before = success()
         optimizer = siri.make_optimizer(policy, cfg)
-        state = {"buffer": [], "timing": defaultdict(float)}
+        state = siri.RunState(config={})
         train = [siri.warmup_iteration(policy, optimizer, envs, cfg, state, seed=1000 + i,
-                                       timing=state["timing"])[0]["warmup/success"] for i in range(ITERATIONS)]
+                                       timing=state.timing)[0]["warmup/success"] for i in range(ITERATIONS)]
         after = success()
     report = json.dumps({"before": before, "after": after, "train": train})
     # precondition, not the claim: the cold-started model wins some games (it knows the format)

@@ -419,7 +419,7 @@ def test_validate_and_mine_round_with_tiny_model(tmp_path):
     pol = model.load_policy(model.ModelConfig(name="tiny"))
     # 7 train tasks: two of type pick_and_place_simple (ids are a prefix of the default list, so
     # the game cache is shared with the other tests); one env step per validation episode
-    env_cfg = envs_lib.EnvConfig(max_steps=1, num_train_tasks=7, eval_per_type=1)
+    env_cfg = envs_lib.EnvConfig(max_steps=1, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
     envs = envs_lib.EnvManager(env_cfg)
     expert_envs = envs_lib.EnvManager(dataclasses.replace(env_cfg, max_steps=50))
     sampling = decoder.SamplingConfig(max_new_tokens=4)

@@ -29,8 +29,8 @@ def test_qwen15b_preset_path_runs_rollouts_and_an_update_in_bf16(tmp_path):
     tokenizer.save_pretrained(tmp_path / "qwen")
 
     cfg = config.load_config(None, ["preset=qwen1.5b", f"model.name={tmp_path / 'qwen'}", "rollout.max_new_tokens=8",
-                                  "env.max_steps=1", "env.num_train_tasks=6", "env.eval_per_type=1",
-                                  "env.receptacles=4", "env.distractors=1", f"env.cache_dir={tmp_path / 'games'}"])
+                                  "env.max_steps=1", "env.alfworld.num_train_tasks=6", "env.alfworld.eval_per_type=1",
+                                  "env.alfworld.receptacles=4", "env.alfworld.distractors=1", f"env.alfworld.cache_dir={tmp_path / 'games'}"])
     assert (cfg.model.dtype, cfg.model.gradient_checkpointing, cfg.gigpo.lr) == ("bfloat16", True, 1e-5)
     pol = model.load_policy(cfg.model, device="cpu")
     assert next(pol.model.parameters()).dtype == torch.bfloat16

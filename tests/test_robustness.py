@@ -32,7 +32,7 @@ def test_yaml_on_off_is_accepted_where_documented(tmp_path):
 def test_expected_errors_are_one_line_and_leave_nothing_behind(cache, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:  # missing real ALFWorld data
-        siri.main(tiny_overrides(out, cache, **{"env.source": "real", "env.data_path": str(tmp_path / "nowhere")}))
+        siri.main(tiny_overrides(out, cache, **{"env.source": "real", "env.alfworld.data_path": str(tmp_path / "nowhere")}))
     assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code).strip()
     assert not out.exists()  # no config.yaml, no lock, no folder
     with pytest.raises(SystemExit, match="^error: .*model"):  # a model that cannot load
@@ -77,7 +77,7 @@ def test_a_second_run_on_a_locked_folder_stops(cache, tmp_path):
 
 def test_resume_refuses_changed_settings_and_metrics_without_checkpoint(tmp_path):
     cfg = config.load_config(None, [f"run.out_dir={tmp_path}"])
-    state = {"done": 2, "config": dataclasses.asdict(cfg)}
+    state = siri.RunState(done=2, config=dataclasses.asdict(cfg))
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"unit": u, "phase": "x"}) + "\n" for u in range(3)))
     siri.check_resume(tmp_path, state, cfg)  # same settings: fine
@@ -104,23 +104,23 @@ def test_a_nonfinite_cold_start_stops_and_saves_nothing(cache, tmp_path):
 
 def test_consecutive_skipped_updates_stop_the_run():
     cfg = config.load_config(None, ["run.max_skipped_updates=3"])
-    state, unit = {"done": 5, "skipped_streak": 0}, siri.Unit("warmup", 0)
+    state, unit = siri.RunState(config={}, done=5), siri.Unit("warmup", 0)
     skips = lambda n, steps=0: {"warmup/skipped_nonfinite": n, "warmup/optimizer_steps": steps,  # noqa: E731
                                 "warmup/skipped_leading": n if not steps else 0, "warmup/skipped_trailing": n if not steps else 0}
     siri.check_skipped(state, skips(2), unit, cfg)
     siri.check_skipped(state, skips(0, steps=2), unit, cfg)
-    assert state["skipped_streak"] == 0  # a good step resets the count
+    assert state.skipped_streak == 0  # a good step resets the count
     siri.check_skipped(state, skips(2), unit, cfg)
     with pytest.raises(siri.RunError, match="3 consecutive updates skipped.*gigpo.lr"):
         siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 0, "warmup/skipped_leading": 1,
                                    "warmup/skipped_trailing": 1}, unit, cfg)
     # [skip, step] then [skip, skip]: only 2 in a row (the step in between resets the count)
-    state = {"done": 5, "skipped_streak": 0}
+    state = siri.RunState(config={}, done=5)
     siri.check_skipped(state, {"warmup/skipped_nonfinite": 1, "warmup/optimizer_steps": 1, "warmup/skipped_leading": 1,
                                "warmup/skipped_trailing": 0}, unit, cfg)
     siri.check_skipped(state, {"warmup/skipped_nonfinite": 2, "warmup/optimizer_steps": 0, "warmup/skipped_leading": 2,
                                "warmup/skipped_trailing": 2}, unit, cfg)
-    assert state["skipped_streak"] == 2
+    assert state.skipped_streak == 2
 
 
 def test_a_dead_env_worker_is_one_clear_error(cache):
@@ -143,9 +143,9 @@ def test_env_workers_exit_when_the_main_process_is_killed(cache, tmp_path):
     import sys
 
     cfg_dir = cache / "games_workers"
-    script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from envs import EnvConfig, make_envs\n"
-              f"m = make_envs(EnvConfig(num_workers=2, num_train_tasks=2, eval_per_type=1, receptacles=4, "
-              f"distractors=1, cache_dir={str(cfg_dir)!r}))\n"
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from envs import AlfworldConfig, EnvConfig, make_envs\n"
+              f"m = make_envs(EnvConfig(num_workers=2, alfworld=AlfworldConfig(num_train_tasks=2, eval_per_type=1, "
+              f"receptacles=4, distractors=1, cache_dir={str(cfg_dir)!r})))\n"
               "m.reset(m.task_ids('train')[:2]); print(*[p.pid for p, _ in m._workers], flush=True); time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pids = [int(x) for x in proc.stdout.readline().split()]

@@ -26,8 +26,8 @@ def tiny_overrides(out_dir, cache_dir, **extra) -> list[str]:
     """A whole SIRI run in seconds: few small games, short episodes, one iteration per phase."""
     o = {
         "run.out_dir": str(out_dir), "run.threads": 1,
-        "env.cache_dir": str(cache_dir), "env.num_train_tasks": 6, "env.eval_per_type": 1, "env.max_steps": 4,
-        "env.receptacles": 4, "env.distractors": 1,
+        "env.alfworld.cache_dir": str(cache_dir), "env.alfworld.num_train_tasks": 6, "env.alfworld.eval_per_type": 1, "env.max_steps": 4,
+        "env.alfworld.receptacles": 4, "env.alfworld.distractors": 1,
         "model.tiny_dir": str(cache_dir / "tiny"),
         "rollout.max_new_tokens": 20, "eval.max_tasks": 6,
         "coldstart.tasks": 3, "coldstart.epochs": 2,
@@ -261,7 +261,7 @@ def test_full_run_end_to_end_writes_table_bank_plot_and_metrics(cache, tmp_path,
 
 def test_webshop_runs_end_to_end(cache, tmp_path):
     out = tmp_path / "web"
-    result = siri.main(tiny_overrides(out, cache, env="webshop", **{"env.max_steps": 4, "env.num_eval_goals": 6}))
+    result = siri.main(tiny_overrides(out, cache, env="webshop", **{"env.max_steps": 4, "env.webshop.num_eval_goals": 6}))
     assert result["done"] == result["units"]
     assert "eval/score" in result["evals"]["siri"]
 

@@ -25,8 +25,8 @@ import siri
 from envs import make_envs
 
 SETTING = {
-    "env.receptacles": 6, "env.distractors": 1, "env.max_steps": 10, "env.num_train_tasks": 24,
-    "env.eval_per_type": 1, "env.num_workers": 0, "coldstart.tasks": 24, "coldstart.epochs": 30,
+    "env.alfworld.receptacles": 6, "env.alfworld.distractors": 1, "env.max_steps": 10, "env.alfworld.num_train_tasks": 24,
+    "env.alfworld.eval_per_type": 1, "env.num_workers": 0, "coldstart.tasks": 24, "coldstart.epochs": 30,
     "mining.trajectories_per_skill": 3, "gigpo.group_size": 8, "rollout.temperature": 0.4,
 }
 
@@ -37,7 +37,7 @@ def reader(tmp_path_factory):
     cache = tmp_path_factory.mktemp("skills")
     torch.manual_seed(0)
     cfg = config.load_config(None, [f"{k}={v}" for k, v in SETTING.items()] +
-                           [f"env.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
+                           [f"env.alfworld.cache_dir={cache / 'games'}", f"model.tiny_dir={cache / 'tiny'}"])
     envs = make_envs(cfg.env)
     pol = model.load_policy(cfg.model, device="cpu",
                                  corpus=lambda: siri.corpus_for_tokenizer(envs, think=cfg.coldstart.think))
@@ -187,8 +187,8 @@ def test_a_phase2_iteration_with_a_validated_skill_distils_tokens(reader, monkey
     bank = mining.SkillBank("unused", [skill])
     before = {n: p.detach().clone() for n, p in pol.model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in pol.model.parameters() if p.requires_grad], lr=1e-4)
-    state = {"buffer": []}
-    out, rows = siri.distill_iteration(pol, opt, envs, bank, cfg, state, seed=5, timing=siri.defaultdict(float))
+    state = siri.RunState(config={})
+    out, rows = siri.distill_iteration(pol, opt, envs, bank, cfg, state, seed=5, timing=state.timing)
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if n in before:
@@ -197,4 +197,4 @@ def test_a_phase2_iteration_with_a_validated_skill_distils_tokens(reader, monkey
     assert out["distill/distill_tokens"] == out["distill/tokens_kept"] and out["distill/pg_tokens"] > 0
     # 2·B·G rollouts: B plain groups, and per task a skill-guided group or a second plain one
     G, B = cfg.gigpo.group_size, cfg.distill.tasks_per_iter
-    assert out["distill/steps"] > 0 and len(state["buffer"]) == round(out["distill/success"] * (2 * B - out["distill/skill_groups"]) * G)
+    assert out["distill/steps"] > 0 and len(state.buffer) == round(out["distill/success"] * (2 * B - out["distill/skill_groups"]) * G)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+import core
 import envs
 import webshop
 from envs import EnvConfig, EnvManager
-from webshop import Goal, Product, WebShopBackend, webshop_reward
+from webshop import EmbeddedWebShop, Goal, Product, RealWebShop, WebShopConfig, webshop_reward
 
 LIP = "Beauty & Personal Care › Makeup › Lips › Lipstick"
 EYE = "Beauty & Personal Care › Makeup › Eyes › Eyeshadow"
@@ -28,9 +29,11 @@ EAR = "Electronics › Headphones, Earbuds & Accessories › Headphones & Earbud
 
 
 def cfg(**kw):
-    """A small shop: every WebShop knob is an EnvConfig field (defaults defined there once)."""
-    return EnvConfig(**{"name": "webshop", "max_steps": 15, "num_products": 300, "num_train_goals": 100,
-                        "num_eval_goals": 50, **kw})
+    """A small shop: keyword arguments that name a WebShopConfig field go to the env.webshop section
+    (defaults defined there once), the others to EnvConfig."""
+    shop = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(WebShopConfig)}}
+    return EnvConfig(**{"name": "webshop", "max_steps": 15, **kw},
+                     webshop=WebShopConfig(**{"num_products": 300, "num_train_goals": 100, "num_eval_goals": 50, **shop}))
 
 
 def lipstick(**kw):
@@ -160,7 +163,7 @@ def test_summarize():
 
 @pytest.fixture(scope="module")
 def shop():
-    return WebShopBackend(cfg())
+    return EmbeddedWebShop(cfg())
 
 
 def test_reset_info_and_search_page(shop):
@@ -217,7 +220,7 @@ def test_after_buying_the_episode_is_over(shop):
     shop.reset(tid)
     for a in shop.walkthrough(tid):
         obs, r, done, info = shop.step(a)
-    assert done and r == envs.WIN_REWARD and info["won"] and info["score"] == 1.0 and info["admissible"] == []
+    assert done and r == core.WIN_REWARD and info["won"] and info["score"] == 1.0 and info["admissible"] == []
     obs, r, done, info = shop.step("click[buy now]")
     assert (r, done, info["invalid"], info["score"]) == (0.0, True, True, 1.0)   # the score stays
 
@@ -234,7 +237,7 @@ def test_scripted_buyer_hand_computed():
     p3 = lipstick(asin="b0ear00003", title="Voltix Wireless Earbuds", query="wireless earbuds", product_category=EAR,
                   attributes=["water resistant"], options={"color": ["black", "white"]}, description="Earbuds.",
                   price=29.99)
-    shop = WebShopBackend(cfg(num_eval_goals=1), products=[p1, p2, p3], goals=[GOAL])
+    shop = EmbeddedWebShop(cfg(num_eval_goals=1), products=[p1, p2, p3], goals=[GOAL])
     assert shop.engine.search(GOAL.instruction)[:2] == ["b0lip00002", "b0lip00001"]
     # The buyer opens p2, cannot click "nude" (not offered), buys with no option:
     # r_type 1 (same query) · (2 attributes + 0 options + 0 price: 35.99 > 20) / (2 + 1 + 1) = 0.5
@@ -245,7 +248,7 @@ def test_scripted_buyer_hand_computed():
                     "click[b0lip00001]", "click[nude]", "click[buy now]"]
     shop.reset("webshop:0")
     steps = [shop.step(a) for a in acts]
-    assert [r for _, r, _, _ in steps] == [0.0, 0.0, 0.0, envs.WIN_REWARD]   # training reward: 10 x won
+    assert [r for _, r, _, _ in steps] == [0.0, 0.0, 0.0, core.WIN_REWARD]   # training reward: 10 x won
     assert [i["score"] for _, _, _, i in steps] == [0.0, 0.0, 0.0, 1.0]      # WebShop's reward
 
 
@@ -254,7 +257,7 @@ def test_scripted_buyer_hand_computed():
 def test_catalogue_is_fast_and_covers_webshop_categories():
     webshop._build_shop.cache_clear()
     t0 = time.perf_counter()
-    shop = WebShopBackend(cfg(num_products=1000, num_train_goals=2000, num_eval_goals=500))
+    shop = EmbeddedWebShop(cfg(num_products=1000, num_train_goals=2000, num_eval_goals=500))
     assert time.perf_counter() - t0 < 2.0
     assert {p.category for p in shop.products} == {"beauty", "electronics", "fashion", "food", "furniture"}
     assert len({p.asin for p in shop.products}) == 1000
@@ -281,45 +284,45 @@ def test_walkthroughs_win_within_15_steps(shop):
         acts = shop.walkthrough(tid)
         assert len(acts) <= 15
         steps = [shop.step(a) for a in acts]
-        assert steps[-1][1] == envs.WIN_REWARD and steps[-1][3]["score"] == 1.0
+        assert steps[-1][1] == core.WIN_REWARD and steps[-1][3]["score"] == 1.0
         assert all(r == 0.0 and i["score"] == 0.0 for _, r, _, i in steps[:-1])
 
 
 def test_splits_disjoint_fixed_and_deterministic():
-    a = WebShopBackend(cfg(seed=3))
+    a = EmbeddedWebShop(cfg(seed=3))
     webshop._build_shop.cache_clear()                   # b builds its shop from scratch
-    b = WebShopBackend(cfg(seed=3))
+    b = EmbeddedWebShop(cfg(seed=3))
     assert a.products is not b.products
     ev, tr = a.task_ids("eval"), a.task_ids("train")
     assert len(ev) == 50 and len(tr) == 100 and not set(ev) & set(tr)
     assert not {a._goal(t).instruction for t in ev} & {a._goal(t).instruction for t in tr}
     assert ev == b.task_ids("eval") and a.goals == b.goals and a.products == b.products
-    bigger = WebShopBackend(cfg(seed=3, num_train_goals=200))              # eval set fixed
+    bigger = EmbeddedWebShop(cfg(seed=3, num_train_goals=200))              # eval set fixed
     assert bigger.goals[:50] == a.goals[:50]
     tid = ev[7]
     assert a.reset(tid) == b.reset(tid)
     assert [a.step(x) for x in a.walkthrough(tid)] == [b.step(x) for x in b.walkthrough(tid)]
-    other = WebShopBackend(cfg(seed=4))
+    other = EmbeddedWebShop(cfg(seed=4))
     assert [p.title for p in other.products] != [p.title for p in a.products]
 
 
 # --- real WebShop: a stand-in package here, WebShop's own code below ------------------------
 
 def real_cfg(path, **kw):
-    return cfg(**{"source": "real", "webshop_path": str(path), "num_products": 100, "num_eval_goals": 2, **kw})
+    return cfg(**{"source": "real", "path": str(path), "num_products": 100, "num_eval_goals": 2, **kw})
 
 
 def test_real_webshop_missing_gives_one_clear_error(tmp_path):
     for path in ("", str(tmp_path)):
-        with pytest.raises(webshop.WebShopNotInstalled, match="princeton-nlp/WebShop.*not its setup.sh.*webshop_path"):
-            WebShopBackend(real_cfg(path))
+        with pytest.raises(webshop.WebShopNotInstalled, match="princeton-nlp/WebShop.*not its setup.sh.*env.webshop.path"):
+            RealWebShop(real_cfg(path))
 
 
 @pytest.mark.parametrize("key, value, fix", [("num_products", 300, "100, 1000 or 100000 products, or 0"),
                                              ("num_eval_goals", 1600, "at most 1500")])
 def test_real_webshop_bad_sizes_are_config_errors(key, value, fix):
     # WebShop has search indexes for 100/1k/100k products only; its train split starts at goal 1500
-    with pytest.raises(ValueError, match=f"env.{key}={value}: .*{fix}"):
+    with pytest.raises(ValueError, match=f"env.webshop.{key}={value}: .*{fix}"):
         cfg(source="real", **{"num_products": 100, key: value})
     cfg(source="real", num_products=0, num_eval_goals=1500)          # all products, test + val goals
     cfg(num_products=300, num_eval_goals=1600)                        # the embedded shop has no such limits
@@ -422,9 +425,9 @@ def fake_webshop(tmp_path, monkeypatch):
 
 
 def test_real_source_drives_webshop_text_env(fake_webshop):
-    shop = WebShopBackend(real_cfg(fake_webshop))
-    other = WebShopBackend(real_cfg(fake_webshop))
-    assert other.real.env.server is shop.real.env.server           # loaded once, shared by the slots
+    shop = RealWebShop(real_cfg(fake_webshop))
+    other = RealWebShop(real_cfg(fake_webshop))
+    assert other.env.server is shop.env.server           # loaded once, shared by the slots
     # splits as WebShop's baseline: eval = its test goals from 0, train from goal 1500 (val 500-1499 unused)
     assert shop.task_ids("eval") == ["webshop:0", "webshop:1"]
     assert shop.task_ids("train") == ["webshop:1500", "webshop:1501", "webshop:1502"]
@@ -444,7 +447,7 @@ def test_real_source_drives_webshop_text_env(fake_webshop):
     black, _, _, _ = shop.step("click[black]")
     assert white == "You have clicked white. [SEP] " + plain and black == "You have clicked black. [SEP] " + plain
     obs, r, done, info = shop.step("click[buy now]")
-    assert (r, done, info["won"], info["score"]) == (envs.WIN_REWARD, True, True, 1.0)
+    assert (r, done, info["won"], info["score"]) == (core.WIN_REWARD, True, True, 1.0)
     obs, r, done, info = shop.step("click[buy now]")                     # over: invalid, the score stays
     assert (r, done, info["invalid"], info["score"]) == (0.0, True, True, 1.0)
 
@@ -454,34 +457,34 @@ def test_real_webshop_leaves_our_random_state_alone(fake_webshop):
     expected = [random.random() for _ in range(3)]
     random.seed(5)
     got = [random.random()]
-    shop = WebShopBackend(real_cfg(fake_webshop))       # WebShop reseeds with 233 and draws a session name
+    shop = RealWebShop(real_cfg(fake_webshop))       # WebShop reseeds with 233 and draws a session name
     shop.reset("webshop:0")
     shop.step("search[item]")                           # the stand-in draws on every step
     got.append(random.random())
-    WebShopBackend(real_cfg(fake_webshop)).reset("webshop:1")
+    RealWebShop(real_cfg(fake_webshop)).reset("webshop:1")
     got.append(random.random())
     assert got == expected
 
 
 def test_real_webshop_searches_words_only(fake_webshop):
     # WebShop reads a first word "<r>", "<a>", "<c>", "<q>" as a listing mode ("<a>" crashes it)
-    shop = WebShopBackend(real_cfg(fake_webshop))
+    shop = RealWebShop(real_cfg(fake_webshop))
     for query, sent in [("<a> red jacket", "search[a red jacket]"), ("red [xl] jacket", "search[red xl jacket]"),
                         ("<r>", "search[r]")]:
         shop.reset("webshop:0")
         shop.step(f"search[{query}]")
-        assert shop.real.env.actions[-1] == sent
+        assert shop.env.actions[-1] == sent
     shop.reset("webshop:0")
-    assert shop.step("search[[ ]]")[3]["invalid"] and shop.real.env.actions[-1] == "search[r]"   # no words: not sent
+    assert shop.step("search[[ ]]")[3]["invalid"] and shop.env.actions[-1] == "search[r]"   # no words: not sent
 
 
 def test_real_webshop_too_few_goals_for_the_train_split(fake_webshop, monkeypatch):
-    WebShopBackend(real_cfg(fake_webshop))                               # 1503 goals: train = 1500-1502
+    RealWebShop(real_cfg(fake_webshop))                               # 1503 goals: train = 1500-1502
     monkeypatch.setattr(sys.modules["web_agent_site.envs.web_agent_text_env"], "N_GOALS", 1500)
     webshop._real_server.cache_clear()
     with pytest.raises(webshop.WebShopNotInstalled, match="loaded 1500 goals.*starts at goal 1500.*num_train_goals=0"):
-        WebShopBackend(real_cfg(fake_webshop))
-    assert WebShopBackend(real_cfg(fake_webshop, num_train_goals=0)).task_ids("train") == []   # evaluate only
+        RealWebShop(real_cfg(fake_webshop))
+    assert RealWebShop(real_cfg(fake_webshop, num_train_goals=0)).task_ids("train") == []   # evaluate only
 
 
 # --- against WebShop's own code: WEBSHOP_PATH=<princeton-nlp/WebShop checkout> ---------------
@@ -606,12 +609,12 @@ def test_real_webshop_checkout(webshop_checkout, monkeypatch):
         expected = [random.random() for _ in range(2)]
         random.seed(7)
         got = [random.random()]
-        shop = WebShopBackend(real_cfg(root, num_eval_goals=3, num_train_goals=5))
-        assert len(shop.real.goals) == 1530
+        shop = RealWebShop(real_cfg(root, num_eval_goals=3, num_train_goals=5))
+        assert len(shop.goals) == 1530
         assert shop.task_ids("eval") == ["webshop:0", "webshop:1", "webshop:2"]
         assert shop.task_ids("train") == [f"webshop:{i}" for i in range(1500, 1505)]
         for tid in shop.task_ids("eval"):
-            goal = shop.real.goals[int(tid.split(":")[1])]
+            goal = shop.goals[int(tid.split(":")[1])]
             p = products[goal["asin"]]
             ours = Goal(p.asin, p.category, p.query, goal["name"], p.product_category, goal["instruction_text"],
                         goal["attributes"], dict(enumerate(goal["goal_options"])), goal["price_upper"])
@@ -628,7 +631,7 @@ def test_real_webshop_checkout(webshop_checkout, monkeypatch):
                 assert obs == " [SEP] ".join([f"You have clicked {v}." for v in chosen.values()] + [item])
                 obs, r, done, info = shop.step("click[buy now]")
                 score = webshop_reward(p, ours, products[goal["asin"]].price, chosen)[0]
-                assert done and info["score"] == pytest.approx(score) and r == envs.WIN_REWARD * (score == 1.0)
+                assert done and info["score"] == pytest.approx(score) and r == core.WIN_REWARD * (score == 1.0)
                 assert (score == 1.0) == (chosen != wrong)
         got.append(random.random())
         assert got == expected
@@ -637,7 +640,7 @@ def test_real_webshop_checkout(webshop_checkout, monkeypatch):
 
 
 def test_slots_share_the_shop_but_not_the_session():
-    a, b = WebShopBackend(cfg()), WebShopBackend(cfg())
+    a, b = EmbeddedWebShop(cfg()), EmbeddedWebShop(cfg())
     assert a.products is b.products and a.engine is b.engine          # built once per settings
     obs_b, _ = b.reset("webshop:1")
     a.reset("webshop:0")
@@ -653,8 +656,8 @@ def respond(action: str) -> str:
 
 
 def test_config_fields_are_the_one_source_of_defaults():
-    c = EnvConfig(name="webshop")
-    assert (c.num_products, c.num_train_goals, c.num_eval_goals, c.webshop_path) == (1000, 2000, 500, "")
+    c = EnvConfig(name="webshop").webshop
+    assert (c.num_products, c.num_train_goals, c.num_eval_goals, c.path) == (1000, 2000, 500, "")
     assert not hasattr(webshop, "WebShopSettings")
 
 
@@ -674,7 +677,7 @@ def test_manager_group_copies_identical_and_walkthrough_wins():
             states = m.step([p[0] for p in parsed])
             if k < len(plan) - 1:
                 assert all(s.reward == 0.0 and s.score == 0.0 and not s.done for s in states)
-        assert all(s.won and s.done and s.reward == envs.WIN_REWARD and s.score == 1.0 for s in states)
+        assert all(s.won and s.done and s.reward == core.WIN_REWARD and s.score == 1.0 for s in states)
         assert all(s.steps == len(plan) for s in states) and m.invalid_steps == [0, 0, 0]
         assert m.step(["click[buy now]"] * 3) == states          # done slots ignore their actions
 
@@ -702,7 +705,7 @@ def test_manager_parse_action_rules():
             assert m.parse_action(respond(bad), page) == (None, False), bad
         assert m.parse_action("<action>click[buy now]</action>", item_page) == (None, False)   # no <think>
     # ALFWorld keeps exact matching: a bracket template is just another string there
-    assert envs.parse_action(respond("search[red lipstick]"), search_page) == (None, False)
+    assert envs.Alfworld.parse_action(respond("search[red lipstick]"), search_page) == (None, False)
 
 
 def test_manager_invalid_click_is_an_invalid_step_not_a_crash():
@@ -737,15 +740,15 @@ def test_manager_prompt_lists_actions_one_per_line():
         (s0,) = m.reset(m.task_ids("eval")[:1])
         plain = m.build_prompt(s0, [])
         assert s0.task in plain and s0.obs in plain and "\nsearch[<your query>]\n" in plain
-        assert envs.PROMPTS["webshop_search"] in plain and "<think>" in plain and "<action>" in plain
+        assert webshop.SEARCH_HINT in plain and "<think>" in plain and "<action>" in plain
         (s1,) = m.step(["search[lipstick]"])
         prompt = m.build_prompt(s1, [(s0.obs, "search[lipstick]")])
         assert "\n".join(s1.admissible) in prompt and envs.ACTION_SEPARATOR not in prompt
-        assert envs.PROMPTS["webshop_search"] not in prompt            # no search bar on a results page
+        assert webshop.SEARCH_HINT not in prompt            # no search bar on a results page
         assert "you did: search[lipstick]" in prompt
         skill = "Search the product type first, then open Features to check the attributes."
         with_skill = m.build_prompt(s1, [(s0.obs, "search[lipstick]")], skill=skill)
-        assert with_skill.replace(envs.PROMPTS["webshop_skill"].format(skill=skill), "") == prompt
+        assert with_skill.replace(webshop.SKILL_BLOCK.format(skill=skill), "") == prompt
         assert "household" not in plain and "advice" not in prompt
 
 
@@ -778,6 +781,6 @@ def test_manager_workers_match_in_process():
         assert m2.walkthrough(ids[0]) == m0.walkthrough(ids[0])
     assert trace0 == trace2
     final = trace0[-1]
-    assert all(s.won and s.score == 1.0 and s.reward == envs.WIN_REWARD for s in final[::2])
+    assert all(s.won and s.score == 1.0 and s.reward == core.WIN_REWARD for s in final[::2])
     assert all(s.score is not None for t in trace0 for s in t)
 
