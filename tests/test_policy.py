@@ -1,4 +1,4 @@
-"""policy.py: tiny model, loading errors, our decoder against HF `generate`, scoring, LoRA, rollouts.
+"""model.py, decoder.py, agent.py: tiny model, loading errors, our decoder against HF `generate`, scoring, LoRA, rollouts.
 
 Everything runs offline on CPU with the tiny random Qwen2 (fp32). A random model emits garbage,
 which is fine: the tests compare engines and code paths with each other, never with "good" text.
