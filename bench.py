@@ -52,12 +52,12 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
-import gigpo
 import agent
 import config
 import core
 import decoder
 import envs as envs_lib
+import gigpo
 import model
 
 
@@ -324,7 +324,7 @@ class AdmissibleActions:
 
 
 def cmd_rollout(args) -> dict:
-    """Environment share of rollout wall time: `policy.rollout` with the tiny model on the
+    """Environment share of rollout wall time: `agent.rollout` with the tiny model on the
     embedded ALFWorld env, N = tasks x G slots, env stepped in-process or in worker processes."""
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -428,7 +428,7 @@ def make_opt(pol, gcfg):
 
 
 def ours_iteration(pol, envs, tasks, G, sample, gcfg, seed) -> dict:
-    """Our Phase 0 iteration, as `siri.warmup_iteration` runs it: `policy.rollout` (KV-cached
+    """Our Phase 0 iteration, as `siri.warmup_iteration` runs it: `agent.rollout` (KV-cached
     decoder, shared prefill, adapter merged, env workers), `gigpo.compute_advantages`,
     `gigpo.update` (reference scored once, rows sorted by length, sampler log-probs as π_old)."""
     opt = make_opt(pol, gcfg)

@@ -3,7 +3,8 @@
 Each module owns its section's dataclass and the defaults in it (`gigpo.GiGPOConfig`,
 `envs.EnvConfig`, `model.ModelConfig`, ...); the run-level sections are here. `load_config` applies,
 in order: the defaults < a preset < gigpo_defaults < config.yaml < the command line, and checks
-every value once all are applied (each section's `__post_init__`, and the type of every field), so
+every value once all are applied (the type of every value set, and each section's `__post_init__` on
+the final values), so
 a bad value stops the run at start-up with a message naming the key and the fix.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from envs import EnvConfig
 from gigpo import GiGPOConfig
 from mining import MiningConfig
 from model import ModelConfig
-
 
 
 @dataclass
@@ -222,6 +222,14 @@ ENV_SHORTHANDS: dict[str, dict] = {
 }
 
 
+MOVED_KEYS = {f"env.{k}": f"env.alfworld.{k}" for k in (
+    "verl_agent_prompt", "receptacles", "distractors", "location_priors", "num_train_tasks", "eval_per_type",
+    "cache_dir", "data_path", "real_eval_split", "real_max_tasks")} | {
+    "env.num_products": "env.webshop.num_products", "env.num_train_goals": "env.webshop.num_train_goals",
+    "env.num_eval_goals": "env.webshop.num_eval_goals", "env.webshop_path": "env.webshop.path"}
+"""keys of earlier versions -> where they live now (each environment has its own section)"""
+
+
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key and the fix."""
 
@@ -274,6 +282,8 @@ def _apply(obj, dotted: str, value, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(obj)]
     full = prefix + head
     if head not in names:
+        if prefix + dotted in MOVED_KEYS:
+            raise ConfigError(f"config key '{prefix + dotted}' is now '{MOVED_KEYS[prefix + dotted]}'")
         close = difflib.get_close_matches(head, names, n=1)
         hint = f" — did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + n for n in names)}"
         raise ConfigError(f"unknown config key '{full}'{hint}")

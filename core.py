@@ -1,4 +1,5 @@
-"""The types every module shares, and three small helpers. Imports nothing of the project.
+"""The types every module shares, and the small helpers more than one module needs. Imports nothing
+of the project.
 
     EnvState      what an environment slot shows the agent after a reset or a step
     GameBackend   what a game family (ALFWorld in envs.py, WebShop in webshop.py) must provide
@@ -213,7 +214,7 @@ def atomic_dir(path: str | os.PathLike):
     in between leaves none; the checkpoint, which must never be lost, keeps a `.old` copy instead,
     siri.save_checkpoint)."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # a fixed name: a build killed half-way is removed by the next one
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:

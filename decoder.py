@@ -74,7 +74,7 @@ class SamplingConfig:
     update always scores the wrapped model. Where the adapter cannot be merged (QLoRA's 4-bit
     base, a disabled adapter, LoRA variants such as DoRA) the wrapped model samples, as with false"""
     waves: int = 1
-    """`rollout` decodes its slots in this many waves of whole task groups (cut inside the groups
+    """`agent.rollout` decodes its slots in this many waves of whole task groups (cut inside the groups
     when there are fewer tasks than waves), one after another;
     with env workers (env.num_workers > 0) the env step of one wave runs while the next wave
     decodes (ping-pong), and at the start the later waves' games load while wave 0 decodes, so
@@ -347,7 +347,7 @@ class Policy:
     def merged_adapter(self, enabled: bool = True):
         """While open, our decoder samples from `merged_copy(self.model)` (the adapter folded into
         the weights; see `SamplingConfig.merge_adapter`). Yields the copy, or None where there is
-        nothing to merge. `rollout` opens it once for all the steps of a rollout; `generate` opens
+        nothing to merge. `agent.rollout` opens it once for all the steps of a rollout; `generate` opens
         it per call when nobody has. Nested opens reuse the outer copy. The copy is a snapshot:
         do not train inside the block (nothing in this project does)."""
         if not enabled or self._merged is not None:

@@ -88,8 +88,6 @@ def selection_masks(skill_returns: Sequence[float], plain_returns: Sequence[floa
             for keep, adv in zip(keep_traj, skill_advantages)]
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # Plumbing: from paired rollouts to training samples
 # ---------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class EnvWorkerDied(RuntimeError):
 
 
 class AlfworldDataNotFound(FileNotFoundError):
-    """The official ALFWorld game files are not where EnvConfig.data_path says."""
+    """The official ALFWorld game files are not where env.alfworld.data_path says."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +188,11 @@ def anchor_key(obs: str) -> str:
 
 def backend_class(cfg: EnvConfig) -> type[GameBackend]:
     """The backend class of cfg.name and cfg.source (a `core.GameBackend`), chosen once per manager."""
-    return {("alfworld", "embedded"): EmbeddedAlfworld, ("alfworld", "real"): RealAlfworld,
-            ("webshop", "embedded"): EmbeddedWebShop, ("webshop", "real"): RealWebShop}[cfg.name, cfg.source]
+    classes = {("alfworld", "embedded"): EmbeddedAlfworld, ("alfworld", "real"): RealAlfworld,
+               ("webshop", "embedded"): EmbeddedWebShop, ("webshop", "real"): RealWebShop}
+    if (cfg.name, cfg.source) not in classes:
+        raise ValueError(f"env.name={cfg.name!r}, env.source={cfg.source!r}: choose alfworld or webshop, embedded or real")
+    return classes[cfg.name, cfg.source]
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ NEEDS = {"pick_clean_then_place_in_recep": "Cleanable",  # keys of constants.VAL
 # home holds the object about half of the time, so a policy that knows the table finds the object
 # at its first try far more often than one that searches in a random order, and still has to
 # search in the rest of the games. This is the knowledge a skill can carry (DESIGN.md, "What makes
-# a skill worth mining"); `env.location_priors=false` turns it off (uniform placement).
+# a skill worth mining"); `env.alfworld.location_priors=false` turns it off (uniform placement).
 HOMES: dict[str, dict[str, float]] = {
     # kitchen
     "Apple": {"Fridge": .5, "CounterTop": .3, "DiningTable": .2},
@@ -608,8 +611,6 @@ def make_verified_game(seed: int, task_type: str, receptacles: int, distractors:
     raise RuntimeError(f"no solvable game for seed {seed} ({task_type}) in {MAX_ATTEMPTS} attempts")
 
 
-
-
 def embedded_cache_folder(cfg: EnvConfig) -> str:
     """cache_dir/v{version}-rec{receptacles}-dis{distractors}[-uniform]: one file per seed inside."""
     root = os.path.expanduser(cfg.alfworld.cache_dir)
@@ -690,7 +691,7 @@ def _missing_data(path: str, detail: str) -> AlfworldDataNotFound:
     return AlfworldDataNotFound(
         f"ALFWorld game files not found: {detail} (looked in {path}). Run `alfworld-download` "
         "(needs internet; it fills $ALFWORLD_DATA, default ~/.cache/alfworld) or pass "
-        "env.data_path=<folder holding train/, valid_seen/ and valid_unseen/>; offline, use "
+        "env.alfworld.data_path=<folder holding train/, valid_seen/ and valid_unseen/>; offline, use "
         "env.source=embedded.")
 
 
@@ -728,7 +729,7 @@ def collect_real_games(root: str, split: str) -> tuple[tuple[str, str], ...]:
 def stratified_order(games: tuple[tuple[str, str], ...], seed: int) -> list[str]:
     """Real game ids in a seeded, type-interleaved order: each type's games shuffled with `seed`,
     then one of each type in turn (TASK_TYPES order) until every type runs out. So every "first N"
-    the run takes (coldstart.tasks, warmup.task_pool, eval.max_tasks, env.real_max_tasks) holds
+    the run takes (coldstart.tasks, warmup.task_pool, eval.max_tasks, env.alfworld.real_max_tasks) holds
     the six types as evenly as the split allows; the official folders, sorted, would give whole
     types in alphabetical order. The same on every rank (it depends on the seed only)."""
     by_type: dict[str, list[str]] = {t: [] for t in TASK_TYPES}
@@ -1055,7 +1056,7 @@ class EnvManager:
     def reset_begin(self, task_ids: list[str], parts: list[list[int]]) -> list["PendingStep"]:
         """`reset`, begun in parts (lists of slots that together cover every slot), one request
         each, sent in order; `reset_end` each part in that order before using its slots. With
-        workers this returns at once: `policy.rollout` decodes its first wave while the workers
+        workers this returns at once: `agent.rollout` decodes its first wave while the workers
         load the next wave's games. In-process the resets are done here."""
         self._states = [None] * len(task_ids)  # type: ignore[list-item]  # filled by reset_end
         self.invalid_steps = [0] * len(task_ids)
@@ -1086,7 +1087,7 @@ class EnvManager:
         """Start the env step of some slots ({slot: action}); `step_end` finishes it.
 
         With workers, the valid actions are sent and this returns at once: the workers step while
-        the caller does something else (`policy.rollout` decodes its other wave of slots). Steps
+        the caller does something else (`agent.rollout` decodes its other wave of slots). Steps
         of disjoint slot sets may be in flight together; finish them in the order they began.
         In-process (num_workers=0) the step is done here."""
         new, to_env = {}, []

@@ -265,7 +265,7 @@ def group_advantages(rewards: Sequence[Sequence[float]], valid: Sequence[Sequenc
 
 
 def compute_advantages(trajectories: Sequence, cfg: GiGPOConfig) -> list[list[float]]:
-    """Joint GiGPO advantages for a batch of ``policy.Trajectory`` objects.
+    """Joint GiGPO advantages for a batch of ``core.Trajectory`` objects.
 
     Trajectories are grouped by their ``group`` key (one task, one initial state); each group
     is handled by ``group_advantages``. Returns A[k][t] aligned with trajectories[k].steps.
@@ -394,6 +394,8 @@ def objective(samples: Sequence[Sample], logps: Sequence[torch.Tensor], entropie
     pg, dist, stats = [], [], defaultdict(float)
     for s, logp, ent, old_t, ref_t in zip(samples, logps, entropies, old, ref):
         adv = torch.full_like(logp, s.advantage)
+        if s.kind not in ("pg", "distill"):
+            raise ValueError(f"a training sample of kind {s.kind!r}: the objective knows 'pg' and 'distill'")
         if s.kind == "distill":
             if distill is None:
                 raise ValueError("a distillation sample needs distill=DistillConfig (pass cfg.distill to update)")
@@ -421,8 +423,6 @@ def objective(samples: Sequence[Sample], logps: Sequence[torch.Tensor], entropie
 # ---------------------------------------------------------------------------------------
 # Update step (plumbing around the objective)
 # ---------------------------------------------------------------------------------------
-
-
 
 
 def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) -> list[Sample]:

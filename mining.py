@@ -133,7 +133,7 @@ def _result_obs(traj, t: int) -> str:
 
 
 def task_texts(envs, trajs: list) -> dict[str, str]:
-    """Task id -> instruction text. policy.Trajectory does not record the instruction (and the
+    """Task id -> instruction text. core.Trajectory does not record the instruction (and the
     embedded env strips it from the observation), so we ask the env: one batched reset of the
     ids whose trajectories lack a `task` attribute."""
     ids = sorted({t.task_id for t in trajs if not getattr(t, "task", "")})
@@ -377,7 +377,7 @@ def random_summary(trajs: list, task_type: str, seed: int, max_items: int = 12,
 
 
 def load_summariser(spec: str, policy, model_cfg=None):
-    """`model:<hf id or path>` -> a Policy loaded with policy.load_policy on a copy of the
+    """`model:<hf id or path>` -> a Policy loaded with model.load_policy on a copy of the
     ModelConfig (`model_cfg`, else the defaults) with that name, on the agent's device.
     Load it once per run and pass it to mine_round as `summariser_policy` (else: once per round)."""
     base = model_cfg or model.ModelConfig()
@@ -478,8 +478,6 @@ class Skill:
     def delta_g(self) -> float | None:
         """Latest measured Δg (None before the first validation)."""
         return self.utility[-1]["delta_g"] if self.utility else None
-
-
 
 
 @dataclass
@@ -712,7 +710,6 @@ def update_status(skill: Skill, rec: dict, margin: float, selection: str) -> str
 # ---------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: one mining round (plumbing around the functions above)
 # ---------------------------------------------------------------------------------------------
-
 
 
 def split_pool(pool: list[str], task_type_of: Callable[[str], str], m: int, seed: int

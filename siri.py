@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fcntl
 import dataclasses
+import fcntl
 import json
 import os
 import pickle
@@ -659,6 +659,10 @@ def start_state(cfg: Config, run_dir: Path, resume: bool, policy, optimizer, uni
     if resume:
         try:
             loaded = load_checkpoint(run_dir, policy, optimizer)
+        except ModuleNotFoundError as e:  # pickled Trajectories of a version that had policy.py
+            raise RunError(f"--resume: the checkpoint in {run_dir} was written by an earlier version of this code "
+                           f"(it needs the module {e.name!r}); finish it with that version or start a new run.out_dir"
+                           ) from None
         except Exception as e:  # any damage (truncated, garbled): the message says what to do
             raise RunError(f"--resume: the checkpoint in {run_dir} cannot be read ({type(e).__name__}: {e}); "
                            "it is damaged: start a new run.out_dir") from None

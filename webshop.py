@@ -48,7 +48,7 @@ from difflib import SequenceMatcher
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from core import WIN_REWARD, EnvState, collapse, extract_action, history_block, ANSWER
+from core import ANSWER, WIN_REWARD, EnvState, collapse, extract_action, history_block
 
 
 class WebShopNotInstalled(RuntimeError):
@@ -85,7 +85,6 @@ class WebShopConfig:
         if self.num_eval_goals > 1500:
             raise ValueError(f"env.webshop.num_eval_goals={self.num_eval_goals}: real WebShop's train split starts at "
                              "goal 1500, so at most 1500")
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -788,7 +787,7 @@ class RealWebShop(WebShop):
         return self.goals[int(task_id.split(":")[1])]["category"]
 
     def walkthrough(self, task_id: str) -> list[str]:
-        """None: WebShop has human demonstrations, not a plan per goal (so no cold start here), as
+        """[]: WebShop has human demonstrations, not a plan per goal (so no cold start here), as
         ALFWorld's backend returns [] when its planner finds none."""
         return []
 

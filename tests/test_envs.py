@@ -397,7 +397,7 @@ def test_returning_tasks_reuse_loaded_games(cfg):
         assert [s.obs for s in second] == [s.obs for s in first[2:] + first[:2]]
         m.reset([a])  # fewer slots: the other backends wait as spares
         assert len(m._local.backends) == 1 and len(m._local.spare) == 3
-        # a reset in parts (policy.rollout's waves): the second part keeps the first part's backends
+        # a reset in parts (agent.rollout's waves): the second part keeps the first part's backends
         # and still finds the spares that hold its games
         parts = m.reset_begin([a, a, b, b], [[0, 1], [2, 3]])
         m.reset_end(parts[0])

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import gigpo
+from core import Sample
+from distill import DistillConfig
 from gigpo import GiGPOConfig
 
 
@@ -230,9 +232,6 @@ def test_objective_hand_computed():
       token-mean over 2 pg tokens: −0.74965735.
     distill (A = +2, λ = 0.5, ε = 0.2): log ρ = ln(0.2/0.4) = −0.693147 < ln 1.2 → −2·(−0.693147)
       = 1.386294; λ· mean over 1 token = 0.693147.   L = −0.05651017."""
-    from types import SimpleNamespace
-
-    from core import Sample
     ln = math.log
     samples = [Sample([1], [2, 3], [ln(0.5), ln(0.5)], 1.0), Sample([1], [4], [ln(0.4)], 2.0, "distill")]
     logps = [torch.tensor([ln(0.5), ln(0.25)], requires_grad=True), torch.tensor([ln(0.2)], requires_grad=True)]
@@ -241,10 +240,12 @@ def test_objective_hand_computed():
     ref = [torch.tensor([ln(0.5), ln(0.5)]), None]
     cfg = GiGPOConfig(clip_eps=0.2, clip_ratio_c=3.0, beta_kl=0.1, kl_estimator="k3", entropy_coef=0.01)
     totals = {"pg_tokens": 2, "pg_seqs": 1, "distill_tokens": 1, "distill_seqs": 1}
-    loss, terms = gigpo.objective(samples, logps, ents, old, ref, totals, cfg, SimpleNamespace(lam=0.5, clip_eps=0.2))
+    loss, terms = gigpo.objective(samples, logps, ents, old, ref, totals, cfg, DistillConfig(lam=0.5, clip_eps=0.2))
     assert loss.item() == pytest.approx(-0.05651017, abs=1e-6)
     assert terms["kl"] == pytest.approx(0.306853, abs=1e-6) and terms["distill_loss"] == pytest.approx(1.386294, abs=1e-6)
     loss.backward()  # the distilled token's log-prob is pushed up: d L / d log π = −λ·A / 1 = −1
     assert logps[1].grad.item() == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="distill=DistillConfig"):
         gigpo.objective(samples, logps, ents, old, ref, totals, cfg, None)
+    with pytest.raises(ValueError, match="kind 'sft'"):  # a cold-start row is not an RL sample
+        gigpo.objective([Sample([1], [2], [0.0], 1.0, "sft")], logps[1:], ents[1:], old[1:], [None], totals, cfg)

@@ -18,7 +18,7 @@ from mining import (MiningConfig, PairedResult, Skill, SkillBank, delta_g, gener
                     random_summary, template_summary)
 
 
-# ----- small stand-ins for policy.Step / policy.Trajectory (only the fields mining reads) -----
+# ----- small stand-ins for core.Step / core.Trajectory (only the fields mining reads) -----
 
 @dataclass
 class FakeStep:
@@ -413,6 +413,13 @@ def expert_trajectory(envs, task_id):
                                      state.anchor, state.obs))
         state = new
     return core.Trajectory(task_id, state.task_type, f"{task_id}@expert", 0, None, steps, state.won)
+
+
+def test_model_summariser_is_loaded_on_the_agents_device():
+    """mining.summariser=model:<name>: a second Policy, with the agent's model settings and device."""
+    pol = model.load_policy(model.ModelConfig(name="tiny"), device="cpu")
+    summariser = mining.load_summariser("model:tiny", pol, model.ModelConfig(name="tiny"))
+    assert isinstance(summariser, decoder.Policy) and summariser is not pol and summariser.device == pol.device
 
 
 def test_validate_and_mine_round_with_tiny_model(tmp_path):

@@ -51,6 +51,11 @@ def test_unknown_key_names_the_key_and_suggests_the_fix():
         config.load_config(None, ["gigpo.gama=0.9"])
     with pytest.raises(config.ConfigError, match="unknown config key 'warmpu'"):
         config.load_config(None, ["warmpu.iterations=3"])
+    # a key of an earlier version says where it lives now, on the command line and in a file's section
+    with pytest.raises(config.ConfigError, match=r"'env.receptacles' is now 'env.alfworld.receptacles'"):
+        config.load_config(None, ["env.receptacles=6"])
+    with pytest.raises(config.ConfigError, match=r"'env.webshop_path' is now 'env.webshop.path'"):
+        config.load_config(None, ["env={webshop_path: /x}"])
 
 
 def test_mistyped_values_are_clear_errors():
