@@ -10,8 +10,8 @@ import torch
 
 import bench
 import core
-import gigpo
 import decoder
+import gigpo
 import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

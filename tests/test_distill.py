@@ -7,9 +7,9 @@ import torch
 
 import distill
 import gigpo
+from core import Step, Trajectory
 from distill import DistillConfig
 from gigpo import GiGPOConfig
-from core import Step, Trajectory
 
 
 def make_traj(group, index, rewards, anchors, skill=True):

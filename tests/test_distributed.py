@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as tmp_mp
 
-import distributed
+import config
 import core
+import distributed
 import gigpo
 import mining
-import config
 import siri
 from distill import DistillConfig
 from model import ModelConfig, load_policy

@@ -25,8 +25,8 @@ import torch
 
 import config
 import siri
-from envs import make_envs
 from agent import rollout
+from envs import make_envs
 from model import load_policy
 
 SETTING = {

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
+import config
 import core
 import gigpo
 import mining
-import config
 import siri
 from envs import make_envs
 from model import ModelConfig, load_policy

@@ -15,12 +15,12 @@ import random
 import pytest
 import torch
 
+import agent
+import config
 import core
 import gigpo
 import mining
-import agent
 import model
-import config
 import siri
 from envs import make_envs
 
