@@ -361,14 +361,23 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     if not cfg.run.arms or len(set(cfg.run.arms)) != len(cfg.run.arms) or set(cfg.run.arms) - set(ARMS):
         raise ConfigError(f"run.arms={cfg.run.arms!r}: a non-empty list of distinct arms from {', '.join(ARMS)}, "
                           "e.g. run.arms=[gigpo,siri]")
-    for section in dataclasses.fields(cfg):  # re-run each section's own checks on the final values
-        value = getattr(cfg, section.name)
+    _check_sections(cfg)
+    return cfg
+
+
+def _check_sections(obj, prefix: str = "") -> None:
+    """Re-run every section's own checks (`__post_init__`) on the final values, a nested section
+    (env.alfworld) before the one that holds it: `_apply` sets fields after the sections were made."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), prefix + f.name
+        if not dataclasses.is_dataclass(value):
+            continue
+        _check_sections(value, name + ".")
         if hasattr(value, "__post_init__"):
             try:
                 value.__post_init__()
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"section '{section.name}': {e}") from None
-    return cfg
+                raise ConfigError(f"section '{name}': {e}") from None
 
 
 def field_docs(cls) -> dict[str, str]:

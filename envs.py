@@ -137,8 +137,6 @@ class EnvConfig:
         for key in ("history_len", "num_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"env.{key}={getattr(self, key)}: must be >= 0")
-        self.alfworld.__post_init__()
-        self.webshop.__post_init__()
         if self.name == "webshop" and self.source == "real":
             self.webshop.check_real()
 

@@ -29,7 +29,7 @@ import torch
 import agent
 import distributed
 import model
-from core import atomic_write_json, seed_of, skill_id
+from core import atomic_write_json, collapse, seed_of, skill_id
 
 
 @dataclass
@@ -148,7 +148,7 @@ def format_trajectory(traj, max_chars: int, tasks: dict[str, str] | None = None)
     lines = []
     for t, s in enumerate(traj.steps):
         act = s.action if s.valid and s.action else "(invalid output)"
-        obs = " ".join(_result_obs(traj, t).split())[:OBS_CHARS]
+        obs = collapse(_result_obs(traj, t))[:OBS_CHARS]
         lines.append(f"{t + 1}. {act} -> {obs}")
     out = "\n".join([head] + lines)
     keep = len(lines)
@@ -233,7 +233,7 @@ def _parse_where(raw, max_items: int) -> dict[str, dict[str, int]]:
 def type_name(name: str) -> str:
     """"fridge 1" -> "fridge", "Sink Basin 2" -> "sinkbasin": an instance name's type, as the
     observations spell it (lower case, no number, no spaces)."""
-    return re.sub(r"\s*\d+$", "", " ".join(name.lower().split())).replace(" ", "")
+    return re.sub(r"\s*\d+$", "", collapse(name).lower()).replace(" ", "")
 
 
 _ACTION_PATTERNS = [  # ALFWorld command grammar (alfworld/data/alfred.twl2): (pattern, template)
@@ -256,7 +256,7 @@ def generalise_action(action: str) -> str:
     countertop": instance numbers dropped, receptacle (and tool) *types* kept, the task's object
     replaced by <obj>. Our choice: types are what transfers between homes (a mug is usually in
     the coffee machine of *any* kitchen), numbers are not. Unknown commands keep their words."""
-    a = " ".join(action.lower().split())
+    a = collapse(action).lower()
     for pat, template in _ACTION_PATTERNS:
         m = re.fullmatch(pat, a)
         if m:
@@ -272,7 +272,7 @@ def found_where(traj) -> tuple[str, str] | None:
     """(object type, receptacle type) of the first object the trajectory picked up, from its first
     valid "take <obj> from <recep>" action; None if it never took anything."""
     for s in traj.steps:
-        m = _TAKE.fullmatch(" ".join((s.action or "").lower().split())) if s.valid else None
+        m = _TAKE.fullmatch(collapse(s.action or "").lower()) if s.valid else None
         if m:
             return type_name(m.group(1)), type_name(m.group(2))
     return None

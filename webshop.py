@@ -476,7 +476,7 @@ SUBPAGES = ("description", "features", "reviews")
 
 def split_action(action: str) -> tuple[str, str]:
     """'search[x]' / 'click[x]' -> (kind, argument), lower-cased, spaces collapsed; ('', '') if malformed."""
-    m = re.fullmatch(r"(search|click)\[(.+)\]", " ".join(action.lower().split()))
+    m = re.fullmatch(r"(search|click)\[(.+)\]", collapse(action).lower())
     return (m.group(1), m.group(2).strip()) if m else ("", "")
 
 

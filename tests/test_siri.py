@@ -73,7 +73,9 @@ def test_mistyped_values_are_clear_errors():
     for bad, key in [("gigpo.norm=zscore", "gigpo.norm"), ("gigpo.kl_estimator=k9", "gigpo.kl_estimator"),
                      ("gigpo.loss_agg=foo", "gigpo.loss_agg"), ("gigpo.group_size=0", "gigpo.group_size"),
                      ("distill.advantage_reference=plain", "distill.advantage_reference"),
-                     ("gigpo_defaults=verl", "gigpo_defaults")]:
+                     ("gigpo_defaults=verl", "gigpo_defaults"),
+                     ("env.alfworld.receptacles=0", "section 'env.alfworld'.*receptacles"),  # nested sections too
+                     ("env.webshop.num_eval_goals=-1", "section 'env.webshop'.*num_eval_goals")]:
         with pytest.raises(config.ConfigError, match=key):
             config.load_config(None, [bad])
 
