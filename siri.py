@@ -834,12 +834,14 @@ def save_checkpoint(run_dir: Path, policy, optimizer, state: RunState) -> None:
 
 
 def load_checkpoint(run_dir: Path, policy, optimizer) -> RunState | None:
-    """Restore the newest complete checkpoint; returns the loop state, or None if there is none."""
+    """Restore the newest complete checkpoint; returns the loop state, or None if there is none.
+    The loop state is read first: a checkpoint that cannot be read fails before any weight changes."""
     for name in ("checkpoint", "checkpoint.old"):
         ckpt = run_dir / name
         if (ckpt / "COMPLETE").exists():
+            state = RunState(**pickle.loads((ckpt / "state.pkl").read_bytes()))
             restore_training_state(policy, optimizer, torch.load(ckpt / "training.pt", weights_only=False))
-            return RunState(**pickle.loads((ckpt / "state.pkl").read_bytes()))
+            return state
     return None
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import config
+import core
 import siri
 from envs import EnvWorkerDied, make_envs
 from test_siri import ROOT, run_cli, tiny_overrides
@@ -57,10 +58,38 @@ def test_damaged_checkpoint_and_half_written_bank_are_one_line(cache, tmp_path):
     (out / "checkpoint" / "state.pkl").write_bytes(b"\x80\x04garbled")
     with pytest.raises(SystemExit, match="^error: --resume: the checkpoint .* is damaged"):
         siri.main(["--resume", *tiny_overrides(out, cache)])
+    # a checkpoint of the version that had policy.py (its pickled trajectories name that module)
+    old = tmp_path / "old_version"
+    (old / "checkpoint" / "adapter").mkdir(parents=True)
+    (old / "checkpoint" / "COMPLETE").write_text("ok")
+    (old / "checkpoint" / "state.pkl").write_bytes(b"cpolicy\nTrajectory\n.")
+    with pytest.raises(SystemExit, match="^error: --resume: the checkpoint .* earlier version .*'policy'"):
+        siri.main(["--resume", *tiny_overrides(old, cache)])
     bank = tmp_path / "skills_round_00.json"
     bank.write_text('{"round": 0, "skills": [{"id": "x", "name": ')  # cut mid-write
     with pytest.raises(SystemExit, match="config error: .*initial_bank.*not a readable skill bank"):
         siri.main(tiny_overrides(tmp_path / "other", cache, **{"mining.initial_bank": str(bank)}))
+
+
+def test_atomic_writes_leave_the_old_content_and_no_temp_file_when_they_fail(tmp_path, monkeypatch):
+    path, folder = tmp_path / "a.json", tmp_path / "folder"
+    core.atomic_write(path, "old")
+    with core.atomic_dir(folder) as tmp:
+        (tmp_path / tmp / "x").write_text("1")
+
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(core.os, "replace", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            core.atomic_write(path, "new")
+    with pytest.raises(RuntimeError, match="killed half-way"):
+        with core.atomic_dir(folder) as tmp:
+            (tmp_path / tmp / "x").write_text("2")
+            raise RuntimeError("killed half-way")
+    assert path.read_text() == "old" and (folder / "x").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "folder"]  # no temp file or folder left
 
 
 def test_a_second_run_on_a_locked_folder_stops(cache, tmp_path):
