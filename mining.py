@@ -287,12 +287,18 @@ def _routine(traj) -> list[str]:
     first = next((i for i, a in enumerate(acts) if a.lower().startswith("take ")), 0)
     out: list[str] = ["go to <recep>"] if first else []
     for a in acts[first:]:
-        g = generalise_action(a)
-        g = re.sub(r"^(go to|open|close) \S+$", r"\1 <recep>", g)
-        g = re.sub(r"^(take <obj> from|move <obj> to|put <obj> (?:in|on|in/on)) \S+$", r"\1 <recep>", g)
+        g = routine_step(a)
         if not out or out[-1] != g:
             out.append(g)
     return out
+
+
+def routine_step(action: str) -> str:
+    """One action as a routine step: generalised, the receptacles it goes to, opens, takes from or
+    puts into written <recep>, tools kept ("heat <obj> with microwave")."""
+    g = generalise_action(action)
+    g = re.sub(r"^(go to|open|close) \S+$", r"\1 <recep>", g)
+    return re.sub(r"^(take <obj> from|move <obj> to|put <obj> (?:in|on|in/on)) \S+$", r"\1 <recep>", g)
 
 
 def where_counts(trajs: list) -> dict[str, dict[str, int]]:
@@ -374,6 +380,29 @@ def random_summary(trajs: list, task_type: str, seed: int, max_items: int = 12,
         steps += acts[start:start + rng.randint(1, 3)]
     return json.dumps({**template, "where": where, "steps": steps[:len(template["steps"])],
                        "pitfalls": []})
+
+
+def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False, seed: int = 0) -> Skill:
+    """A hand-written skill that knows where each task's object is (from the walkthroughs), in the
+    template's format: the positive control of skill reading. wrong=True: each object is placed in
+    a receptacle type of its room where it is not (the wrong-skill control). Steps: the first
+    task's walkthrough as a routine (receptacles written <recep>, so they give nothing away)."""
+    where: dict[str, dict[str, int]] = {}
+    rng = random.Random(seed)
+    for tid in task_ids:
+        take = next(a for a in envs.walkthrough(tid) if a.startswith("take "))
+        obj, place = (type_name(x) for x in take[len("take "):].split(" from "))
+        if wrong:
+            (state,) = envs.reset([tid])
+            others = sorted({type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")} - {place})
+            place = rng.choice(others)
+        where.setdefault(obj, {})[place] = 1
+    steps = []
+    for a in envs.walkthrough(task_ids[0]):
+        if not steps or steps[-1] != routine_step(a):
+            steps.append(routine_step(a))
+    return Skill(name=f"{task_type} routine", task_type=task_type, when_to_use=TASK_DESCRIPTIONS[task_type],
+                 where=where, steps=steps, pitfalls=[], summariser="hand-written")
 
 
 def load_summariser(spec: str, policy, model_cfg=None):
