@@ -67,7 +67,8 @@ def answer_delta_g(pol, envs, cfg) -> tuple[float, float, float]:
 @pytest.mark.xfail(strict=True, reason=(
     "known null (README, 'What the toy can and cannot show'): the 2-layer tiny model's cold start "
     "does not teach it to read a skill's content. A right and a wrong skill change its play alike "
-    "(measured: right/wrong/plain 16/14/16 wins of 32 episodes on this fixture; 28/29/28 with 30 cold-start epochs; `python reads.py` shows the same on unseen games), so the positive control "
+    "(measured: right/wrong/plain 16/14/16 wins of 32 episodes on this fixture, 28/29/28 with 30 "
+    "cold-start epochs; `python reads.py` finds the same on unseen games), so the positive control "
     "fails. strict: the day it passes, this marker must go"))
 def test_a_skill_that_carries_the_answer_raises_success(reader):
     """Positive control: Δg > 0 for skills that name where each task's object is, and the right
