@@ -21,7 +21,7 @@ import agent
 import mining
 from config import load_config
 from envs import make_envs
-from model import load_policy
+from model import ModelLoadError, load_policy
 
 ARMS = ("plain", "right", "wrong")
 
@@ -69,7 +69,13 @@ def main(argv: list[str]) -> dict[str, dict]:
     cfg = load_config(None, ["env.num_workers=0", *args.overrides, f"model.name={args.model}"])
     envs = make_envs(cfg.env)
     try:
-        policy = load_policy(cfg.model, device="cpu")
+        known = sorted({envs.task_type(t) for t in envs.task_ids("eval")})
+        if set(args.types) - set(known):
+            raise SystemExit(f"error: --types {' '.join(sorted(set(args.types) - set(known)))}: choose from {', '.join(known)}")
+        try:
+            policy = load_policy(cfg.model, device="cpu")
+        except ModelLoadError as e:
+            raise SystemExit(f"error: {e}")
         ids = [t for tt in args.types for t in [t for t in envs.task_ids("eval") if envs.task_type(t) == tt][:args.games]]
         sampling = dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature)
         res = probe(policy, envs, ids, args.episodes, sampling)

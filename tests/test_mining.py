@@ -13,6 +13,7 @@ import decoder
 import envs as envs_lib
 import mining
 import model
+import reads
 from mining import (MiningConfig, PairedResult, Skill, SkillBank, delta_g, generalise_action,
                     keep_skill, mine_round, pair_outcomes, paired_bootstrap_ci, parse_skill,
                     random_summary, template_summary)
@@ -461,6 +462,36 @@ def test_validate_and_mine_round_with_tiny_model(tmp_path):
     finally:
         envs.close()
         expert_envs.close()
+
+
+def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_goes():
+    """mining.answer_skill (the positive control): "Look first in:" is the receptacle type the
+    walkthrough takes the object from; wrong=True names another type of the same room; the steps
+    name no receptacle. reads.probe plays the three arms paired and counts each one's episodes."""
+    env_cfg = envs_lib.EnvConfig(max_steps=2, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
+    envs = envs_lib.EnvManager(env_cfg)
+    try:
+        tid = envs.task_ids("train")[0]
+        tt = envs.task_type(tid)
+        take = next(a for a in envs.walkthrough(tid) if a.startswith("take "))
+        home = mining.type_name(take.split(" from ")[1])
+        right = mining.answer_skill(envs, [tid], tt)
+        wrong = mining.answer_skill(envs, [tid], tt, wrong=True)
+        (state,) = envs.reset([tid])
+        room = {mining.type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")}
+        assert right.look_first() == [home]
+        assert wrong.look_first()[0] != home and wrong.look_first()[0] in room
+        assert all(home not in step for step in right.steps) and right.steps == wrong.steps
+        pol = model.load_policy(model.ModelConfig(name="tiny"))
+        res = reads.probe(pol, envs, [tid], 2, decoder.SamplingConfig(max_new_tokens=8), seed=0)
+        assert list(res) == ["plain", "right", "wrong"]
+        assert all(r["episodes"] == 2 and r["steps"] >= 2 and r["example"].startswith(tid) for r in res.values())
+        won = core.Trajectory(tid, tt, "g", 0, None, [
+            core.Step([], [], [], "", None, False, 0.0, False, False, "a", "o"),
+            core.Step([], [], [], "", f"go to {home} 1", True, 0.0, False, False, "a", "o")], False)
+        assert reads.first_goto(won) == home
+    finally:
+        envs.close()
 
 
 def test_split_pool_keeps_validation_tasks_out_of_the_summary_sources():
