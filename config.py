@@ -91,10 +91,16 @@ class ColdStartConfig:
     skill_demos: int = 2
     """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
     random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
+    skill_places: str = "mined"
+    """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
+    the type) or "random" (one place of the task's room drawn at random, right or wrong, searched
+    first: only the block predicts the first step; siri.coldstart_samples)."""
 
     def __post_init__(self):
         if self.enabled not in ("auto", "on", "off"):
             raise ValueError(f"coldstart.enabled={self.enabled!r}: choose auto, on or off")
+        if self.skill_places not in ("mined", "random"):
+            raise ValueError(f"coldstart.skill_places={self.skill_places!r}: choose mined or random")
         if self.tasks < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.skill_demos < 0:
             raise ValueError("coldstart.tasks, epochs and batch_size must be >= 1, lr > 0, skill_demos >= 0")
 

@@ -179,6 +179,10 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
     where a demonstration looks first is to read the block: what it teaches is to use what the
     block says, right or wrong (the random-skill control then shows that content matters).
     Evaluation stays plain-prompt only.
+    cfg.skill_places="random": each skill names instead one place of the task's room drawn at
+    random (`mining.answer_skill` with that place; right or wrong) and the demonstration looks
+    there first. Mined skills mostly agree with the type's usual homes, which a model can guess
+    from the task alone; a random place can only be read (README: the model then follows it).
     """
     rng = random.Random(seed)
     plain: dict[str, list[tuple]] = {}
@@ -198,11 +202,20 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
         tt = envs.task_type(tid)
         others = [t for t in by_type[tt] if t != tid]
         obj = mining.found_where(as_traj[tid])
+        if cfg.skill_places == "random" and obj:
+            (state,) = envs.reset([tid])
+            named = set(re.findall(r"[a-z]+", state.task.lower()))
+            places = sorted({mining.type_name(a[len("go to "):]) for a in state.admissible
+                             if a.startswith("go to ")} - named)
         for _ in range(cfg.skill_demos if others else 0):
-            src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
-            fields, _ = mining.parse_skill(mining.template_summary(
-                [as_traj[t] for t in src], tt, mining_cfg.max_skill_steps))
-            skill = mining.Skill(**fields, task_type=tt)
+            if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
+                skill = dataclasses.replace(mining.answer_skill(envs, [tid], tt),
+                                            where={obj[0]: {rng.choice(places): 1}}, id="")
+            else:
+                src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
+                fields, _ = mining.parse_skill(mining.template_summary(
+                    [as_traj[t] for t in src], tt, mining_cfg.max_skill_steps))
+                skill = mining.Skill(**fields, task_type=tt)
             demo, won = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
             if won:
                 guided[tid].append((skill, demo))

@@ -8,12 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
+import config
 import core
 import decoder
 import envs as envs_lib
 import mining
 import model
 import reads
+import siri
 from mining import (MiningConfig, PairedResult, Skill, SkillBank, delta_g, generalise_action,
                     keep_skill, mine_round, pair_outcomes, paired_bootstrap_ci, parse_skill,
                     random_summary, template_summary)
@@ -490,6 +492,32 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
             core.Step([], [], [], "", None, False, 0.0, False, False, "a", "o"),
             core.Step([], [], [], "", f"go to {home} 1", True, 0.0, False, False, "a", "o")], False)
         assert reads.first_goto(won) == home
+    finally:
+        envs.close()
+
+
+def test_coldstart_skill_demonstrations_with_random_places_look_first_where_the_skill_says():
+    """coldstart.skill_places=random: every skill-augmented demonstration's first step goes to the
+    place its skill names first, and the places are not always the object's (right or wrong)."""
+    env_cfg = envs_lib.EnvConfig(max_steps=30, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
+    envs = envs_lib.EnvManager(env_cfg)
+    try:
+        pol = model.load_policy(model.ModelConfig(name="tiny"))
+        ids = envs.task_ids("train")
+        cfg = config.ColdStartConfig(skill_demos=3, skill_places="random")
+        samples, stats = siri.coldstart_samples(pol, envs, ids, cfg, MiningConfig(), seed=0)
+        firsts = []
+        for s in samples:
+            prompt = pol.tokenizer.decode(s.prompt_ids)
+            if "Look first in: " in prompt and core.HISTORY_BLOCK.split("{")[0] not in prompt:
+                said = prompt.split("Look first in: ")[1].split("\n")[0].split(", ")[0]
+                action = core.extract_action(pol.tokenizer.decode(s.response_ids))
+                firsts.append((said, action))
+        assert stats["coldstart/demos_skill"] == len(firsts) > 0
+        assert all(a.startswith("go to ") and mining.type_name(a[len("go to "):]) == said for said, a in firsts)
+        homes = {mining.type_name(next(a for a in envs.walkthrough(t) if a.startswith("take ")).split(" from ")[1])
+                 for t in ids}
+        assert any(said not in homes for said, _ in firsts)
     finally:
         envs.close()
 
