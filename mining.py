@@ -382,6 +382,13 @@ def random_summary(trajs: list, task_type: str, seed: int, max_items: int = 12,
                        "pitfalls": []})
 
 
+def object_home(envs, task_id: str) -> tuple[str, str]:
+    """(object type, receptacle type) of the first object the task's walkthrough takes."""
+    take = next(a for a in envs.walkthrough(task_id) if a.startswith("take "))
+    obj, place = take[len("take "):].split(" from ")
+    return type_name(obj), type_name(place)
+
+
 def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False, seed: int = 0) -> Skill:
     """A hand-written skill that knows where each task's object is (from the walkthroughs), in the
     template's format: the positive control of skill reading. wrong=True: each object is placed in
@@ -390,8 +397,7 @@ def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False,
     where: dict[str, dict[str, int]] = {}
     rng = random.Random(seed)
     for tid in task_ids:
-        take = next(a for a in envs.walkthrough(tid) if a.startswith("take "))
-        obj, place = (type_name(x) for x in take[len("take "):].split(" from "))
+        obj, place = object_home(envs, tid)
         if wrong:
             (state,) = envs.reset([tid])
             others = sorted({type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")} - {place})

@@ -38,8 +38,7 @@ def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int 
            for arm in ARMS}
     for tid in task_ids:
         tt = envs.task_type(tid)
-        take = next(a for a in envs.walkthrough(tid) if a.startswith("take "))
-        home = mining.type_name(take.split(" from ")[1])
+        home = mining.object_home(envs, tid)[1]
         skills = {"plain": None, "right": mining.answer_skill(envs, [tid], tt),
                   "wrong": mining.answer_skill(envs, [tid], tt, wrong=True)}
         for arm, skill in skills.items():
