@@ -84,6 +84,9 @@ class ColdStartConfig:
     """Passes over the SFT set."""
     lr: float = 3e-3
     """AdamW learning rate of the cold start (full fine-tune of the base weights)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule of the cold start: "cosine" (5 % linear warm-up, then a cosine decay
+    to 0 after the last step) or "constant"."""
     batch_size: int = 16
     """Steps (prompt, response) per optimiser step."""
     think: str = "plan"
@@ -91,7 +94,7 @@ class ColdStartConfig:
     skill_demos: int = 2
     """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
     random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
-    skill_places: str = "mined"
+    skill_places: str = "random"
     """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
     the type) or "random" (one place of the task's room drawn at random, right or wrong, searched
     first: only the block predicts the first step; siri.coldstart_samples)."""
@@ -99,6 +102,8 @@ class ColdStartConfig:
     def __post_init__(self):
         if self.enabled not in ("auto", "on", "off"):
             raise ValueError(f"coldstart.enabled={self.enabled!r}: choose auto, on or off")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"coldstart.schedule={self.schedule!r}: choose constant or cosine")
         if self.skill_places not in ("mined", "random"):
             raise ValueError(f"coldstart.skill_places={self.skill_places!r}: choose mined or random")
         if self.tasks < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.skill_demos < 0:

@@ -389,20 +389,29 @@ def object_home(envs, task_id: str) -> tuple[str, str]:
     return type_name(obj), type_name(place)
 
 
-def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False, seed: int = 0) -> Skill:
+def room_places(state) -> list[str]:
+    """The receptacle types of a task's room worth searching, sorted: those with a "go to" in the
+    admissible actions at the start, less the types the task names (its goal, e.g. the sinkbasin
+    of "put a clean mug in sinkbasin"), which no demonstration searches."""
+    named = set(re.findall(r"[a-z]+", state.task.lower()))
+    return sorted({type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")} - named)
+
+
+def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False, seed: int = 0,
+                 place: str | None = None) -> Skill:
     """A hand-written skill that knows where each task's object is (from the walkthroughs), in the
     template's format: the positive control of skill reading. wrong=True: each object is placed in
-    a receptacle type of its room where it is not (the wrong-skill control). Steps: the first
-    task's walkthrough as a routine (receptacles written <recep>, so they give nothing away)."""
+    a receptacle type of its room where it is not (`room_places`; the wrong-skill control);
+    place: this receptacle type instead, for every task. Steps: the first task's walkthrough as a
+    routine (receptacles written <recep>, so they give nothing away)."""
     where: dict[str, dict[str, int]] = {}
     rng = random.Random(seed)
     for tid in task_ids:
-        obj, place = object_home(envs, tid)
-        if wrong:
+        obj, home = object_home(envs, tid)
+        if place is None and wrong:
             (state,) = envs.reset([tid])
-            others = sorted({type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")} - {place})
-            place = rng.choice(others)
-        where.setdefault(obj, {})[place] = 1
+            home = rng.choice([p for p in room_places(state) if p != home])
+        where.setdefault(obj, {})[place or home] = 1
     steps = []
     for a in envs.walkthrough(task_ids[0]):
         if not steps or steps[-1] != routine_step(a):

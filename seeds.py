@@ -6,7 +6,8 @@
 Each seed is one `siri.py` run (run.seed = 0..N-1, run.out_dir = <out_dir>/seed_<k>) with
 run.arms=[gigpo,siri,siri_random]: the three arms continue from the same warmup checkpoint with
 the same update iterations, rollouts and seeds (siri.build_units), so within a seed they differ
-only in the skills. A seed whose folder already holds a run is resumed (a finished one is only
+only in the skills. Seeds 1.. start from seed 0's cold-started model (--coldstart shared, the
+default; `seed_overrides` says why; --coldstart each: one cold start per seed). A seed whose folder already holds a run is resumed (a finished one is only
 read), so the command can be interrupted and run again. Output: <out_dir>/seeds.md (mean and
 90 % interval of eval success per arm and of each arm − GiGPO, per seed), seeds.json, seeds.png.
 """
@@ -36,9 +37,26 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
-def seed_result(out: Path, seed: int, overrides: list[str]) -> dict:
-    """Run (or resume, or just read) one seed; its per-arm eval success and paired arm − GiGPO."""
-    args = [*overrides, f"run.seed={seed}", f"run.out_dir={out}", f"run.arms=[{','.join(ARMS)}]"]
+def seed_overrides(out_dir: Path, seed: int, overrides: list[str], coldstart: str) -> list[str]:
+    """siri.py's arguments for one seed. coldstart="shared": a seed other than 0 starts from seed
+    0's cold-started model (model.name=<out_dir>/seed_0/coldstart_model, coldstart.enabled=off),
+    when seed 0's run has one (none without a cold start, e.g. an instruct model: nothing is shared).
+
+    Our choice (default "shared"): the cold start stands in for the pretrained model, and the
+    paper's seeds vary the RL on one set of pretrained weights, not the weights; it also takes a
+    third of a CPU seed's time. The seeds' interval then measures the variation of the warmup and
+    the arms (tasks, rollouts, updates), not that of the cold start; "each" gives every seed its
+    own cold start (run.seed = k), and that variation too."""
+    args = [*overrides, f"run.seed={seed}", f"run.out_dir={out_dir / f'seed_{seed}'}", f"run.arms=[{','.join(ARMS)}]"]
+    shared = out_dir / "seed_0" / siri.COLDSTART_DIR
+    if coldstart == "shared" and seed > 0 and (shared / "COMPLETE").exists():
+        args += [f"model.name={shared.resolve()}", "coldstart.enabled=off"]
+    return args
+
+
+def seed_result(out: Path, seed: int, args: list[str]) -> dict:
+    """Run (or resume, or just read) one seed with siri.py arguments `args`; its per-arm eval
+    success and paired arm − GiGPO."""
     result = siri.main((["--resume"] if (out / "checkpoint").exists() else []) + args)
     evals, outcomes = result["evals"], result["outcomes"]
     row = {"seed": seed, **{arm: evals[arm]["eval/success"] for arm in ARMS},
@@ -91,6 +109,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (run.seed = 0..N-1)")
+    parser.add_argument("--coldstart", choices=["shared", "each"], default="shared",
+                        help="shared: seeds 1.. start from seed 0's cold-started model (see seed_overrides); "
+                             "each: every seed runs its own cold start")
     parser.add_argument("overrides", nargs="*", help="siri.py overrides, e.g. warmup.iterations=5")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -101,7 +122,8 @@ def main(argv: list[str] | None = None) -> str:
     outs = [o for o in args.overrides if o.startswith("run.out_dir=")]
     out_dir = Path(outs[-1].split("=", 1)[1]) if outs else Path("runs/seeds")
     rest = [o for o in args.overrides if not o.startswith("run.out_dir=")]
-    rows = [seed_result(out_dir / f"seed_{s}", s, rest) for s in range(args.seeds)]
+    rows = [seed_result(out_dir / f"seed_{s}", s, seed_overrides(out_dir, s, rest, args.coldstart))
+            for s in range(args.seeds)]
     text = write_table(rows, out_dir)
     plot(rows, out_dir / "seeds.png")
     print(text)

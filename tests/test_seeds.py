@@ -28,3 +28,15 @@ def test_table_and_plot_from_seed_rows(tmp_path):
 def test_seeds_refuses_the_keys_it_sets():
     with pytest.raises(SystemExit, match="sets run.seed"):
         seeds.main(["--seeds", "2", "run.seed=3"])
+
+
+def test_seeds_after_the_first_start_from_its_cold_started_model(tmp_path):
+    first = tmp_path / "seed_0" / "coldstart_model"
+    assert not any(a.startswith("model.name=") for a in seeds.seed_overrides(tmp_path, 1, ["x.y=1"], "shared"))
+    first.mkdir(parents=True)
+    (first / "COMPLETE").write_text("")
+    args = seeds.seed_overrides(tmp_path, 1, ["x.y=1"], "shared")
+    assert args[0] == "x.y=1" and f"run.out_dir={tmp_path / 'seed_1'}" in args and "run.seed=1" in args
+    assert args[-2:] == [f"model.name={first.resolve()}", "coldstart.enabled=off"]
+    assert not any(a.startswith("model.name=") for a in seeds.seed_overrides(tmp_path, 0, [], "shared"))
+    assert not any(a.startswith("model.name=") for a in seeds.seed_overrides(tmp_path, 2, [], "each"))

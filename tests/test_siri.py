@@ -1,5 +1,6 @@
 """The SIRI loop: config validation, one update, end-to-end runs, resume after a kill."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -116,6 +117,37 @@ def test_shipped_config_yaml_loads():
 def test_main_reports_config_errors_without_traceback():
     with pytest.raises(SystemExit, match="config error: unknown config key 'run.sed'"):
         siri.main(["run.sed=1"])
+
+
+# --- the cold start's learning-rate schedule -----------------------------------------------------
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    # 100 steps: warm-up over round(0.05 * 100) = 5 steps, then cos over the remaining 95 + 1
+    assert siri.lr_factor(0, 100, "cosine") == pytest.approx(1 / 5)
+    assert siri.lr_factor(4, 100, "cosine") == pytest.approx(1.0)
+    assert siri.lr_factor(52, 100, "cosine") == pytest.approx(0.5)  # (52 - 5 + 1) / 96 = 1/2
+    assert siri.lr_factor(99, 100, "cosine") == pytest.approx(0.5 * (1 - math.cos(math.pi / 96)))
+    assert siri.lr_factor(99, 100, "constant") == 1.0
+
+
+def test_coldstart_applies_its_schedule(cache):
+    """The last SFT step runs at the schedule's rate: near 0 for cosine, the full lr for constant."""
+    last = {}
+    for schedule in ("constant", "cosine"):
+        torch.manual_seed(0)
+        cfg = config.load_config(None, tiny_overrides(cache / "unused", cache, **{"coldstart.epochs": 8})
+                                   + [f"coldstart.schedule={schedule}"])
+        envs = make_envs(cfg.env)
+        try:
+            pol = load_policy(cfg.model, device="cpu", corpus=lambda: siri.corpus_for_tokenizer(envs))
+            stats = siri.coldstart(pol, envs, cfg, seed=0)
+        finally:
+            envs.close()
+        last[schedule] = stats["coldstart/lr_last"]
+    steps = cfg.coldstart.epochs * -(-stats["coldstart/samples"] // cfg.coldstart.batch_size)
+    assert last["constant"] == pytest.approx(cfg.coldstart.lr)
+    assert last["cosine"] == pytest.approx(cfg.coldstart.lr * siri.lr_factor(steps - 1, steps, "cosine"))
+    assert last["cosine"] < 0.5 * cfg.coldstart.lr, last
 
 
 # --- one update: LoRA moves, the base does not ---------------------------------------------------
