@@ -972,15 +972,20 @@ class Metrics:
 STAGE_LABELS = {"base": "base model", "coldstart": "after cold start", "warmup": "after GiGPO warmup", **ARMS}
 
 
-def results_table(evals: dict[str, dict]) -> str:
-    """Markdown table: success per task type and overall, one row per evaluated stage."""
+def results_table(evals: dict[str, dict], model_name: str = "tiny") -> str:
+    """Markdown table: success per task type and overall, one row per evaluated stage. The base
+    row names the model when it is not the tiny one built here (a hub id, or a saved cold-started
+    model that `seeds.py` shares between seeds)."""
     types = sorted({k.split("/", 2)[2] for e in evals.values() for k in e if k.startswith("eval/success/")})
     head = "| stage | " + " | ".join(types) + " | overall | steps | invalid |\n"
     head += "|---" * (len(types) + 4) + "|\n"
     rows = []
     for name, e in evals.items():
         cells = [f"{e.get(f'eval/success/{t}', float('nan')):.3f}" for t in types]
-        rows.append(f"| {STAGE_LABELS.get(name, name)} | " + " | ".join(cells) +
+        label = STAGE_LABELS.get(name, name)
+        if name == "base" and model_name != "tiny":
+            label += f" ({model_name})"
+        rows.append(f"| {label} | " + " | ".join(cells) +
                     f" | {e['eval/success']:.3f} | {e['eval/steps']:.1f} | {e['eval/invalid_rate']:.3f} |")
     return head + "\n".join(rows) + "\n"
 
@@ -1006,7 +1011,7 @@ def write_report(cfg: Config, state: RunState, rows: list[dict]) -> str:
     """results.md: the success table, the arms against the GiGPO-only control (paired interval over
     eval episodes), the skills of every mining round, Phase 2's distilled tokens, and timings."""
     report = f"# Results ({cfg.preset} preset, env {cfg.env.name}/{cfg.env.source}, seed {cfg.run.seed})\n\n"
-    report += results_table(state.evals) + "\n"
+    report += results_table(state.evals, cfg.model.name) + "\n"
     outcomes = state.outcomes
     if "gigpo" in outcomes:
         report += ("## Against the GiGPO-only control\n\nSame warmup checkpoint, same update iterations, "

@@ -31,7 +31,8 @@ from model import load_policy
 
 SETTING = {
     "env.alfworld.receptacles": 4, "env.alfworld.distractors": 2, "env.max_steps": 10,
-    "coldstart.tasks": 4, "coldstart.epochs": 40, "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
+    "coldstart.tasks": 4, "coldstart.epochs": 40, "coldstart.schedule": "constant",  # the sweep's
+    "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
     "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
 }
 ITERATIONS = 10

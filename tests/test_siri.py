@@ -256,6 +256,13 @@ def test_evaluation_prompt_contains_no_skill_text(cache, monkeypatch):
     envs.close()
 
 
+def test_results_table_names_a_base_model_that_is_not_the_tiny_one():
+    e = {"eval/success": 0.5, "eval/steps": 3.0, "eval/invalid_rate": 0.25, "eval/success/pick": 0.5}
+    assert "| base model | 0.500 | 0.500 | 3.0 | 0.250 |" in siri.results_table({"base": e})
+    assert "| base model (runs/s/seed_0/coldstart_model) | 0.500 |" in siri.results_table(
+        {"base": e, "warmup": e}, "runs/s/seed_0/coldstart_model")
+
+
 # --- whole runs ---------------------------------------------------------------------------------
 
 def test_full_run_end_to_end_writes_table_bank_plot_and_metrics(cache, tmp_path, monkeypatch):
