@@ -92,8 +92,8 @@ class ColdStartConfig:
     think: str = "plan"
     """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
     skill_demos: int = 2
-    """Skill-augmented demonstrations per cold-start task, each with a skill summarised from a different
-    random subset of other tasks' demonstrations (siri.coldstart_samples). 0 = plain prompts only."""
+    """Skill-augmented demonstrations per cold-start task, each with its own skill block (see
+    skill_places; siri.coldstart_samples). 0 = plain prompts only."""
     skill_places: str = "random"
     """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
     the type) or "random" (one place of the task's room drawn at random, right or wrong, searched

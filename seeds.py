@@ -7,8 +7,9 @@ Each seed is one `siri.py` run (run.seed = 0..N-1, run.out_dir = <out_dir>/seed_
 run.arms=[gigpo,siri,siri_random]: the three arms continue from the same warmup checkpoint with
 the same update iterations, rollouts and seeds (siri.build_units), so within a seed they differ
 only in the skills. Seeds 1.. start from seed 0's cold-started model (--coldstart shared, the
-default; `seed_overrides` says why; --coldstart each: one cold start per seed). A seed whose folder already holds a run is resumed (a finished one is only
-read), so the command can be interrupted and run again. Output: <out_dir>/seeds.md (mean and
+default; `seed_overrides` says why; --coldstart each: one cold start per seed). A seed whose
+folder already holds a run is resumed (a finished one is only read), so the command can be
+interrupted and run again. Output: <out_dir>/seeds.md (mean and
 90 % interval of eval success per arm and of each arm − GiGPO, per seed), seeds.json, seeds.png.
 """
 from __future__ import annotations

@@ -24,9 +24,9 @@ import copy
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import pickle
-import math
 import random
 import shutil
 import signal
