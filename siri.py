@@ -136,8 +136,8 @@ def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random 
         source = plan[take].split(" from ", 1)[1]
         start = max((i for i in range(take) if plan[i].startswith("go to ")), default=take)
         searched = set(mining.room_places(state))
-        receps = [a[len("go to "):] for a in state.admissible
-                  if a.startswith("go to ") and mining.type_name(a[len("go to "):]) in searched]
+        receps = [a[len("go to "):] for a in state.admissible if a.startswith("go to ")]
+        receps = [r for r in receps if mining.type_name(r) in searched]
         rng.shuffle(receps)
         rank = {t: i for i, t in enumerate(rank_types)}
         receps.sort(key=lambda r: rank.get(mining.type_name(r), len(rank)))  # stable: ranked, then random
@@ -269,12 +269,11 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(base, lr=cfg.coldstart.lr)
     rng = random.Random(seed)
-    n_batches = -(-len(samples) // cfg.coldstart.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.coldstart.epochs * n_batches,
-                                                                          cfg.coldstart.schedule))
+    total = cfg.coldstart.epochs * -(-len(samples) // cfg.coldstart.batch_size)  # optimiser steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, cfg.coldstart.schedule))
     losses = []
     with policy.model.disable_adapter():
-        bar = tqdm(total=cfg.coldstart.epochs * n_batches, desc="coldstart sft", leave=False)
+        bar = tqdm(total=total, desc="coldstart sft", leave=False)
         for _ in range(cfg.coldstart.epochs):
             rng.shuffle(samples)
             for i in range(0, len(samples), cfg.coldstart.batch_size):
