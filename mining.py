@@ -302,12 +302,13 @@ def routine_step(action: str) -> str:
 
 
 def where_counts(trajs: list) -> dict[str, dict[str, int]]:
-    """{object type: {receptacle type: how many of `trajs` found it there}}, sorted by name."""
+    """{object type: {receptacle type: how many distinct tasks of `trajs` found it there}}, sorted
+    by name. Our choice: a task won eight times is one home seen, not eight, so a skill's "Look
+    first in" order weighs homes, not how often one task happened to be won."""
+    seen = {(t.task_id, *hit) for t in trajs if (hit := found_where(t))}
     where: dict[str, Counter] = defaultdict(Counter)
-    for t in trajs:
-        hit = found_where(t)
-        if hit:
-            where[hit[0]][hit[1]] += 1
+    for _, obj, place in seen:
+        where[obj][place] += 1
     return {o: dict(sorted(c.items())) for o, c in sorted(where.items())}
 
 

@@ -38,6 +38,11 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
+def seed_dir(out_dir: Path, seed: int) -> Path:
+    """The run folder of one seed."""
+    return out_dir / f"seed_{seed}"
+
+
 def seed_overrides(out_dir: Path, seed: int, overrides: list[str], coldstart: str) -> list[str]:
     """siri.py's arguments for one seed. coldstart="shared": a seed other than 0 starts from seed
     0's cold-started model (model.name=<out_dir>/seed_0/coldstart_model, coldstart.enabled=off),
@@ -48,8 +53,8 @@ def seed_overrides(out_dir: Path, seed: int, overrides: list[str], coldstart: st
     third of a CPU seed's time. The seeds' interval then measures the variation of the warmup and
     the arms (tasks, rollouts, updates), not that of the cold start; "each" gives every seed its
     own cold start (run.seed = k), and that variation too."""
-    args = [*overrides, f"run.seed={seed}", f"run.out_dir={out_dir / f'seed_{seed}'}", f"run.arms=[{','.join(ARMS)}]"]
-    shared = out_dir / "seed_0" / siri.COLDSTART_DIR
+    args = [*overrides, f"run.seed={seed}", f"run.out_dir={seed_dir(out_dir, seed)}", f"run.arms=[{','.join(ARMS)}]"]
+    shared = seed_dir(out_dir, 0) / siri.COLDSTART_DIR
     if coldstart == "shared" and seed > 0 and (shared / "COMPLETE").exists():
         args += [f"model.name={shared.resolve()}", "coldstart.enabled=off"]
     return args
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> str:
     outs = [o for o in args.overrides if o.startswith("run.out_dir=")]
     out_dir = Path(outs[-1].split("=", 1)[1]) if outs else Path("runs/seeds")
     rest = [o for o in args.overrides if not o.startswith("run.out_dir=")]
-    rows = [seed_result(out_dir / f"seed_{s}", s, seed_overrides(out_dir, s, rest, args.coldstart))
+    rows = [seed_result(seed_dir(out_dir, s), s, seed_overrides(out_dir, s, rest, args.coldstart))
             for s in range(args.seeds)]
     text = write_table(rows, out_dir)
     plot(rows, out_dir / "seeds.png")

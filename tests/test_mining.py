@@ -226,6 +226,9 @@ def test_found_where_and_search_order():
     assert mining.found_where(a) == ("apple", "countertop") and mining.found_where(b) == ("apple", "diningtable")
     assert mining.found_where(make_traj("x", ["go to fridge 1"])) is None
     assert mining.where_counts([a, b, c]) == {"apple": {"countertop": 1, "diningtable": 1, "sinkbasin": 1}}
+    # a task won again counts once: three wins of A's task and B's task -> one home each
+    again = [make_traj(a.task_id, TRAJ_A, won=True) for _ in range(3)]
+    assert mining.where_counts(again + [b]) == {"apple": {"countertop": 1, "diningtable": 1}}
     s = skill(where={"apple": {"fridge": 2, "countertop": 1}, "mug": {"coffeemachine": 1, "countertop": 1}})
     assert s.look_first() == ["countertop", "fridge", "coffeemachine"]  # 2, 2, 1 finds; ties alphabetical
     assert s.search_order("apple") == ["fridge", "countertop", "coffeemachine"]  # its own places first
