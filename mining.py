@@ -471,8 +471,8 @@ class Skill:
     steps: list[str]
     pitfalls: list[str]
     where: dict[str, dict[str, int]] = field(default_factory=dict)
-    """where the summarised trajectories found their objects: {object type: {receptacle type: tasks}}
-    (`where_counts`: how many distinct tasks found it there)"""
+    """where the summarised trajectories found their objects: {object type: {receptacle type: times
+    found}} (`parse_skill`); the template summariser counts distinct tasks (`where_counts`)"""
     sources: list[str] = field(default_factory=list)
     """ids of the trajectories it was summarised from ("<group>/<index>")"""
     round: int = 0
