@@ -424,6 +424,36 @@ def home_weights(obj: str, recep_types, priors: bool = True) -> list[float]:
 
 
 LAMP, LAMP_HOLDERS = "DeskLamp", ("Desk", "SideTable", "Dresser")
+
+
+# Renamed rooms for the cold start (`coldstart.rename`, siri.coldstart): the receptacle types of the
+# room catalogue permuted among themselves, the object types among themselves, the instance numbers
+# 1-9 permuted, all at once and consistently over a whole prompt and its answer. The receptacles
+# that actions name (sinkbasin, microwave, fridge) and the desk lamp keep their type, so "heat ...
+# with microwave 1" still heats; their numbers are permuted like the others'.
+RENAMED_RECEPTACLES = sorted({r.lower() for room in ROOMS.values() for r in room["receptacles"]}
+                             - {t.lower() for t in TOOL.values()})
+RENAMED_OBJECTS = sorted({o.lower() for room in ROOMS.values() for o in room["objects"]})
+_NAMED = re.compile(r"\b(" + "|".join(sorted(RENAMED_RECEPTACLES + RENAMED_OBJECTS + [LAMP.lower()]
+                                              + [t.lower() for t in TOOL.values()], key=len, reverse=True))
+                    + r")(?: ([1-9]))?\b")
+
+
+def rename_map(rng: random.Random) -> dict[str, str]:
+    """One random renaming for `rename`: type name -> type name, and "1".."9" -> a digit."""
+    mapping = {}
+    for names in (RENAMED_RECEPTACLES, RENAMED_OBJECTS, [str(i) for i in range(1, 10)]):
+        mapping.update(zip(names, rng.sample(names, len(names))))
+    return mapping
+
+
+def rename(text: str, mapping: dict[str, str]) -> str:
+    """`text` with every type name of the catalogue, and the instance number after it, renamed by
+    `mapping` (`rename_map`); other words and numbers stay."""
+    def sub(m: re.Match) -> str:
+        name = mapping.get(m.group(1), m.group(1))
+        return name if m.group(2) is None else f"{name} {mapping[m.group(2)]}"
+    return _NAMED.sub(sub, text)
 # Types the domain's actions name as constants; the problem must declare them.
 DOMAIN_RTYPES, DOMAIN_OTYPES = ("SinkBasin", "Microwave", "Fridge"), ("Knife", "ButterKnife")
 EVAL_SEED_OFFSET = 500_000  # eval seed = seed * 1e6 + 500_000 + i, train seed = seed * 1e6 + i

@@ -51,7 +51,7 @@ import webshop
 from agent import rollout
 from config import ARMS, ColdStartConfig, Config, ConfigError, config_reference, flat, load_config
 from core import Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
-from envs import EnvWorkerDied, make_envs
+from envs import EnvWorkerDied, make_envs, rename, rename_map
 from model import ModelLoadError, load_policy
 from webshop import WebShopNotInstalled
 
@@ -165,9 +165,9 @@ def demo_trajectory(task_id: str, task_type: str, demo: list[tuple]) -> Trajecto
                       skill_id=None, steps=steps, won=True, task=demo[0][0].task if demo else "")
 
 
-def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.MiningConfig,
-                      seed: int) -> tuple[list[Sample], dict]:
-    """SFT samples (prompt, target response), one per demonstration step.
+def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.MiningConfig,
+                    seed: int) -> tuple[list[tuple[str, str]], dict]:
+    """SFT texts (user message, target response), one per demonstration step.
 
     Every task gives a plain demonstration (search in a random order, `demonstration`) and
     cfg.skill_demos skill-augmented ones, whose prompt holds a skill block and whose search starts
@@ -216,20 +216,35 @@ def coldstart_samples(policy, envs, task_ids, cfg: ColdStartConfig, mining_cfg: 
             demo, won = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
             if won:
                 guided[tid].append((skill, demo))
-    samples = []
+    texts = []
     for tid in task_ids:
         runs = [(None, plain[tid])] + [(skill.text(), demo) for skill, demo in guided[tid]]
         for skill_text, demo in runs:
-            for state, history, action in demo:
-                prompt = policy.chat_ids(envs.build_prompt(state, history, skill_text))
-                target = f"<think>{cfg.think}</think><action>{action}</action>"
-                response = (policy.tokenizer(target, add_special_tokens=False)["input_ids"]
-                            + [policy.tokenizer.eos_token_id])
-                samples.append(Sample(prompt, response, [0.0] * len(response), 1.0, "sft"))
+            texts += [(envs.build_prompt(state, history, skill_text), f"<think>{cfg.think}</think><action>{action}</action>")
+                      for state, history, action in demo]
     stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": sum(map(len, guided.values())),
              "coldstart/search_fallback": fallback,
              "coldstart/demo_steps": sum(len(d) for d in plain.values()) / max(len(plain), 1)}
-    return samples, stats
+    return texts, stats
+
+
+def sft_sample(policy, prompt: str, target: str) -> Sample:
+    """One SFT row: the user message in the chat template, the target response ended by EOS."""
+    response = policy.tokenizer(target, add_special_tokens=False)["input_ids"] + [policy.tokenizer.eos_token_id]
+    return Sample(policy.chat_ids(prompt), response, [0.0] * len(response), 1.0, "sft")
+
+
+def epoch_samples(policy, texts: list[tuple[str, str]], samples: list[Sample], p_rename: float,
+                  rng: random.Random) -> list[Sample]:
+    """One cold-start epoch's rows: each text pair's `samples` row, or with probability `p_rename`
+    the pair in a renamed room (`envs.rename`, a fresh `envs.rename_map` per pair), tokenized anew."""
+    out = []
+    for (prompt, target), sample in zip(texts, samples):
+        if p_rename and rng.random() < p_rename:
+            mapping = rename_map(rng)
+            sample = sft_sample(policy, rename(prompt, mapping), rename(target, mapping))
+        out.append(sample)
+    return out
 
 
 def lr_factor(step: int, total: int, schedule: str) -> float:
@@ -252,7 +267,8 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     zero. Loss: mean negative log-likelihood of the target tokens; AdamW at coldstart.lr times
     `lr_factor` (coldstart.schedule). Our choice: cosine by default, measured against a constant
     rate on the preset's cold start (one seed each, 120 eval games): invalid actions 0.64
-    instead of 0.75 at equal success (README).
+    instead of 0.75 at equal success (README). Each epoch shows a coldstart.rename share of the
+    rows in renamed rooms (`epoch_samples`).
 
     Under torchrun only rank 0 runs this and ``main`` broadcasts the trained base weights.
     Our choice: every rank could run the same seeded SFT, but on GPUs non-deterministic kernels
@@ -260,7 +276,8 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     small, so the other ranks' wait costs no more than running it themselves would.
     """
     pool = envs.task_ids("train")[:cfg.coldstart.tasks]
-    samples, demo_stats = coldstart_samples(policy, envs, pool, cfg.coldstart, cfg.mining, seed)
+    texts, demo_stats = coldstart_texts(envs, pool, cfg.coldstart, cfg.mining, seed)
+    samples = [sft_sample(policy, prompt, target) for prompt, target in texts]
     base = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
     lora = [p for n, p in policy.model.named_parameters() if "lora_" in n]
     for p in lora:
@@ -275,9 +292,10 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     with policy.model.disable_adapter():
         bar = tqdm(total=total, desc="coldstart sft", leave=False)
         for _ in range(cfg.coldstart.epochs):
-            rng.shuffle(samples)
-            for i in range(0, len(samples), cfg.coldstart.batch_size):
-                batch = samples[i:i + cfg.coldstart.batch_size]
+            rows = epoch_samples(policy, texts, samples, cfg.coldstart.rename, rng)
+            rng.shuffle(rows)
+            for i in range(0, len(rows), cfg.coldstart.batch_size):
+                batch = rows[i:i + cfg.coldstart.batch_size]
                 logps = policy.score([s.prompt_ids for s in batch], [s.response_ids for s in batch],
                                      cfg.gigpo.token_budget)
                 loss = -torch.cat(logps).mean()

@@ -339,6 +339,25 @@ def test_prompt_plain_and_with_skill(manager):
     assert webshop.SEARCH_HINT not in plain and "\n".join(state.admissible) not in plain
 
 
+def test_rename_permutes_names_and_numbers_and_is_undone_by_the_inverse_map(manager):
+    """envs.rename (the cold start's renamed rooms): every game's walkthrough action stays admissible
+    in the renamed room, the tools keep their type, and renaming back gives the text: no name is
+    ever renamed in part ("pen" inside "pencil") or missed on one side."""
+    rng = random.Random(0)
+    for tid in manager.task_ids("train")[:6]:
+        state = manager.reset([tid])[0]
+        text = manager.build_prompt(state, []) + "\n" + manager.walkthrough(tid)[0]
+        mapping = envs.rename_map(rng)
+        renamed = envs.rename(text, mapping)
+        assert renamed != text and envs.rename(renamed, {v: k for k, v in mapping.items()}) == text
+        *_, first = renamed.split("\n")
+        assert first in renamed.split("Admissible actions: ")[1].split("\n")[0].split(" | ")
+    mapping = envs.rename_map(rng)
+    assert sorted(mapping[n] for n in envs.RENAMED_RECEPTACLES) == envs.RENAMED_RECEPTACLES
+    assert envs.rename("heat pencil 2 with microwave 1, pen 3", mapping) == \
+        f"heat {mapping['pencil']} {mapping['2']} with microwave {mapping['1']}, {mapping['pen']} {mapping['3']}"
+
+
 # ------------------------------------------------------------------------------ manager
 def test_group_copies_share_the_initial_state(manager):
     tid = manager.task_ids("train")[0]

@@ -86,6 +86,8 @@ def test_tiny_tokenizer_and_chat_template(pol):
     assert text == "<|im_start|>user\nput a mug in fridge.<|im_end|>\n<|im_start|>assistant\n"
     for t in TEXTS + ["héllo wörld ✓"]:  # byte-level: any text survives encode -> decode
         assert tok.decode(tok(t, add_special_tokens=False)["input_ids"]) == t
+    # a number and its space are one token (model.TINY_NUMBER_TOKENS), so "cabinet 12" copies as two
+    assert [tok.decode([i]) for i in tok("go to cabinet 12", add_special_tokens=False)["input_ids"]][-1] == " 12"
 
 
 def test_tiny_save_reload_same_logits(tmp_path):
@@ -96,6 +98,8 @@ def test_tiny_save_reload_same_logits(tmp_path):
     ids = loaded.chat_ids(TEXTS[1])
     assert ids == tok(tok.apply_chat_template([{"role": "user", "content": TEXTS[1]}], tokenize=False,
                                               add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    numbers = "go to cabinet 12 | take apple 3 from fridge 1"  # the reloaded Qwen2Tokenizer keeps them whole
+    assert loaded.tokenizer(numbers, add_special_tokens=False)["input_ids"] == tok(numbers, add_special_tokens=False)["input_ids"]
     x = torch.tensor([ids])
     with torch.no_grad(), loaded.model.disable_adapter():
         assert torch.allclose(lm(x).logits, loaded.model(x).logits, atol=1e-6)

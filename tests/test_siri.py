@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -76,7 +77,8 @@ def test_mistyped_values_are_clear_errors():
                      ("distill.advantage_reference=plain", "distill.advantage_reference"),
                      ("gigpo_defaults=verl", "gigpo_defaults"),
                      ("env.alfworld.receptacles=0", "section 'env.alfworld'.*receptacles"),  # nested sections too
-                     ("env.webshop.num_eval_goals=-1", "section 'env.webshop'.*num_eval_goals")]:
+                     ("env.webshop.num_eval_goals=-1", "section 'env.webshop'.*num_eval_goals"),
+                     ("coldstart.rename=2", "coldstart.rename")]:
         with pytest.raises(config.ConfigError, match=key):
             config.load_config(None, [bad])
 
@@ -96,6 +98,9 @@ def test_overrides_presets_yaml_and_env_shorthand(tmp_path):
     assert config.load_config(None, ["preset=qwen1.5b"]).model.name == "Qwen/Qwen2.5-1.5B-Instruct"
     web = config.load_config(None, ["env=webshop"])
     assert web.env.name == "webshop" and web.env.max_steps == 15
+    assert cfg.coldstart.rename == 0.5 and web.coldstart.rename == 0  # renamed rooms are ALFWorld's
+    with pytest.raises(config.ConfigError, match="set coldstart.rename=0 for env.name=webshop"):
+        config.load_config(None, ["env=webshop", "coldstart.rename=0.5"])
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"gigpo": {"omega": 0.5}, "run": {"seed": 3}}))
     cfg = config.load_config(str(path), ["run.seed=4"])
@@ -148,6 +153,28 @@ def test_coldstart_applies_its_schedule(cache):
     assert last["constant"] == pytest.approx(cfg.coldstart.lr)
     assert last["cosine"] == pytest.approx(cfg.coldstart.lr * siri.lr_factor(steps - 1, steps, "cosine"))
     assert last["cosine"] < 0.5 * cfg.coldstart.lr, last
+
+
+def test_coldstart_shows_renamed_rooms_consistently_at_its_rate(cache):
+    """coldstart.rename: a renamed row's answer is still one of its own prompt's admissible actions
+    (names and numbers renamed alike in both), every row is renamed at rate 1, about half at 0.5,
+    none at 0 (the rows are then the plain samples themselves)."""
+    cfg = config.load_config(None, tiny_overrides(cache / "unused", cache))
+    envs = make_envs(cfg.env)
+    try:
+        pol = load_policy(cfg.model, device="cpu", corpus=lambda: siri.corpus_for_tokenizer(envs))
+        texts, _ = siri.coldstart_texts(envs, envs.task_ids("train")[:3], cfg.coldstart, cfg.mining, seed=0)
+    finally:
+        envs.close()
+    samples = [siri.sft_sample(pol, p, t) for p, t in texts]
+    assert siri.epoch_samples(pol, texts, samples, 0.0, random.Random(0)) == samples
+    renamed = siri.epoch_samples(pol, texts, samples, 1.0, random.Random(0))
+    for row, plain in zip(renamed, samples):
+        prompt, answer = pol.tokenizer.decode(row.prompt_ids), pol.tokenizer.decode(row.response_ids[:-1])
+        assert prompt != pol.tokenizer.decode(plain.prompt_ids)
+        assert core.extract_action(answer) in prompt.split("Admissible actions: ")[1].split("\n")[0].split(" | ")
+    half = siri.epoch_samples(pol, texts, samples, 0.5, random.Random(0))
+    assert 0.25 < sum(a != b for a, b in zip(half, samples)) / len(samples) < 0.75, len(samples)
 
 
 # --- one update: LoRA moves, the base does not ---------------------------------------------------
