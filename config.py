@@ -93,11 +93,11 @@ class ColdStartConfig:
     """Text inside <think>…</think> of the SFT targets (a tiny model cannot write real reasoning)."""
     skill_demos: int = 2
     """Skill-augmented demonstrations per cold-start task, each with its own skill block (see
-    skill_places; siri.coldstart_samples). 0 = plain prompts only."""
+    skill_places; siri.coldstart_texts). 0 = plain prompts only."""
     skill_places: str = "random"
     """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
     the type) or "random" (one place of the task's room drawn at random, right or wrong, searched
-    first: only the block predicts the first step; siri.coldstart_samples)."""
+    first: only the block predicts the first step; siri.coldstart_texts)."""
     rename: float = 0.0
     """ALFWorld: the probability that a cold-start sample is shown, in an epoch, in a renamed room
     (`envs.rename`: receptacle and object types and instance numbers permuted consistently over the

@@ -3,7 +3,7 @@ random skills are not kept, validation pairs its arms, and distillation moves th
 
 One tiny model is cold-started here (module fixture) the way `python siri.py` does it: search
 demonstrations with plain prompts, and the same tasks with a skill block that names one place of
-the room, right or wrong, searched there first (siri.coldstart_samples). The controls are
+the room, right or wrong, searched there first (siri.coldstart_texts). The controls are
 measured on tasks of its cold start (the tiny model plays unseen games too poorly to measure a
 difference in a test): it knows how to play them, but each demonstration searched in a random
 order, so only a skill can tell it where to look first; 10 steps make a long search fail.
