@@ -70,6 +70,9 @@ class ModelConfig:
     """tiny model: BPE vocabulary target (smaller if the corpus has fewer merges to offer)"""
     tiny_seed: int = 0
     """tiny model: seed of its random weights"""
+    tiny_number_tokens: bool = True
+    """tiny model: " 0" .. " 99" are tokens of their own (`TINY_NUMBER_TOKENS`); false = Qwen2's
+    split alone (" " + "3"), as before them (the learning test and the skill controls keep it)"""
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -156,10 +159,10 @@ QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000, number_tokens: bool = True) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `corpus` (milliseconds) with Qwen2's pre-tokenization and
     wrap it like a Qwen tokenizer: Qwen chat template, eos = <|im_end|>, pad = <|endoftext|>; plus
-    whole-number tokens (`TINY_NUMBER_TOKENS`).
+    whole-number tokens (`TINY_NUMBER_TOKENS`) unless number_tokens=False.
     Byte-level means any text encodes; the vocabulary is smaller than vocab_size when the corpus
     has fewer distinct word pieces to merge."""
     bpe = Tokenizer(models.BPE())
@@ -183,14 +186,16 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 3000) -> PreTraine
         chat_template=TINY_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,  # decode(encode(text)) == text
     )
-    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in TINY_NUMBER_TOKENS])
+    if number_tokens:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in TINY_NUMBER_TOKENS])
     return tokenizer
 
 
 def make_tiny_model(corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4, kv_heads: int = 2,
-                    vocab_size: int = 3000, seed: int = 0) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+                    vocab_size: int = 3000, seed: int = 0,
+                    number_tokens: bool = True) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A random-weight Qwen2 causal LM (fp32, seeded) and its tokenizer trained on `corpus`."""
-    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
+    tokenizer = build_tiny_tokenizer(corpus, vocab_size, number_tokens)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -213,12 +218,12 @@ def make_tiny_model(corpus: list[str], layers: int = 2, hidden: int = 128, heads
 
 
 def build_tiny_model(out_dir: str, corpus: list[str], layers: int = 2, hidden: int = 128, heads: int = 4,
-                     kv_heads: int = 2, vocab_size: int = 3000, seed: int = 0) -> str:
+                     kv_heads: int = 2, vocab_size: int = 3000, seed: int = 0, number_tokens: bool = True) -> str:
     """Make the tiny model (`make_tiny_model`), save model + tokenizer to `out_dir`, return it.
 
     The directory then loads exactly like a downloaded hub model (`load_policy` with name=out_dir).
     """
-    model, tokenizer = make_tiny_model(corpus, layers, hidden, heads, kv_heads, vocab_size, seed)
+    model, tokenizer = make_tiny_model(corpus, layers, hidden, heads, kv_heads, vocab_size, seed, number_tokens)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -231,11 +236,12 @@ def _tiny_model_dir(cfg: ModelConfig, corpus) -> str:
     spec = dict(layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
                 kv_heads=cfg.tiny_kv_heads, vocab_size=cfg.tiny_vocab, seed=cfg.tiny_seed)
     # the number tokens are in the key: a model cached before them has another tokenizer
-    key = hashlib.sha1(json.dumps([spec, corpus, TINY_NUMBER_TOKENS]).encode()).hexdigest()[:12]
+    numbers = TINY_NUMBER_TOKENS if cfg.tiny_number_tokens else []
+    key = hashlib.sha1(json.dumps([spec, corpus, numbers]).encode()).hexdigest()[:12]
     out_dir = os.path.join(cfg.tiny_dir, f"tiny-{key}")
     if not os.path.exists(os.path.join(out_dir, "config.json")):
         tmp = f"{out_dir}.tmp{os.getpid()}"  # build aside, then rename: safe if two processes race
-        build_tiny_model(tmp, corpus, **spec)
+        build_tiny_model(tmp, corpus, **spec, number_tokens=cfg.tiny_number_tokens)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first

@@ -32,6 +32,7 @@ from model import load_policy
 SETTING = {
     "env.alfworld.receptacles": 4, "env.alfworld.distractors": 2, "env.max_steps": 10,
     "coldstart.tasks": 4, "coldstart.epochs": 40, "coldstart.schedule": "constant",  # the sweep's
+    "coldstart.rename": 0, "model.tiny_number_tokens": False,  # the sweep's cold start (README, "Does it learn?")
     "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
     "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
 }
