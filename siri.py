@@ -234,15 +234,19 @@ def sft_sample(policy, prompt: str, target: str) -> Sample:
     return Sample(policy.chat_ids(prompt), response, [0.0] * len(response), 1.0, "sft")
 
 
-def epoch_samples(policy, texts: list[tuple[str, str]], samples: list[Sample], p_rename: float,
+def epoch_samples(policy, texts: list[tuple[str, str]], samples: list[Sample], order: list[int], p_rename: float,
                   rng: random.Random) -> list[Sample]:
-    """One cold-start epoch's rows: each text pair's `samples` row, or with probability `p_rename`
-    the pair in a renamed room (`envs.rename`, a fresh `envs.rename_map` per pair), tokenized anew."""
+    """One cold-start epoch's rows: `order` is shuffled in place (so the epochs' orders compound, as
+    shuffling the rows themselves would), then each pair's `samples` row is taken in that order, or
+    with probability `p_rename` the pair in a renamed room (`envs.rename`, a fresh `envs.rename_map`
+    per pair), tokenized anew."""
+    rng.shuffle(order)
     out = []
-    for (prompt, target), sample in zip(texts, samples):
+    for i in order:
+        sample = samples[i]
         if p_rename and rng.random() < p_rename:
             mapping = rename_map(rng)
-            sample = sft_sample(policy, rename(prompt, mapping), rename(target, mapping))
+            sample = sft_sample(policy, *(rename(text, mapping) for text in texts[i]))
         out.append(sample)
     return out
 
@@ -278,6 +282,7 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     pool = envs.task_ids("train")[:cfg.coldstart.tasks]
     texts, demo_stats = coldstart_texts(envs, pool, cfg.coldstart, cfg.mining, seed)
     samples = [sft_sample(policy, prompt, target) for prompt, target in texts]
+    order = list(range(len(samples)))
     base = [p for n, p in policy.model.named_parameters() if "lora_" not in n]
     lora = [p for n, p in policy.model.named_parameters() if "lora_" in n]
     for p in lora:
@@ -292,8 +297,7 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     with policy.model.disable_adapter():
         bar = tqdm(total=total, desc="coldstart sft", leave=False)
         for _ in range(cfg.coldstart.epochs):
-            rows = epoch_samples(policy, texts, samples, cfg.coldstart.rename, rng)
-            rng.shuffle(rows)
+            rows = epoch_samples(policy, texts, samples, order, cfg.coldstart.rename, rng)
             for i in range(0, len(rows), cfg.coldstart.batch_size):
                 batch = rows[i:i + cfg.coldstart.batch_size]
                 logps = policy.score([s.prompt_ids for s in batch], [s.response_ids for s in batch],

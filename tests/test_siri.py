@@ -158,7 +158,7 @@ def test_coldstart_applies_its_schedule(cache):
 def test_coldstart_shows_renamed_rooms_consistently_at_its_rate(cache):
     """coldstart.rename: a renamed row's answer is still one of its own prompt's admissible actions
     (names and numbers renamed alike in both), every row is renamed at rate 1, about half at 0.5,
-    none at 0 (the rows are then the plain samples themselves)."""
+    none at 0 (the rows are then the plain samples themselves, in the shuffled order)."""
     cfg = config.load_config(None, tiny_overrides(cache / "unused", cache))
     envs = make_envs(cfg.env)
     try:
@@ -167,14 +167,18 @@ def test_coldstart_shows_renamed_rooms_consistently_at_its_rate(cache):
     finally:
         envs.close()
     samples = [siri.sft_sample(pol, p, t) for p, t in texts]
-    assert siri.epoch_samples(pol, texts, samples, 0.0, random.Random(0)) == samples
-    renamed = siri.epoch_samples(pol, texts, samples, 1.0, random.Random(0))
-    for row, plain in zip(renamed, samples):
+    order = list(range(len(samples)))
+    plain_rows = siri.epoch_samples(pol, texts, samples, order, 0.0, random.Random(0))
+    assert plain_rows == [samples[i] for i in order] and order != sorted(order)  # shuffled, nothing renamed
+    order = list(range(len(samples)))
+    renamed = siri.epoch_samples(pol, texts, samples, order, 1.0, random.Random(0))
+    for row, plain in zip(renamed, [samples[i] for i in order]):
         prompt, answer = pol.tokenizer.decode(row.prompt_ids), pol.tokenizer.decode(row.response_ids[:-1])
         assert prompt != pol.tokenizer.decode(plain.prompt_ids)
         assert core.extract_action(answer) in prompt.split("Admissible actions: ")[1].split("\n")[0].split(" | ")
-    half = siri.epoch_samples(pol, texts, samples, 0.5, random.Random(0))
-    assert 0.25 < sum(a != b for a, b in zip(half, samples)) / len(samples) < 0.75, len(samples)
+    order = list(range(len(samples)))
+    half = siri.epoch_samples(pol, texts, samples, order, 0.5, random.Random(0))
+    assert 0.25 < sum(a != samples[i] for a, i in zip(half, order)) / len(samples) < 0.75, len(samples)
 
 
 # --- one update: LoRA moves, the base does not ---------------------------------------------------
