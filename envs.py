@@ -454,6 +454,8 @@ def rename(text: str, mapping: dict[str, str]) -> str:
         name = mapping.get(m.group(1), m.group(1))
         return name if m.group(2) is None else f"{name} {mapping[m.group(2)]}"
     return _NAMED.sub(sub, text)
+
+
 # Types the domain's actions name as constants; the problem must declare them.
 DOMAIN_RTYPES, DOMAIN_OTYPES = ("SinkBasin", "Microwave", "Fridge"), ("Knife", "ButterKnife")
 EVAL_SEED_OFFSET = 500_000  # eval seed = seed * 1e6 + 500_000 + i, train seed = seed * 1e6 + i
