@@ -431,11 +431,10 @@ LAMP, LAMP_HOLDERS = "DeskLamp", ("Desk", "SideTable", "Dresser")
 # 1-9 permuted, all at once and consistently over a whole prompt and its answer. The receptacles
 # that actions name (sinkbasin, microwave, fridge) and the desk lamp keep their type, so "heat ...
 # with microwave 1" still heats; their numbers are permuted like the others'.
-RENAMED_RECEPTACLES = sorted({r.lower() for room in ROOMS.values() for r in room["receptacles"]}
-                             - {t.lower() for t in TOOL.values()})
+KEPT_NAMES = sorted(t.lower() for t in TOOL.values()) + [LAMP.lower()]  # renumbered, never renamed
+RENAMED_RECEPTACLES = sorted({r.lower() for room in ROOMS.values() for r in room["receptacles"]} - set(KEPT_NAMES))
 RENAMED_OBJECTS = sorted({o.lower() for room in ROOMS.values() for o in room["objects"]})
-_NAMED = re.compile(r"\b(" + "|".join(sorted(RENAMED_RECEPTACLES + RENAMED_OBJECTS + [LAMP.lower()]
-                                              + [t.lower() for t in TOOL.values()], key=len, reverse=True))
+_NAMED = re.compile(r"\b(" + "|".join(sorted(RENAMED_RECEPTACLES + RENAMED_OBJECTS + KEPT_NAMES, key=len, reverse=True))
                     + r")(?: ([1-9]))?\b")
 
 

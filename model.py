@@ -234,14 +234,13 @@ def _tiny_model_dir(cfg: ModelConfig, corpus) -> str:
     corpus = corpus() if callable(corpus) else corpus
     corpus = default_tiny_corpus() if corpus is None else list(corpus)
     spec = dict(layers=cfg.tiny_layers, hidden=cfg.tiny_hidden, heads=cfg.tiny_heads,
-                kv_heads=cfg.tiny_kv_heads, vocab_size=cfg.tiny_vocab, seed=cfg.tiny_seed)
-    # the number tokens are in the key: a model cached before them has another tokenizer
-    numbers = TINY_NUMBER_TOKENS if cfg.tiny_number_tokens else []
-    key = hashlib.sha1(json.dumps([spec, corpus, numbers]).encode()).hexdigest()[:12]
+                kv_heads=cfg.tiny_kv_heads, vocab_size=cfg.tiny_vocab, seed=cfg.tiny_seed,
+                number_tokens=cfg.tiny_number_tokens)
+    key = hashlib.sha1(json.dumps([spec, corpus]).encode()).hexdigest()[:12]
     out_dir = os.path.join(cfg.tiny_dir, f"tiny-{key}")
     if not os.path.exists(os.path.join(out_dir, "config.json")):
         tmp = f"{out_dir}.tmp{os.getpid()}"  # build aside, then rename: safe if two processes race
-        build_tiny_model(tmp, corpus, **spec, number_tokens=cfg.tiny_number_tokens)
+        build_tiny_model(tmp, corpus, **spec)
         try:
             os.rename(tmp, out_dir)
         except OSError:  # another process finished first
