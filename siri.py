@@ -50,7 +50,7 @@ import show
 import webshop
 from agent import rollout
 from config import ARMS, ColdStartConfig, Config, ConfigError, config_reference, flat, load_config
-from core import Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
+from core import EnvState, Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
 from envs import EnvWorkerDied, make_envs, rename, rename_map
 from model import ModelLoadError, load_policy
 from webshop import WebShopNotInstalled
@@ -106,31 +106,23 @@ def evaluate(policy, envs, cfg: Config, seed: int) -> tuple[dict, list[tuple[str
     return out, sorted((t.task_id, t.index, bool(t.won), t.task_type) for t in trajs)
 
 
-def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random | None) -> tuple[list[tuple], bool]:
-    """One expert demonstration, as (state, history, action) per step, that *searches* for the
-    object: the expert walkthrough goes straight to where the object is, which no agent can know
-    from the prompt, so the demonstration first visits receptacles (opening closed ones) until it
-    reaches that one, then follows the walkthrough. Search order: receptacles whose type comes
-    earlier in `rank_types` first (a skill's `search_order`), the rest in a random order drawn
-    from `rng`; receptacles whose type the task names (the goal) are not searched.
+def expert(state: EnvState, plan: list[str], rank_types: list[str], rng: random.Random | None):
+    """The demonstrator of one task, as a generator: it yields an action and is sent the state that
+    action led to, until it stops (plan done or episode over). `state` is the task's initial state;
+    its random draws (the search order) happen at the first next(). Play it with `demonstrations`.
+
+    It *searches* for the object: the expert walkthrough (`plan`) goes straight to where the
+    object is, which no agent can know from the prompt, so the demonstration first visits
+    receptacles (opening closed ones) until it reaches that one, then follows the walkthrough.
+    Search order: receptacles whose type comes earlier in `rank_types` first (a skill's
+    `search_order`), the rest in a random order drawn from `rng`; receptacles whose type the task
+    names (the goal) are not searched.
 
     Our choice, because the cold start stands in for an instruct model's pre-training: such a
     model knows how to search, not where this generator puts things (envs.HOMES). A plain
     cold start that imitated the walkthrough would put that knowledge into the weights and leave
     a skill nothing to say. Only the first object is searched for (pick_two's second object is
-    fetched as the walkthrough does). rng=None: no search, the walkthrough replayed as it is.
-    Returns (demonstration, won); it may end unwon when the search uses up env.max_steps."""
-    plan = envs.walkthrough(task_id)
-    (state,) = envs.reset([task_id])
-    demo: list[tuple] = []
-    history: list[tuple[str, str]] = []
-
-    def act(action: str) -> None:
-        nonlocal state
-        demo.append((state, list(history), action))
-        history.append((state.obs, action))
-        (state,) = envs.step([action])
-
+    fetched as the walkthrough does). rng=None: no search, the walkthrough replayed as it is."""
     take = next((i for i, a in enumerate(plan) if a.startswith("take ")), None)
     if take is not None and rng is not None:
         source = plan[take].split(" from ", 1)[1]
@@ -144,17 +136,54 @@ def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random 
         for r in receps:
             if r == source or state.done:
                 break
-            act(f"go to {r}")
+            state = yield f"go to {r}"
             if f"open {r}" in state.admissible and not state.done:
-                act(f"open {r}")
+                state = yield f"open {r}"
         plan = plan[start:]
     for action in plan:
         if state.done:
             break
         if action not in state.admissible and action.startswith("open "):
             continue  # opened during the search
-        act(action)
-    return demo, state.won
+        state = yield action
+
+
+def start_expert(state: EnvState, plan: list[str], rank_types: list[str], rng: random.Random | None):
+    """(`expert` generator, its first action or None): the generator's random draws happen here,
+    so callers that draw from the same rng keep their order of draws."""
+    gen = expert(state, plan, rank_types, rng)
+    return gen, next(gen, None)
+
+
+def demonstrations(envs, task_ids: list[str], experts: list[tuple]) -> list[tuple[list[tuple], bool]]:
+    """Play experts[i] (from `start_expert`) on task_ids[i], all in one batch of env slots (the
+    env workers step them side by side). Per task: (demonstration as (state, history, action) per
+    step, won); a demonstration may end unwon when the search uses up env.max_steps."""
+    if not task_ids:
+        return []
+    states = envs.reset(task_ids)
+    demos: list[list[tuple]] = [[] for _ in task_ids]
+    histories: list[list[tuple[str, str]]] = [[] for _ in task_ids]
+    actions = {i: first for i, (_, first) in enumerate(experts) if first is not None}
+    while actions:
+        for i, action in actions.items():
+            demos[i].append((states[i], list(histories[i]), action))
+            histories[i].append((states[i].obs, action))
+        envs.step_end(envs.step_begin(actions))
+        states, following = envs.states, {}
+        for i in actions:
+            try:
+                following[i] = experts[i][0].send(states[i])
+            except StopIteration:
+                pass
+        actions = following
+    return [(demo, state.won) for demo, state in zip(demos, states)]
+
+
+def demonstration(envs, task_id: str, rank_types: list[str], rng: random.Random | None) -> tuple[list[tuple], bool]:
+    """One task's expert demonstration (`expert`, `demonstrations`): (steps, won)."""
+    (state,) = envs.reset([task_id])
+    return demonstrations(envs, [task_id], [start_expert(state, envs.walkthrough(task_id), rank_types, rng)])[0]
 
 
 def demo_trajectory(task_id: str, task_type: str, demo: list[tuple]) -> Trajectory:
@@ -186,25 +215,26 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
       cannot show").
     """
     rng = random.Random(seed)
-    plain: dict[str, list[tuple]] = {}
-    fallback = 0
-    for tid in task_ids:
-        demo, won = demonstration(envs, tid, [], rng)
-        if not won:  # the search ran out of steps: imitate the walkthrough instead
-            fallback += 1
-            demo, _ = demonstration(envs, tid, [], None)
-        plain[tid] = demo
+    task_ids = list(task_ids)
+    plans = {tid: envs.walkthrough(tid) for tid in task_ids}
+    start = dict(zip(task_ids, envs.reset(task_ids)))  # initial states: the experts' random draws need them
+    played = demonstrations(envs, task_ids, [start_expert(start[t], plans[t], [], rng) for t in task_ids])
+    plain = {tid: demo for tid, (demo, _) in zip(task_ids, played)}
+    lost = [tid for tid, (_, won) in zip(task_ids, played) if not won]  # the search ran out of steps:
+    replayed = demonstrations(envs, lost, [start_expert(start[t], plans[t], [], None) for t in lost])
+    plain.update({tid: demo for tid, (demo, _) in zip(lost, replayed)})  # imitate the walkthrough instead
     as_traj = {tid: demo_trajectory(tid, envs.task_type(tid), demo) for tid, demo in plain.items()}
-    guided: dict[str, list[tuple[mining.Skill, list[tuple]]]] = defaultdict(list)
     by_type: dict[str, list[str]] = defaultdict(list)
     for tid in task_ids:
         by_type[envs.task_type(tid)].append(tid)
+    jobs: list[tuple[str, mining.Skill]] = []
+    experts = []
     for tid in task_ids:
         tt = envs.task_type(tid)
         others = [t for t in by_type[tt] if t != tid]
         obj = mining.found_where(as_traj[tid])
         if cfg.skill_places == "random" and obj:
-            places = mining.room_places(envs.reset([tid])[0])
+            places = mining.room_places(start[tid])
         for _ in range(cfg.skill_demos if others else 0):
             if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
                 skill = mining.answer_skill(envs, [tid], tt, place=rng.choice(places))
@@ -213,9 +243,13 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
                 fields, _ = mining.parse_skill(mining.template_summary(
                     [as_traj[t] for t in src], tt, mining_cfg.max_skill_steps))
                 skill = mining.Skill(**fields, task_type=tt)
-            demo, won = demonstration(envs, tid, skill.search_order(obj[0]) if obj else skill.look_first(), rng)
-            if won:
-                guided[tid].append((skill, demo))
+            rank = skill.search_order(obj[0]) if obj else skill.look_first()
+            jobs.append((tid, skill))
+            experts.append(start_expert(start[tid], plans[tid], rank, rng))
+    guided: dict[str, list[tuple[mining.Skill, list[tuple]]]] = defaultdict(list)
+    for (tid, skill), (demo, won) in zip(jobs, demonstrations(envs, [t for t, _ in jobs], experts)):
+        if won:
+            guided[tid].append((skill, demo))
     texts = []
     for tid in task_ids:
         runs = [(None, plain[tid])] + [(skill.text(), demo) for skill, demo in guided[tid]]
@@ -223,7 +257,7 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
             texts += [(envs.build_prompt(state, history, skill_text), f"<think>{cfg.think}</think><action>{action}</action>")
                       for state, history, action in demo]
     stats = {"coldstart/demos_plain": len(plain), "coldstart/demos_skill": sum(map(len, guided.values())),
-             "coldstart/search_fallback": fallback,
+             "coldstart/search_fallback": len(lost),
              "coldstart/demo_steps": sum(len(d) for d in plain.values()) / max(len(plain), 1)}
     return texts, stats
 
@@ -645,10 +679,11 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
     """Environment text the tiny model's tokenizer is trained on: prompts and expert answers."""
     texts = []
     skill_example = mining.corpus_examples()[-1]
-    for tid in envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]:
-        demo = demonstration(envs, tid, [], None)[0]
+    ids = envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]
+    start = envs.reset(ids)
+    played = demonstrations(envs, ids, [start_expert(st, envs.walkthrough(t), [], None) for t, st in zip(ids, start)])
+    for state, (demo, _) in zip(start, played):
         if not demo:  # no expert walkthrough (real WebShop): the task's first prompt alone
-            (state,) = envs.reset([tid])
             demo = [(state, [], state.admissible[0] if state.admissible else "")]
         for state, history, action in demo:
             texts.append(envs.build_prompt(state, history))

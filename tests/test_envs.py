@@ -76,9 +76,10 @@ def test_every_task_type_generates_solvable_and_its_walkthrough_wins(manager):
 
 def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
     """envs._memoize_textworld_parsers caches TextWorld's parses and fast-downward's PDDL -> SAS
-    translation: every observation, admissible list, reward and win of the eval walkthroughs (plus
-    a reset of the loaded games, an invalid and a searching step) is the same with the originals
-    (the cache would be a bug if anything differed)."""
+    translation and copies the text generator's context dicts only: every observation, admissible
+    list, reward and win of the eval walkthroughs (plus a reset of the loaded games, an invalid and
+    a searching step) is the same with the originals (the speed-ups would be bugs if anything
+    differed)."""
     from textworld import logic
     from textworld.envs.pddl import logic as pddl_logic, textgen
 
@@ -97,9 +98,11 @@ def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
     modules = (textgen, logic, pddl_logic)
     assert all(m._parse_and_convert is not m._parse_uncached for m in modules)  # the cache is on
     assert fast_downward.pddl2sas is not fast_downward._pddl2sas_uncached
+    assert textgen.copy_context is not textgen._copy_context_deep
     for m in modules:
         monkeypatch.setattr(m, "_parse_and_convert", m._parse_uncached)
     monkeypatch.setattr(fast_downward, "pddl2sas", fast_downward._pddl2sas_uncached)
+    monkeypatch.setattr(textgen, "copy_context", textgen._copy_context_deep)
     assert play() == cached
 
 

@@ -499,6 +499,29 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         envs.close()
 
 
+def test_demonstrations_played_in_one_batch_equal_those_played_one_at_a_time():
+    """siri.demonstrations plays every expert side by side in env slots; each demonstration (states,
+    histories, actions, win) must be the one `demonstration` plays alone, with the same random draws."""
+    import random
+    env_cfg = envs_lib.EnvConfig(max_steps=30, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
+    envs = envs_lib.EnvManager(env_cfg)
+    try:
+        ids = envs.task_ids("train")
+        rng = random.Random(3)
+        alone = [siri.demonstration(envs, t, [], rng) for t in ids]
+        rng = random.Random(3)
+        start = envs.reset(ids)
+        batch = siri.demonstrations(envs, ids, [siri.start_expert(s, envs.walkthrough(t), [], rng)
+                                                for t, s in zip(ids, start)])
+        def key(played):
+            return [(state.obs, state.admissible, history, action) for state, history, action in played[0]], played[1]
+        assert [key(d) for d in batch] == [key(d) for d in alone]
+        assert all(won for _, won in batch) and len({len(d) for d, _ in batch}) > 1
+        assert siri.demonstrations(envs, [], []) == []
+    finally:
+        envs.close()
+
+
 def test_coldstart_skill_demonstrations_with_random_places_look_first_where_the_skill_says():
     """coldstart.skill_places=random: every skill-augmented demonstration's first step goes to the
     place its skill names first, and the places are not always the object's (right or wrong)."""
