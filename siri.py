@@ -198,7 +198,7 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
                     seed: int) -> tuple[list[tuple[str, str]], dict]:
     """SFT texts (user message, target response), one per demonstration step.
 
-    Every task gives a plain demonstration (search in a random order, `demonstration`) and
+    Every task gives a plain demonstration (search in a random order, `expert`) and
     cfg.skill_demos skill-augmented ones, whose prompt holds a skill block and whose search starts
     where the skill says. Our choice: this is how the tiny model learns to read a skill block, as
     an instruct model learned to follow instructions in pre-training. Evaluation stays plain-prompt
