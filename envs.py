@@ -1288,7 +1288,7 @@ def bench(games_per_type: int = 4, slot_counts: tuple[int, ...] = (16, 64), work
         ensure_embedded_games(cfg, ids, processes=1)
         dt = time.perf_counter() - t
         print(f"generation (fresh cache, 1 process): {len(ids)} games in {dt:.2f} s = {len(ids) / dt:.1f} games/s")
-        cfg_par = dataclasses.replace(cfg, eval_per_type=games_per_type * 2)
+        cfg_par = dataclasses.replace(cfg, alfworld=dataclasses.replace(cfg.alfworld, eval_per_type=games_per_type * 2))
         more = embedded_task_ids(cfg_par, "eval")[len(ids):]
         t = time.perf_counter()
         ensure_embedded_games(cfg_par, more, processes=os.cpu_count())

@@ -488,3 +488,12 @@ def test_make_envs_and_unknown_names():
         EnvManager(EnvConfig(name="nethack"))
     with pytest.raises(ValueError):
         EnvManager(EnvConfig(source="somewhere"))
+
+
+def test_env_bench_runs_at_a_tiny_size(capsys):
+    """`python envs.py bench` (README, Benchmarks) keeps working; its copy comparison restores ours."""
+    from textworld.envs.pddl import textgen
+    envs.bench(games_per_type=1, slot_counts=(4,), workers=(0,), group_size=2, steps=3)
+    out = capsys.readouterr().out
+    assert "ratio copies" in out and "rollout N=  4 workers=0" in out
+    assert textgen.copy_context is envs._copy_context
