@@ -155,10 +155,24 @@ def start_expert(state: EnvState, plan: list[str], rank_types: list[str], rng: r
     return gen, next(gen, None)
 
 
+DEMO_SLOTS = 64
+"""Env slots that `demonstrations` and `initial_states` use at once. Our choice: 64, below the 120
+slots an evaluation of the cpu preset uses, so demonstrations never hold more game engines (tens of
+MB each) than a run does anyway, whatever coldstart.tasks is."""
+
+
+def initial_states(envs, task_ids: list[str]) -> list[EnvState]:
+    """The initial state of each task (resets of at most DEMO_SLOTS slots at a time)."""
+    return [state for k in range(0, len(task_ids), DEMO_SLOTS) for state in envs.reset(task_ids[k:k + DEMO_SLOTS])]
+
+
 def demonstrations(envs, task_ids: list[str], experts: list[tuple]) -> list[tuple[list[tuple], bool]]:
-    """Play experts[i] (from `start_expert`) on task_ids[i], all in one batch of env slots (the
-    env workers step them side by side). Per task: (demonstration as (state, history, action) per
-    step, won); a demonstration may end unwon when the search uses up env.max_steps."""
+    """Play experts[i] (from `start_expert`) on task_ids[i], side by side in env slots (the env
+    workers step them together), DEMO_SLOTS at a time. Per task: (demonstration as (state, history,
+    action) per step, won); a demonstration may end unwon when the search uses up env.max_steps."""
+    if len(task_ids) > DEMO_SLOTS:
+        return [played for k in range(0, len(task_ids), DEMO_SLOTS)
+                for played in demonstrations(envs, task_ids[k:k + DEMO_SLOTS], experts[k:k + DEMO_SLOTS])]
     if not task_ids:
         return []
     states = envs.reset(task_ids)
@@ -217,7 +231,7 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
     rng = random.Random(seed)
     task_ids = list(task_ids)
     plans = {tid: envs.walkthrough(tid) for tid in task_ids}
-    start = dict(zip(task_ids, envs.reset(task_ids)))  # initial states: the experts' random draws need them
+    start = dict(zip(task_ids, initial_states(envs, task_ids)))  # the experts' random draws need them
     played = demonstrations(envs, task_ids, [start_expert(start[t], plans[t], [], rng) for t in task_ids])
     plain = {tid: demo for tid, (demo, _) in zip(task_ids, played)}
     lost = [tid for tid, (_, won) in zip(task_ids, played) if not won]  # the search ran out of steps:
@@ -680,7 +694,7 @@ def corpus_for_tokenizer(envs, n_tasks: int = 24, think: str = "plan") -> list[s
     texts = []
     skill_example = mining.corpus_examples()[-1]
     ids = envs.task_ids("train")[:n_tasks] + envs.task_ids("eval")[:n_tasks]
-    start = envs.reset(ids)
+    start = initial_states(envs, ids)
     played = demonstrations(envs, ids, [start_expert(st, envs.walkthrough(t), [], None) for t, st in zip(ids, start)])
     for state, (demo, _) in zip(start, played):
         if not demo:  # no expert walkthrough (real WebShop): the task's first prompt alone

@@ -499,9 +499,11 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         envs.close()
 
 
-def test_demonstrations_played_in_one_batch_equal_those_played_one_at_a_time():
-    """siri.demonstrations plays every expert side by side in env slots; each demonstration (states,
-    histories, actions, win) must be the one `demonstration` plays alone, with the same random draws."""
+@pytest.mark.parametrize("slots", [64, 3])
+def test_demonstrations_played_in_one_batch_equal_those_played_one_at_a_time(slots, monkeypatch):
+    """siri.demonstrations plays every expert side by side in env slots (at most siri.DEMO_SLOTS at
+    a time; 3: chunks of 3, 3, 1); each demonstration (states, histories, actions, win) must be the
+    one `demonstration` plays alone, with the same random draws."""
     import random
     env_cfg = envs_lib.EnvConfig(max_steps=30, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
     envs = envs_lib.EnvManager(env_cfg)
@@ -510,7 +512,8 @@ def test_demonstrations_played_in_one_batch_equal_those_played_one_at_a_time():
         rng = random.Random(3)
         alone = [siri.demonstration(envs, t, [], rng) for t in ids]
         rng = random.Random(3)
-        start = envs.reset(ids)
+        monkeypatch.setattr(siri, "DEMO_SLOTS", slots)
+        start = siri.initial_states(envs, ids)
         batch = siri.demonstrations(envs, ids, [siri.start_expert(s, envs.walkthrough(t), [], rng)
                                                 for t, s in zip(ids, start)])
         def key(played):
