@@ -81,7 +81,7 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
             trajs[i].steps.append(Step(
                 prompt_ids=p, response_ids=g.ids, logprobs=g.logprobs, text=g.text, action=action,
                 valid=valid, reward=ns.reward, done=ns.done, won=ns.won, anchor=s.anchor, obs=s.obs,
-                plain_prompt_ids=pp))
+                plain_prompt_ids=pp, allowed=g.allowed))
             history[i].append((s.obs, action if valid else None))  # envs shows None as "(invalid)"
             states[i] = ns
 
@@ -102,7 +102,8 @@ def _rollout(policy, envs, task_ids, group_size, cfg, skill, seed, desc, stats, 
                 plain = [policy.chat_ids(envs.build_prompt(states[i], history[i], None)) if skills[i] else None
                          for i in active]
                 t1 = time.perf_counter()
-                gens = policy.generate(prompts, cfg, generators[w])
+                gens = policy.generate(prompts, cfg, generators[w],
+                                       actions=[states[i].admissible for i in active] if cfg.constrain_actions else None)
                 t2 = time.perf_counter()
                 parsed = [envs.parse_action(g.text, states[i].admissible) for i, g in zip(active, gens)]
                 handle = envs.step_begin({i: action if valid else None for i, (action, valid) in zip(active, parsed)})

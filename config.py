@@ -190,6 +190,7 @@ PRESETS: dict[str, dict] = {
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
             "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 96,
             "env.max_steps": 14, "env.num_workers": 2,
+            "rollout.constrain_actions": True,
             "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
@@ -379,6 +380,14 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             raise ConfigError(f"coldstart.rename={cfg.coldstart.rename}: renamed rooms are ALFWorld's; set "
                               "coldstart.rename=0 for env.name=webshop")
         cfg.coldstart.rename = 0.0
+    if cfg.env.name != "alfworld" and cfg.rollout.constrain_actions:
+        # WebShop's search[...] takes any query: its actions cannot be listed
+        if "rollout.constrain_actions" in explicit:
+            raise ConfigError("rollout.constrain_actions=true: only ALFWorld lists every action; set "
+                              "rollout.constrain_actions=false for env.name=webshop")
+        cfg.rollout.constrain_actions = False
+    if cfg.rollout.constrain_actions and cfg.rollout.engine != "custom":
+        raise ConfigError("rollout.constrain_actions=true needs rollout.engine=custom; set one of them")
     if cfg.run.ablation not in ABLATIONS:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
     for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings

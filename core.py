@@ -133,6 +133,8 @@ class Step:
     obs: str                # observation the action was taken on
     plain_prompt_ids: list[int] | None = None  # same prompt without the skill (skill-guided rollouts)
     distilled: bool = False  # Phase 2: selected for distillation (set by distill.distill_samples)
+    # per response token, the ids it was sampled among (`decoder.Generation.allowed`); None = free
+    allowed: list[list[int] | None] | None = None
 
 
 @dataclass
@@ -173,6 +175,7 @@ class Sample:
     old_logprobs: list[float]
     advantage: float
     kind: str = "pg"
+    allowed: list[list[int] | None] | None = None  # the Step's `allowed` (constrained tokens), None = free
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,15 @@ class SamplingConfig:
     depend on the number of waves (each wave samples from its own random stream), never on
     whether the overlap happens (tested). our choice: 1, see `python bench.py rollout`: on a
     CPU whose cores all decode, two half batches cost more decoding than the overlap saves"""
+    constrain_actions: bool = False
+    """custom engine: once a response's text holds the opening tag of its action ("<action"), every
+    further token must keep the text a prefix of "<action>A</action>" for some admissible action A
+    (`ActionConstraint`): the policy is the model's distribution renormalised over those tokens, at
+    sampling and in every scoring pass (`Generation.allowed`, `Policy.score(allowed=...)`), so PPO's
+    ratios and the KL stay those of one policy. Text before the tag (the thinking) is free.
+    our choice: off for instruct models, which copy an admissible action; on in the cpu preset,
+    where half the tiny model's actions named a receptacle the room does not have, so no episode
+    got far enough for a skill to matter (measured, README)"""
     overlap_env: bool = True
     """with waves >= 2 and env workers: overlap a wave's env step with the next wave's decoding
     (false: wait for each step; the same results, `bench.py rollout` compares the two)"""
@@ -107,6 +116,9 @@ class Generation:
     logprobs: list[float]   # log pi(token | context) of each sampled token, at `logprob_temperature`
     text: str               # decoded response, special tokens removed
     finish_reason: str      # "eos" | "stop" (a stop string) | "length" (max_new_tokens)
+    # with an ActionConstraint: per response token, the token ids it was sampled among (None where
+    # the token was free); None when the row had no constraint. Scoring renormalises over them.
+    allowed: list[list[int] | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +154,47 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, u: torch.Tensor | Non
     cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1); right=True skips p=0 tokens
     return idx.squeeze(1).clamp_(max=cdf.shape[1] - 1)  # (B,)
+
+
+class ActionConstraint:
+    """Which tokens may come next in a response whose action must be one of a list (the
+    `SamplingConfig.constrain_actions` rule), for one tokenizer.
+
+    A response is free until its text holds `OPEN`; from there on its text must stay a prefix of
+    "<action>A</action>" for one of the row's actions A. `allowed` gives the ids of the tokens whose
+    text extends the response's text (from `OPEN` on) along some such string: the strings are
+    matched character by character against every token's text, so any tokenization of an action
+    is allowed, and a tokenizer that merges a tag into the next word (the tiny one has ">go") needs
+    nothing special. A token that holds `OPEN` and runs on past it is sampled free (none of our
+    tokenizers has one; the env's answer rule then judges the action as usual).
+    """
+
+    OPEN = "<action"
+    FORMAT = "<action>{}</action>"
+
+    def __init__(self, tokenizer):
+        self.piece: list[str] = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.by_text: dict[str, list[int]] = {}
+        for i, p in enumerate(self.piece):
+            if p and "\ufffd" not in p:  # a token holding part of a multi-byte character: never allowed
+                self.by_text.setdefault(p, []).append(i)
+        self.longest = max(map(len, self.by_text))
+
+    def allowed(self, targets: tuple[str, ...], text: str, cache: dict) -> list[int] | None:
+        """Sorted ids of the tokens t with text + piece(t) a prefix of one of `targets` (the
+        "<action>A</action>" strings); None when no target extends `text` (the row then samples
+        free: it has left the rule, e.g. by a token that ran past `OPEN`). `cache` is shared by the
+        rows of one generate call (a group's G rows ask the same questions)."""
+        key = (targets, text)
+        if key not in cache:
+            ids: set[int] = set()
+            for target in targets:
+                if len(target) > len(text) and target.startswith(text):
+                    rest = target[len(text):]
+                    for k in range(1, min(len(rest), self.longest) + 1):
+                        ids.update(self.by_text.get(rest[:k], ()))
+            cache[key] = sorted(ids) or None
+        return cache[key]
 
 
 class _StopRule:
@@ -284,6 +337,33 @@ def merged_copy(model) -> torch.nn.Module | None:
     return plain.eval()
 
 
+def _renormalise(logp_all: torch.Tensor, tok_lp: torch.Tensor, ent: torch.Tensor | None,
+                 allowed: list, entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`Policy.score`'s correction for constrained positions: with A the tokens a position was
+    sampled among, log pi_A(y) = log pi(y) - log sum_{a in A} pi(a), and the entropy is pi_A's.
+    logp_all (b, R, V), tok_lp and ent (b, R); allowed: per row of the batch, None or per
+    position None / a list of ids. Returns new tensors (autograd-safe)."""
+    where = [(j, t, a) for j, row in enumerate(allowed) if row for t, a in enumerate(row) if a is not None]
+    if not where:
+        return tok_lp, ent
+    dev = logp_all.device
+    K = max(len(a) for _, _, a in where)
+    rows = torch.tensor([j for j, _, _ in where], device=dev)[:, None]  # (N, 1)
+    cols = torch.tensor([t for _, t, _ in where], device=dev)[:, None]  # (N, 1)
+    ids = torch.tensor([a + [a[0]] * (K - len(a)) for _, _, a in where], device=dev)  # (N, K), padded
+    real = torch.tensor([[k < len(a) for k in range(K)] for _, _, a in where], device=dev)  # (N, K)
+    sub = logp_all[rows, cols, ids].masked_fill(~real, float("-inf"))  # (N, K) log pi of A's tokens
+    norm = sub.logsumexp(-1)  # (N,) log pi(A)
+    r, c = rows[:, 0], cols[:, 0]
+    tok_lp = tok_lp.index_put((r, c), tok_lp[r, c] - norm)
+    if ent is not None:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            q = (sub - norm[:, None]).masked_fill(~real, 0.0)  # (N, K) log pi_A (0 on the padding)
+            h = -(q.exp().masked_fill(~real, 0.0) * q).sum(-1)  # (N,); no 0 * -inf, whose gradient is nan
+            ent = ent.index_put((r, c), h)
+    return tok_lp, ent
+
+
 # ---------------------------------------------------------------------------------------------
 # 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
@@ -364,19 +444,26 @@ class Policy:
         return self._merged if cfg.merge_adapter and self._merged is not None else self.model
 
     def generate(self, prompts: list[list[int]], cfg: SamplingConfig,
-                 generator: torch.Generator | None = None) -> list[Generation]:
+                 generator: torch.Generator | None = None,
+                 actions: list[list[str] | None] | None = None) -> list[Generation]:
         """Sample one response per prompt (token-id lists). Runs the model in eval mode.
 
         generator: a torch.Generator on `self.device` for reproducible sampling (None = global RNG).
+        actions: with cfg.constrain_actions, each prompt's admissible actions (None = free), which
+        its action must be one of (`ActionConstraint`); ignored otherwise.
         """
         if not prompts:
             return []
+        if not cfg.constrain_actions:
+            actions = None
+        elif cfg.engine != "custom":
+            raise ValueError("rollout.constrain_actions needs rollout.engine=custom (HF generate has no such rule here)")
         was_training = self.model.training
         self.model.eval()
         try:
             if cfg.engine == "custom":
                 with self.merged_adapter(cfg.merge_adapter):
-                    return self._generate_custom(prompts, cfg, generator)
+                    return self._generate_custom(prompts, cfg, generator, actions)
             if cfg.engine == "hf":
                 return self._generate_hf(prompts, cfg, generator)
             raise ValueError(f"sampling.engine must be 'custom' or 'hf', got {cfg.engine!r}")
@@ -384,10 +471,17 @@ class Policy:
             self.model.train(was_training)
 
     @torch.inference_mode()
-    def _generate_custom(self, prompts, cfg, generator) -> list[Generation]:
+    def _generate_custom(self, prompts, cfg, generator, actions=None) -> list[Generation]:
         """Our decoder: one prefill of the (unique) left-padded prompts, then one token per step
-        reusing the KV cache; finished rows leave the batch."""
+        reusing the KV cache; finished rows leave the batch. actions: see `generate`."""
         B = len(prompts)
+        rule = self.action_constraint() if actions is not None else None
+        targets = [tuple(ActionConstraint.FORMAT.format(a) for a in acts) if acts else None
+                   for acts in (actions or [None] * B)]
+        texts_so_far = [""] * B  # a row's response text so far, and where OPEN starts in it:
+        opened = [0 if ActionConstraint.OPEN == "" else None] * B  # (the empty text holds an empty OPEN)
+        out_allowed: list[list] = [[] for _ in range(B)]
+        rule_cache: dict = {}
         model = self.decoder(cfg)  # the merged copy, or the LoRA-wrapped model
         stop_rule = _StopRule(self.tokenizer, self.eos_ids, cfg.stop)
         eos = torch.tensor(self.eos_ids, device=self.device)
@@ -421,6 +515,15 @@ class Policy:
         # the mask handed to the model at step t is a view of this buffer: (b, 1, 1, L) or (b, L)
         mask_buf = full_mask[:, None, None, :] if self._ready_mask else full_mask.long()
         for t in range(cfg.max_new_tokens):
+            step_allowed = [None] * len(rows)
+            if rule is not None:  # rows inside their <action> block: only tokens that stay admissible
+                step_allowed = [rule.allowed(targets[r], texts_so_far[r][opened[r]:], rule_cache)
+                                if targets[r] and opened[r] is not None else None for r in rows]
+                if any(a is not None for a in step_allowed):
+                    keep = torch.zeros(logits.shape, dtype=torch.bool)  # (b, V)
+                    for j, a in enumerate(step_allowed):
+                        keep[j, a if a is not None else slice(None)] = True
+                    logits = logits.masked_fill(~keep.to(logits.device), float("-inf"))
             # log pi of the token we are about to pick, under the (raw) policy
             lp_logits = logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature
             logp = lp_logits.log_softmax(-1)  # (b, V)
@@ -433,11 +536,20 @@ class Policy:
             tok_lp = logp.gather(1, tok[:, None]).squeeze(1)  # (b,)
 
             finished_now = False
-            for r, k, lp in zip(rows, tok.tolist(), tok_lp.tolist()):
+            for r, k, lp, a in zip(rows, tok.tolist(), tok_lp.tolist(), step_allowed):
                 if done[r]:  # only when drop_finished=False: a finished row still in the batch
                     continue
                 out_ids[r].append(k)
                 out_lp[r].append(lp)
+                if rule is not None:
+                    out_allowed[r].append(a)
+                    if targets[r] and opened[r] is None:
+                        start = max(0, len(texts_so_far[r]) - len(ActionConstraint.OPEN) + 1)
+                        texts_so_far[r] += rule.piece[k]
+                        if (j := texts_so_far[r].find(ActionConstraint.OPEN, start)) >= 0:
+                            opened[r] = j
+                    else:
+                        texts_so_far[r] += rule.piece[k]
                 reason = stop_rule(out_ids[r], eos_allowed=t >= cfg.min_new_tokens)
                 if reason is not None:
                     reasons[r], done[r], finished_now = reason, True, True
@@ -460,8 +572,14 @@ class Policy:
             logits = out.logits[:, -1].float()  # (b, V)
             next_pos = next_pos + 1
         texts = self.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
-        return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i], text=texts[i])
-                for i in range(B)]
+        return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i], text=texts[i],
+                           allowed=out_allowed[i] if targets[i] else None) for i in range(B)]
+
+    def action_constraint(self) -> ActionConstraint:
+        """The tokenizer's `ActionConstraint`, built on first use (one decode per vocabulary entry)."""
+        if getattr(self, "_action_constraint", None) is None:
+            self._action_constraint = ActionConstraint(self.tokenizer)
+        return self._action_constraint
 
     def hf_generate_ids(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
         """HF `generate` on left-padded prompts; returns the raw new tokens per row (rows that ended
@@ -508,7 +626,7 @@ class Policy:
     # -- scoring --------------------------------------------------------------------------------
     def score(self, prompts: list[list[int]], responses: list[list[int]], token_budget: int,
               with_entropy: bool = False, reference: bool = False, temperature: float = 1.0,
-              entropy_grad: bool = True):
+              entropy_grad: bool = True, allowed: list | None = None):
         """Per-token log-probs log pi(y_t | x, y_<t) of each response under its prompt.
 
         Returns a list of 1-D tensors (one per row, length len(response)); with_entropy=True returns
@@ -517,6 +635,9 @@ class Policy:
         adapter disabled (the base model = the KL reference policy) under no_grad.
         entropy_grad=False computes the entropy without grad: for logging, it then keeps no extra
         (b, R, V) tensor alive for the backward pass (log_softmax's own output is kept either way).
+        allowed: per row, its `Generation.allowed` (or None): where a token was sampled among some
+        tokens only (`SamplingConfig.constrain_actions`), its log-prob and the entropy are those of
+        the distribution renormalised over them, the policy that sampled it.
 
         Micro-batching: `pack_rows` (sorted by length, within `token_budget`, little padding).
         Layout (our choice): prompts left-padded and responses right-padded, so every response
@@ -533,7 +654,8 @@ class Policy:
             ctx.enter_context(self.model.disable_adapter())
         with ctx:
             for batch in self.pack_rows([(len(p), len(r)) for p, r in zip(prompts, responses)], token_budget):
-                self._score_batch(prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad)
+                self._score_batch(prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad,
+                                  allowed)
         return (logps, ents) if with_entropy else logps
 
     @staticmethod
@@ -564,7 +686,8 @@ class Policy:
             P, R, real = p, r, p + r
         return batches
 
-    def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad=True):
+    def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad=True,
+                     allowed=None):
         """One micro-batch of `score`; writes into logps[i] / ents[i] for i in batch."""
         P = max(len(prompts[i]) for i in batch)
         R = max(len(responses[i]) for i in batch)
@@ -591,6 +714,8 @@ class Policy:
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 ent = -(logp_all.exp() * logp_all).sum(-1)  # (b, R)
+        if allowed is not None:
+            tok_lp, ent = _renormalise(logp_all, tok_lp, ent, [allowed[i] for i in batch], entropy_grad)
         for j, i in enumerate(batch):
             n_r = len(responses[i])
             logps[i] = tok_lp[j, :n_r]

@@ -133,7 +133,8 @@ def distill_samples(skill_trajs: Sequence, plain_trajs: Sequence, gigpo_cfg: GiG
                 if step.distilled:
                     if step.plain_prompt_ids is None:
                         raise ValueError("skill-guided step has no plain_prompt_ids; roll out with skill=...")
-                    samples.append(Sample(step.plain_prompt_ids, step.response_ids, step.logprobs, adv, "distill"))
+                    samples.append(Sample(step.plain_prompt_ids, step.response_ids, step.logprobs, adv, "distill",
+                                          allowed=step.allowed))
                     kept += len(step.response_ids)
                     counts["kept"] += len(step.response_ids)
     metrics = {"distill/tokens_offered": offered, "distill/tokens_kept": kept,

@@ -427,7 +427,7 @@ def objective(samples: Sequence[Sample], logps: Sequence[torch.Tensor], entropie
 
 def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) -> list[Sample]:
     """One ``Sample`` per step with at least one response token."""
-    return [Sample(s.prompt_ids, s.response_ids, s.logprobs, a)
+    return [Sample(s.prompt_ids, s.response_ids, s.logprobs, a, allowed=s.allowed)
             for traj, adv in zip(trajectories, advantages)
             for s, a in zip(traj.steps, adv) if s.response_ids]
 
@@ -457,7 +457,7 @@ def score_rows(policy, samples: Sequence[Sample], rows: Sequence[int], token_bud
         return {}
     with torch.no_grad():
         logps = policy.score([samples[k].prompt_ids for k in rows], [samples[k].response_ids for k in rows],
-                             token_budget, reference=reference)
+                             token_budget, reference=reference, allowed=[samples[k].allowed for k in rows])
     return {k: lp.float() for k, lp in zip(rows, logps)}
 
 
@@ -539,7 +539,8 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             for mb in batches:
                 t0 = time.perf_counter()
                 logps, ents = policy.score([samples[k].prompt_ids for k in mb], [samples[k].response_ids for k in mb],
-                                           cfg.token_budget, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+                                           cfg.token_budget, with_entropy=True, entropy_grad=cfg.entropy_coef > 0,
+                                           allowed=[samples[k].allowed for k in mb])
                 seconds["score_s"] += time.perf_counter() - t0
                 for k, logp in zip(mb, logps):
                     if old[k] is None:  # first mini-batch, no step taken yet: π_old = this very forward

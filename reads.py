@@ -9,7 +9,8 @@ first "go to" goes to the receptacle type that holds the object; then the action
 episode of the first game. A model that reads skills goes there first, and wins more, with the
 right skill than with the wrong one; one that only notices that a block is there plays both
 skills alike. key=value arguments override the config (the environment must be the one the model
-was trained on; default: the cpu preset's).
+was trained on; default: the cpu preset's, which keeps actions admissible,
+`rollout.constrain_actions`; add rollout.constrain_actions=false to watch the model unconstrained).
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def main(argv: list[str]) -> dict[str, dict]:
     parser.add_argument("--games", type=int, default=8, help="unseen eval games per type")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per game and arm")
     parser.add_argument("overrides", nargs="*", help="config key=value, e.g. env.max_steps=14")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the options
+    args.overrides += [t for t in args.types if "=" in t]  # --types' list swallows overrides after it
+    args.types = [t for t in args.types if "=" not in t]
     cfg = load_config(None, ["env.num_workers=0", *args.overrides, f"model.name={args.model}"])
     envs = make_envs(cfg.env)
     try:

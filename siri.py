@@ -81,7 +81,7 @@ def pooled(trajs: list) -> list:
     if distributed.world_size() == 1:
         return trajs
     slim = [dataclasses.replace(t, steps=[dataclasses.replace(s, prompt_ids=[], response_ids=[], logprobs=[],
-                                                              plain_prompt_ids=None) for s in t.steps])
+                                                              plain_prompt_ids=None, allowed=None) for s in t.steps])
             for t in trajs]
     return distributed.gather_objects(slim)
 

@@ -18,6 +18,11 @@ reach about 0.45 whatever the start. Measured (before -> after 10 iterations): 4
 0.44 (unsorted scoring micro-batches), 0.34 -> 0.44 (length-sorted ones, `Policy.pack_rows`:
 the same math, other rounding; a start that high leaves no room for +15); 40 epochs 0.06 -> 0.28
 (sorted). Our choice: 40 epochs, and a precondition that the start leaves room to learn.
+
+Since actions are kept admissible (`rollout.constrain_actions`, on in the cpu preset, and here),
+the same cold start plays its games better and GiGPO has more to work with: measured 0.41 -> 0.83
+(training success per iteration 0.39 ... 0.88), so the precondition's upper end is 0.6 (it was
+0.3 with free actions, where the sweep above was made).
 """
 import json
 
@@ -64,5 +69,5 @@ def test_gigpo_raises_training_success_over_the_cold_start(tmp_path_factory):
     report = json.dumps({"before": before, "after": after, "train": train})
     # precondition, not the claim: the cold-started model wins some games (it knows the format)
     # and leaves room to learn (see the docstring: the cold start ends on a steep curve)
-    assert 0.02 <= before <= 0.3, f"the cold start should leave room to learn: {report}"
+    assert 0.02 <= before <= 0.6, f"the cold start should leave room to learn: {report}"
     assert after >= before + 0.15, report

@@ -4,6 +4,7 @@ Everything runs offline on CPU with the tiny random Qwen2 (fp32). A random model
 which is fine: the tests compare engines and code paths with each other, never with "good" text.
 """
 import copy
+import math
 import dataclasses
 import os
 
@@ -409,7 +410,7 @@ def test_an_error_during_an_overlapped_rollout_leaves_the_env_workers_in_step(po
     with envs_lib.EnvManager(env_cfg) as envs:
         real, calls = pol.generate, []
 
-        def failing(prompts, sampling, generator=None):
+        def failing(prompts, sampling, generator=None, actions=None):
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError("decoder failed")
@@ -571,3 +572,93 @@ def test_training_after_a_merged_rollout_is_unchanged(tiny_dir):
         for s, u in zip(a.steps, b.steps):
             assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(u.logprobs), atol=1e-5)
     assert all(torch.allclose(w_m[n], w_w[n], atol=1e-6) for n in w_m)
+
+
+# --- actions constrained to the admissible ones (SamplingConfig.constrain_actions) --------------
+
+ACTIONS = ["go to cabinet 1", "go to countertop 2", "take mug 1 from cabinet 1", "look"]
+
+
+@pytest.fixture
+def open_at_once(monkeypatch):
+    """A random model never writes "<action" by itself: open the rule at the response's first token
+    (OPEN = "") and ask for the whole answer format, think block included."""
+    monkeypatch.setattr(decoder.ActionConstraint, "OPEN", "")
+    monkeypatch.setattr(decoder.ActionConstraint, "FORMAT", "<think>x</think><action>{}</action>")
+
+
+def test_action_constraint_allows_exactly_the_tokens_that_stay_on_an_action(pol):
+    """Every vocabulary token is checked: allowed iff its text keeps the response a prefix of some
+    "<action>A</action>"; a response that left every action gets None (it samples free)."""
+    rule = pol.action_constraint()
+    targets = tuple(decoder.ActionConstraint.FORMAT.format(a) for a in ACTIONS)
+    for text in ("<action", "<action>go to c", "<action>take mug 1 from cabinet 1</act"):
+        allowed = rule.allowed(targets, text, {})
+        expected = [i for i, p in enumerate(rule.piece)
+                    if p and "\ufffd" not in p and any(t.startswith(text + p) for t in targets)]
+        assert allowed == expected and expected
+    assert rule.allowed(targets, "<action>open", {}) is None
+    # the tiny tokenizer merges the tag's ">" into the next word: both ways in are allowed
+    first = {rule.piece[i] for i in rule.allowed(targets, "<action", {})}
+    assert ">" in first and any(p.startswith(">") and len(p) > 1 for p in first)
+
+
+def test_renormalised_logprob_and_entropy_by_hand():
+    """log pi_A(y) = log pi(y) - log(pi(a) + pi(b)) and the entropy of pi over A only, hand-computed
+    for V = 4, A = {0, 2}; free positions keep their values."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logp_all = p.log()[None, None].repeat(1, 2, 1)  # (b=1, R=2, V=4)
+    tok_lp = torch.tensor([[p[2].log(), p[3].log()]])  # tokens 2 then 3
+    ent = torch.tensor([[1.0, 1.0]])
+    lp, h = decoder._renormalise(logp_all, tok_lp, ent, [[[0, 2], None]], entropy_grad=False)
+    q0, q2 = 0.1 / 0.4, 0.3 / 0.4  # pi renormalised over {0, 2}
+    assert torch.allclose(lp, torch.tensor([[math.log(q2), math.log(0.4)]]))
+    assert torch.allclose(h, torch.tensor([[-(q0 * math.log(q0) + q2 * math.log(q2)), 1.0]]))
+
+
+def test_constrained_sampling_gives_admissible_actions_scored_as_sampled(pol, prompts, open_at_once):
+    """Every response is one of the actions in the answer format; its sampling log-probs equal
+    `score` with `allowed` (the policy that sampled it), not the unconstrained scores; the same
+    seed without the rule samples something else."""
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, constrain_actions=True)
+    batch = [p for p in prompts for _ in range(4)]
+    gens = pol.generate(batch, cfg, torch.Generator().manual_seed(0), actions=[ACTIONS] * len(batch))
+    free = pol.generate(batch, dataclasses.replace(cfg, constrain_actions=False), torch.Generator().manual_seed(0))
+    assert {g.text for g in gens} <= {decoder.ActionConstraint.FORMAT.format(a) for a in ACTIONS}
+    assert len({g.text for g in gens}) > 1 and all(g.finish_reason == "stop" for g in gens)
+    assert [g.text for g in free] != [g.text for g in gens] and all(g.allowed is None for g in free)
+    with torch.no_grad():
+        scored = pol.score(batch, [g.ids for g in gens], 10_000, allowed=[g.allowed for g in gens])
+        unconstrained = pol.score(batch, [g.ids for g in gens], 10_000)
+    for g, s, u in zip(gens, scored, unconstrained):
+        assert len(g.allowed) == len(g.ids) and all(a is not None and k in a for k, a in zip(g.ids, g.allowed))
+        assert torch.allclose(torch.tensor(g.logprobs), s, atol=1e-5)
+    assert max((s - u).abs().max().item() for s, u in zip(scored, unconstrained)) > 0.5
+    with pytest.raises(ValueError, match="engine=custom"):
+        pol.generate(batch, dataclasses.replace(cfg, engine="hf"), actions=[ACTIONS] * len(batch))
+
+
+def test_constrained_rollout_has_no_invalid_step_and_its_update_starts_at_ratio_one(pol, open_at_once):
+    """With the rule a random model plays only admissible actions (without it: almost none); the
+    steps carry `allowed` into `gigpo.samples_from`, so the update's first step, whose pi_old is the
+    sampler's log-probs, sees ratio 1 (clip_frac 0); dropping `allowed` would score another policy."""
+    import gigpo
+
+    cfg = SamplingConfig(max_new_tokens=40, constrain_actions=True)
+    with envs_lib.EnvManager(envs_lib.EnvConfig(max_steps=3)) as envs:
+        tasks = envs.task_ids("train")[:2]
+        trajs = agent.rollout(pol, envs, tasks, 2, cfg, seed=5)
+        free = agent.rollout(pol, envs, tasks, 2, dataclasses.replace(cfg, constrain_actions=False), seed=5)
+    steps = [s for t in trajs for s in t.steps]
+    assert all(s.valid and s.allowed for s in steps)
+    assert sum(not s.valid for t in free for s in t.steps) > len(steps) // 2
+    adv = [[1.0 - 2 * (i % 2)] * len(t.steps) for i, t in enumerate(trajs)]
+    samples = gigpo.samples_from(trajs, adv)
+    assert [s.allowed for s in samples] == [s.allowed for s in steps]
+    gcfg = gigpo.GiGPOConfig(lr=1e-3, clip_eps=0.01, beta_kl=0.0, old_logprobs="sampler")
+    clip = {}
+    for name, rows in (("with", samples), ("without", [dataclasses.replace(s, allowed=None) for s in samples])):
+        pol_copy = copy.deepcopy(pol)
+        opt = torch.optim.SGD([p for p in pol_copy.model.parameters() if p.requires_grad], lr=1e-3)
+        clip[name] = gigpo.update(pol_copy, opt, rows, gcfg, seed=0)["clip_frac"]
+    assert clip["with"] == 0 and clip["without"] > 0.1

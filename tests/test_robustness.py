@@ -30,6 +30,18 @@ def test_yaml_on_off_is_accepted_where_documented(tmp_path):
         config.load_config(None, ["coldstart.enabled=maybe"])
 
 
+def test_constrained_actions_are_alfworld_only_and_need_our_engine():
+    """The cpu preset constrains actions; WebShop (search[...] takes any query) turns it off unless
+    asked for it by name, which is an error naming the key; so is the HF engine with it on."""
+    assert config.load_config(None, []).rollout.constrain_actions
+    assert not config.load_config(None, ["env=webshop"]).rollout.constrain_actions
+    with pytest.raises(config.ConfigError, match="rollout.constrain_actions=false for env.name=webshop"):
+        config.load_config(None, ["env=webshop", "rollout.constrain_actions=true"])
+    with pytest.raises(config.ConfigError, match="rollout.engine=custom"):
+        config.load_config(None, ["rollout.engine=hf"])
+    assert not config.load_config(None, ["rollout.engine=hf", "rollout.constrain_actions=false"]).rollout.constrain_actions
+
+
 def test_expected_errors_are_one_line_and_leave_nothing_behind(cache, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:  # missing real ALFWorld data
