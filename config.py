@@ -181,8 +181,10 @@ class Config:
 PRESETS: dict[str, dict] = {
     # CPU laptop, offline: the tiny model the project builds itself, embedded ALFWorld in rooms of
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
-    # 14 steps. Our choice of sizes, to keep `python siri.py` short on 2 cores (measured: 16 min,
-    # over the 10-minute goal; a shorter cold start learned nothing, README): a cold start
+    # 14 steps, actions kept admissible at decoding (rollout.constrain_actions: half the tiny
+    # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
+    # siri.py` short on 2 cores (measured: 15 min, over the 10-minute goal; a shorter cold start
+    # learned nothing, README): a cold start
     # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 games (16 per type: 6
     # validate a type's skills, 10 are its summary sources), 48 paired episodes per validation,
     # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
