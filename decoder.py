@@ -1,7 +1,8 @@
 """The decoder and scorer: `Policy`, a KV-cached batched sampler and per-token log-probs.
 
 1. `SamplingConfig`     how to sample (every default defined here, once)
-2. decoding helpers     `sample_next`, the stop rule, a preallocated KV cache, `merged_copy`
+2. decoding helpers     `sample_next`, `ActionConstraint` (actions kept admissible), the stop rule,
+                        a preallocated KV cache, `merged_copy`
 3. `Policy.generate`    our KV-cached decoder (default; it samples from a copy with the LoRA adapter
                         merged into the weights, `merged_copy`) or HF `generate` (the oracle)
 4. `Policy.score`       per-token log-probs (+ entropy) of responses, with or without grad, in
@@ -393,6 +394,7 @@ class Policy:
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
+        self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
     def new_cache(self, max_len: int, kind: str = "preallocated") -> Cache:
         """An empty KV cache for sequences of up to max_len tokens (prompt + response): preallocated
@@ -577,7 +579,7 @@ class Policy:
 
     def action_constraint(self) -> ActionConstraint:
         """The tokenizer's `ActionConstraint`, built on first use (one decode per vocabulary entry)."""
-        if getattr(self, "_action_constraint", None) is None:
+        if self._action_constraint is None:
             self._action_constraint = ActionConstraint(self.tokenizer)
         return self._action_constraint
 
