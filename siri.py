@@ -945,10 +945,12 @@ def load_checkpoint(run_dir: Path, policy, optimizer) -> RunState | None:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME."""
-    a, b = flat(saved), flat(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in SAFE_ON_RESUME]
+    """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME.
+    A key the saved config lacks (a run of an earlier version) counts as its default in `Config()`,
+    the value that keeps what that version did (e.g. rollout.constrain_actions=false)."""
+    a, b, default = flat(saved), flat(current), flat(dataclasses.asdict(Config()))
+    return [f"{k}: {a.get(k, default.get(k))!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, default.get(k)) != b.get(k) and k not in SAFE_ON_RESUME]
 
 
 def previous_artefacts(run_dir: Path) -> list[str]:

@@ -42,6 +42,18 @@ def test_constrained_actions_are_alfworld_only_and_need_our_engine():
     assert not config.load_config(None, ["rollout.engine=hf", "rollout.constrain_actions=false"]).rollout.constrain_actions
 
 
+def test_a_run_of_an_earlier_version_resumes_with_the_new_key_at_its_default():
+    """A saved config without rollout.constrain_actions (written before the key existed) resumes
+    when the key is given as false, what that version did, and not with the preset's true."""
+    import dataclasses
+
+    saved = dataclasses.asdict(config.load_config(None, []))
+    del saved["rollout"]["constrain_actions"]
+    assert siri.config_changes(saved, dataclasses.asdict(config.load_config(None, ["rollout.constrain_actions=false"]))) == []
+    assert siri.config_changes(saved, dataclasses.asdict(config.load_config(None, []))) == \
+        ["rollout.constrain_actions: False -> True"]
+
+
 def test_expected_errors_are_one_line_and_leave_nothing_behind(cache, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:  # missing real ALFWorld data
