@@ -522,10 +522,10 @@ class Policy:
                 step_allowed = [rule.allowed(targets[r], texts_so_far[r][opened[r]:], rule_cache)
                                 if targets[r] and opened[r] is not None else None for r in rows]
                 if any(a is not None for a in step_allowed):
-                    keep = torch.zeros(logits.shape, dtype=torch.bool)  # (b, V)
+                    keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)  # (b, V)
                     for j, a in enumerate(step_allowed):
                         keep[j, a if a is not None else slice(None)] = True
-                    logits = logits.masked_fill(~keep.to(logits.device), float("-inf"))
+                    logits = logits.masked_fill(~keep, float("-inf"))
             # log pi of the token we are about to pick, under the (raw) policy
             lp_logits = logits if cfg.logprob_temperature == 1.0 else logits / cfg.logprob_temperature
             logp = lp_logits.log_softmax(-1)  # (b, V)
@@ -545,13 +545,10 @@ class Policy:
                 out_lp[r].append(lp)
                 if rule is not None:
                     out_allowed[r].append(a)
-                    if targets[r] and opened[r] is None:
-                        start = max(0, len(texts_so_far[r]) - len(ActionConstraint.OPEN) + 1)
-                        texts_so_far[r] += rule.piece[k]
-                        if (j := texts_so_far[r].find(ActionConstraint.OPEN, start)) >= 0:
-                            opened[r] = j
-                    else:
-                        texts_so_far[r] += rule.piece[k]
+                    start = max(0, len(texts_so_far[r]) - len(ActionConstraint.OPEN) + 1)  # OPEN may end in this token
+                    texts_so_far[r] += rule.piece[k]
+                    if opened[r] is None and (j := texts_so_far[r].find(ActionConstraint.OPEN, start)) >= 0:
+                        opened[r] = j
                 reason = stop_rule(out_ids[r], eos_allowed=t >= cfg.min_new_tokens)
                 if reason is not None:
                     reasons[r], done[r], finished_now = reason, True, True

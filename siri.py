@@ -948,9 +948,9 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """"key: old -> new" for every setting a resume would change that is not in SAFE_ON_RESUME.
     A key the saved config lacks (a run of an earlier version) counts as its default in `Config()`,
     the value that keeps what that version did (e.g. rollout.constrain_actions=false)."""
-    a, b, default = flat(saved), flat(current), flat(dataclasses.asdict(Config()))
-    return [f"{k}: {a.get(k, default.get(k))!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, default.get(k)) != b.get(k) and k not in SAFE_ON_RESUME]
+    a, b = {**flat(dataclasses.asdict(Config())), **flat(saved)}, flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in SAFE_ON_RESUME]
 
 
 def previous_artefacts(run_dir: Path) -> list[str]:
