@@ -4,9 +4,10 @@ MODEL is a run's cold-started model (``runs/<run>/coldstart_model``) or anything
 takes. Each of the first --games unseen eval games of each type is played --episodes times three
 ways, paired (same seeds): plain prompt; with a skill that names where the task's object is
 (`mining.answer_skill`, the positive control); with one that names a place of the room where it
-is not (the wrong-skill control). Printed per arm: wins, invalid-action rate, and how often the
-first "go to" goes to the receptacle type that holds the object; then the actions of the first
-episode of the first game. A model that reads skills goes there first, and wins more, with the
+is not (the wrong-skill control). Printed per arm: wins, invalid-action rate, how often the
+first "go to" goes to the receptacle type that holds the object, and where the lost episodes
+went wrong (`outcome`: never took anything / took only other objects than the task's / took the
+task's object and still lost); then the actions of the first episode of the first game. A model that reads skills goes there first, and wins more, with the
 right skill than with the wrong one; one that only notices that a block is there plays both
 skills alike. key=value arguments override the config (the environment must be the one the model
 was trained on; default: the cpu preset's, which keeps actions admissible,
@@ -33,13 +34,27 @@ def first_goto(traj) -> str | None:
                  if s.valid and s.action and s.action.startswith("go to ")), None)
 
 
+def outcome(traj, obj_type: str) -> str:
+    """"won", "never took", "took another object" (no valid take of `obj_type`) or "took it, lost"."""
+    takes = [mining.type_name(s.action[len("take "):].split(" from ")[0]) for s in traj.steps
+             if s.valid and s.action and s.action.startswith("take ")]
+    if traj.won:
+        return "won"
+    if not takes:
+        return "never took"
+    return "took it, lost" if obj_type in takes else "took another object"
+
+
+OUTCOMES = ("never took", "took another object", "took it, lost")
+
+
 def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int = 7) -> dict[str, dict]:
     """{arm: {wins, episodes, invalid, first_at_object, example}} over ``task_ids`` (see the module doc)."""
-    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "example": ""}
-           for arm in ARMS}
+    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "example": "",
+                 **dict.fromkeys(OUTCOMES, 0)} for arm in ARMS}
     for tid in task_ids:
         tt = envs.task_type(tid)
-        home = mining.object_home(envs, tid)[1]
+        obj, home = mining.object_home(envs, tid)
         skills = {"plain": None, "right": mining.answer_skill(envs, [tid], tt),
                   "wrong": mining.answer_skill(envs, [tid], tt, wrong=True)}
         for arm, skill in skills.items():
@@ -52,6 +67,8 @@ def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int 
                 row["steps"] += len(t.steps)
                 row["invalid"] += sum(not s.valid for s in t.steps)
                 row["first_at_object"] += first_goto(t) == home
+                if not t.won:
+                    row[outcome(t, obj)] += 1
             if not row["example"]:
                 row["example"] = f"{tid} (object in {home}): " + " ; ".join(s.action or "(invalid)" for s in trajs[0].steps)
     return out
@@ -84,10 +101,11 @@ def main(argv: list[str]) -> dict[str, dict]:
     finally:
         envs.close()
     print(f"\n{len(ids)} unseen eval games x {args.episodes} episodes, temperature {sampling.temperature}")
-    print("| arm | wins | invalid actions | first go-to at the object's receptacle type |\n|---|---|---|---|")
+    print("| arm | wins | invalid actions | first go-to at the object's receptacle type | lost: "
+          + " | ".join(OUTCOMES) + " |\n|---|---|---|---|" + "---|" * len(OUTCOMES))
     for arm, r in res.items():
         print(f"| {arm} | {r['wins']} / {r['episodes']} | {r['invalid'] / max(r['steps'], 1):.2f} | "
-              f"{r['first_at_object']} / {r['episodes']} |")
+              f"{r['first_at_object']} / {r['episodes']} | " + " | ".join(str(r[k]) for k in OUTCOMES) + " |")
     for arm, r in res.items():
         print(f"{arm}: {r['example']}")
     return res
