@@ -7,8 +7,8 @@ ways, paired (same seeds): plain prompt; with a skill that names where the task'
 is not (the wrong-skill control). Printed per arm: wins, invalid-action rate, how often the
 first "go to" goes to the receptacle type that holds the object, and where the lost episodes
 went wrong (`outcome`: never took anything / took only other objects than the task's / took the
-task's object and still lost); then the actions of the first episode of the first game. A model that reads skills goes there first, and wins more, with the
-right skill than with the wrong one; one that only notices that a block is there plays both
+task's object and still lost); then the actions of the first episode of the first game. A model
+that reads skills goes there first, and wins more, with the right skill than with the wrong one; one that only notices that a block is there plays both
 skills alike. key=value arguments override the config (the environment must be the one the model
 was trained on; default: the cpu preset's, which keeps actions admissible,
 `rollout.constrain_actions`; add rollout.constrain_actions=false to watch the model unconstrained).
@@ -49,7 +49,8 @@ OUTCOMES = ("never took", "took another object", "took it, lost")
 
 
 def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int = 7) -> dict[str, dict]:
-    """{arm: {wins, episodes, invalid, first_at_object, example}} over ``task_ids`` (see the module doc)."""
+    """{arm: {wins, episodes, invalid, steps, first_at_object, example, and per lost episode's
+    `outcome` its count}} over ``task_ids`` (see the module doc)."""
     out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "example": "",
                  **dict.fromkeys(OUTCOMES, 0)} for arm in ARMS}
     for tid in task_ids:
