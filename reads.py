@@ -9,9 +9,10 @@ first "go to" goes to the receptacle type that holds the object, and where the l
 went wrong (`outcome`: never took anything / took only other objects than the task's / took the
 task's object and still lost); then the actions of the first episode of the first game. A model
 that reads skills goes there first, and wins more, with the right skill than with the wrong one;
-one that only notices that a block is there plays both skills alike. key=value arguments override the config (the environment must be the one the model
-was trained on; default: the cpu preset's, which keeps actions admissible,
-`rollout.constrain_actions`; add rollout.constrain_actions=false to watch the model unconstrained).
+one that only notices that a block is there plays both skills alike. key=value arguments
+override the config (the environment must be the one the model was trained on; default: the cpu
+preset's, which keeps actions admissible, `rollout.constrain_actions`; add
+rollout.constrain_actions=false to watch the model unconstrained).
 """
 from __future__ import annotations
 
