@@ -268,14 +268,18 @@ def generalise_action(action: str) -> str:
 _TAKE = re.compile(r"take (.+?) from (.+)")
 
 
-def found_where(traj) -> tuple[str, str] | None:
-    """(object type, receptacle type) of the first object the trajectory picked up, from its first
-    valid "take <obj> from <recep>" action; None if it never took anything."""
+def takes(traj):
+    """(object type, receptacle type) of each valid "take <obj> from <recep>" action, in order."""
     for s in traj.steps:
         m = _TAKE.fullmatch(collapse(s.action or "").lower()) if s.valid else None
         if m:
-            return type_name(m.group(1)), type_name(m.group(2))
-    return None
+            yield type_name(m.group(1)), type_name(m.group(2))
+
+
+def found_where(traj) -> tuple[str, str] | None:
+    """(object type, receptacle type) of the first object the trajectory picked up, from its first
+    valid "take <obj> from <recep>" action; None if it never took anything."""
+    return next(takes(traj), None)
 
 
 def _routine(traj) -> list[str]:

@@ -37,13 +37,12 @@ def first_goto(traj) -> str | None:
 
 def outcome(traj, obj_type: str) -> str:
     """"won", "never took", "took another object" (no valid take of `obj_type`) or "took it, lost"."""
-    takes = [mining.type_name(s.action[len("take "):].split(" from ")[0]) for s in traj.steps
-             if s.valid and s.action and s.action.startswith("take ")]
+    taken = [obj for obj, _ in mining.takes(traj)]
     if traj.won:
         return "won"
-    if not takes:
+    if not taken:
         return "never took"
-    return "took it, lost" if obj_type in takes else "took another object"
+    return "took it, lost" if obj_type in taken else "took another object"
 
 
 OUTCOMES = ("never took", "took another object", "took it, lost")

@@ -493,14 +493,11 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         assert all(r["episodes"] == 2 and r["steps"] >= 2 and r["example"].startswith(tid) for r in res.values())
         assert all(r["wins"] + sum(r[k] for k in reads.OUTCOMES) == r["episodes"] for r in res.values())
         obj = mining.object_home(envs, tid)[0]
-
-        def played(*actions, won=False):
-            return core.Trajectory(tid, tt, "g", 0, None, [
-                core.Step([], [], [], "", a, True, 0.0, False, False, "a", "o") for a in actions], won)
-        assert reads.outcome(played(f"go to {home} 1"), obj) == "never took"
-        assert reads.outcome(played(f"take zzz 1 from {home} 1"), obj) == "took another object"
-        assert reads.outcome(played(f"take zzz 1 from {home} 1", f"take {obj} 1 from {home} 1"), obj) == "took it, lost"
-        assert reads.outcome(played(f"take {obj} 1 from {home} 1", won=True), obj) == "won"
+        assert reads.outcome(make_traj(tid, [f"go to {home} 1"], won=False), obj) == "never took"
+        assert reads.outcome(make_traj(tid, [f"take zzz 1 from {home} 1"], won=False), obj) == "took another object"
+        assert reads.outcome(make_traj(tid, [f"take zzz 1 from {home} 1", f"take {obj} 1 from {home} 1"],
+                                       won=False), obj) == "took it, lost"
+        assert reads.outcome(make_traj(tid, [f"take {obj} 1 from {home} 1"]), obj) == "won"
         won = core.Trajectory(tid, tt, "g", 0, None, [
             core.Step([], [], [], "", None, False, 0.0, False, False, "a", "o"),
             core.Step([], [], [], "", f"go to {home} 1", True, 0.0, False, False, "a", "o")], False)
