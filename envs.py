@@ -165,10 +165,17 @@ class AlfworldDataNotFound(FileNotFoundError):
 # Our own wording; kept short because a tiny CPU model reads it in the tests. "{skill}" and
 # "{history}" are blocks that are either empty or end in "\n"; the history block and the answer
 # line are the ones WebShop's prompt uses too (core.py). `Alfworld.build_prompt` fills it.
+# Our choice: the skill block comes before the task, as retrieved context comes before the
+# question in a retrieval-augmented prompt, so the task's names stay next to the history and the
+# actions that must copy them (the paper does not say where its block goes). Measured with
+# `reads.py` on a cold-started tiny model (README, "What the toy can and cannot show"): with the
+# block after the task, a right skill sent the model to the object's place but it then lost the
+# task's goal (wins plain / right 19 / 21 of 96); before it, 23 / 35.
 PROMPT = (
     "You are a household robot. You act in a text-based house by typing commands.\n"
+    "{skill}"
     "Your task is to: {task}\n"
-    "{skill}{history}"
+    "{history}"
     "{step_count}"
     "Now you see: {obs}\n"
     "Admissible actions: {actions}\n"
@@ -815,8 +822,8 @@ class Alfworld:
     @staticmethod
     def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str | None]],
                      skill: str | None = None) -> str:
-        """The user message for one step (the policy applies the chat template): the task, `skill`
-        (one block; with skill=None the prompt holds no skill text at all, so plain and skill prompts
+        """The user message for one step (the policy applies the chat template): `skill` (one block,
+        before the task: see PROMPT; with skill=None the prompt holds no skill text at all, so plain and skill prompts
         differ only by that block), the last cfg.history_len (observation, action) pairs
         (``history`` is the whole episode so far, so the prompt can count the steps taken), the
         current observation, the admissible actions on one line and the answer format.

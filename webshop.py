@@ -516,11 +516,13 @@ def _build_shop(seed: int, num_products: int, num_goals: int) -> tuple[list[Prod
 # ---------------------------------------------------------------------------------------
 # Our own wording. "{skill}", "{history}" and "{search_hint}" are blocks that are either empty or
 # end in "\n"; the history block and the answer line are the ones ALFWorld's prompt uses (core.py).
+# The skill block comes before the request, as in ALFWorld's prompt (envs.PROMPT says why).
 PROMPT = (
     "You are a shopping assistant in an online store. You move between its pages one command "
     "at a time; buying an item ends the episode.\n"
+    "{skill}"
     "The customer asks: {task}\n"
-    "{skill}{history}"
+    "{history}"
     "Page you are on (parts separated by [SEP]): {obs}\n"
     "Commands you can use on this page, one per line:\n{actions}\n"
     "{search_hint}"
@@ -535,7 +537,7 @@ class WebShop:
 
     @staticmethod
     def build_prompt(cfg, state: EnvState, history: list[tuple[str, str | None]], skill: str | None = None) -> str:
-        """The user message for one step: the customer's request, `skill` (one block, or none at all),
+        """The user message for one step: `skill` (one block, or none at all), the customer's request,
         the last cfg.history_len steps, the page, its commands one per line, and the answer format."""
         return PROMPT.format(
             task=state.task, skill=SKILL_BLOCK.format(skill=skill.strip()) if skill else "",
