@@ -98,6 +98,13 @@ class ColdStartConfig:
     """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
     the type) or "random" (one place of the task's room drawn at random, right or wrong, searched
     first: only the block predicts the first step; siri.coldstart_texts)."""
+    games: str = "pool"
+    """Which training games the cold start shows: "pool" (the first coldstart.tasks training games,
+    inside the RL pool) or "after_pool" (the coldstart.tasks training games after the RL pool,
+    warmup.task_pool, so RL, mining and validation play games the cold start never showed, as an
+    instruct model never saw the benchmark's games). Our choice for the cpu preset: after_pool,
+    because a skill validated on a game the model learned by heart can only send it elsewhere
+    (measured, README)."""
     rename: float = 0.0
     """ALFWorld: the probability that a cold-start sample is shown, in an epoch, in a renamed room
     (`envs.rename`: receptacle and object types and instance numbers permuted consistently over the
@@ -110,6 +117,8 @@ class ColdStartConfig:
             raise ValueError(f"coldstart.enabled={self.enabled!r}: choose auto, on or off")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"coldstart.schedule={self.schedule!r}: choose constant or cosine")
+        if self.games not in ("pool", "after_pool"):
+            raise ValueError(f"coldstart.games={self.games!r}: choose pool or after_pool")
         if self.skill_places not in ("mined", "random"):
             raise ValueError(f"coldstart.skill_places={self.skill_places!r}: choose mined or random")
         if not 0 <= self.rename <= 1:
@@ -185,15 +194,16 @@ PRESETS: dict[str, dict] = {
     # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
     # siri.py` short on 2 cores (measured: 15 min, over the 10-minute goal; a shorter cold start
     # learned nothing, README): a cold start
-    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 games (16 per type: 6
-    # validate a type's skills, 10 are its summary sources), 48 paired episodes per validation,
+    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 other games (16 per type:
+    # 6 validate a type's skills, 10 are its summary sources; the cold start's games come after
+    # them, coldstart.games), 48 paired episodes per validation,
     # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
     # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
-            "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 96,
+            "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 144,
             "env.max_steps": 14, "env.num_workers": 2,
             "rollout.constrain_actions": True,
-            "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "warmup.task_pool": 96, "warmup.iterations": 8,
+            "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "coldstart.games": "after_pool", "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
             "distill.iterations": 4},
@@ -390,6 +400,20 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         cfg.rollout.constrain_actions = False
     if cfg.rollout.constrain_actions and cfg.rollout.engine != "custom":
         raise ConfigError("rollout.constrain_actions=true needs rollout.engine=custom; set one of them")
+    if cfg.coldstart.games == "after_pool":
+        # the cold start's games after the RL pool: bounded only where the embedded generator makes
+        # as many training games as asked; elsewhere, and with too few games, the preset's choice
+        # falls back to "pool" (as coldstart.rename does for WebShop), an explicit one is an error
+        n_train = cfg.env.alfworld.num_train_tasks
+        need = cfg.warmup.task_pool + cfg.coldstart.tasks
+        why = ("needs env.name=alfworld, env.source=embedded" if (cfg.env.name, cfg.env.source) != ("alfworld", "embedded")
+               else "needs a bounded RL pool (warmup.task_pool > 0)" if not cfg.warmup.task_pool
+               else f"needs env.alfworld.num_train_tasks >= warmup.task_pool + coldstart.tasks = {need}, not {n_train}"
+               if n_train < need else "")
+        if why and "coldstart.games" in explicit:
+            raise ConfigError(f"coldstart.games=after_pool {why}; set that, or coldstart.games=pool")
+        if why:
+            cfg.coldstart.games = "pool"
     if cfg.run.ablation not in ABLATIONS:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")
     for key, value in ABLATIONS[cfg.run.ablation].items():  # the ablation wins over other settings

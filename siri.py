@@ -327,7 +327,7 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     would let the copies drift apart, and the ranks must hold identical weights; the SFT set is
     small, so the other ranks' wait costs no more than running it themselves would.
     """
-    pool = envs.task_ids("train")[:cfg.coldstart.tasks]
+    pool = coldstart_games(envs, cfg)
     texts, demo_stats = coldstart_texts(envs, pool, cfg.coldstart, cfg.mining, seed)
     samples = [sft_sample(policy, prompt, target) for prompt, target in texts]
     order = list(range(len(samples)))
@@ -374,6 +374,17 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
     out = {"coldstart/nll_first": losses[0], "coldstart/nll_last": losses[-1], "coldstart/lr_last": lr_last,
            "coldstart/samples": len(samples), "coldstart/tasks": len(pool), **demo_stats}
     return out
+
+
+def coldstart_games(envs, cfg: Config) -> list[str]:
+    """The cold start's games (coldstart.games): the first coldstart.tasks training games, or those
+    after the RL pool (`training_pool`). Too few -> ValueError naming the keys."""
+    start = cfg.warmup.task_pool if cfg.coldstart.games == "after_pool" else 0
+    games = envs.task_ids("train")[start:start + cfg.coldstart.tasks]
+    if len(games) < cfg.coldstart.tasks:
+        raise ValueError(f"coldstart.games={cfg.coldstart.games}: {len(games)} training games after the first {start}, "
+                         f"coldstart.tasks={cfg.coldstart.tasks}; lower coldstart.tasks or use coldstart.games=pool")
+    return games
 
 
 def training_pool(envs, cfg: Config) -> list[str]:

@@ -1,4 +1,5 @@
 """The SIRI loop: config validation, one update, end-to-end runs, resume after a kill."""
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import core
 import gigpo
 import mining
 import siri
-from envs import make_envs
+from envs import embedded_task_ids, make_envs
 from model import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,29 @@ def test_gigpo_defaults_switch_to_the_public_code_and_overrides_still_win():
             verl.gigpo.old_logprobs, verl.gigpo.clip_ratio_c) == ("row", "step", 0.001, "recompute", 3.0)
     assert verl.gigpo.lr == ours.gigpo.lr  # the preset's other settings are untouched
     assert config.load_config(None, ["gigpo_defaults=verl-agent", "gigpo.entropy_coef=0"]).gigpo.entropy_coef == 0.0
+
+
+def test_coldstart_games_after_the_pool_are_games_rl_never_plays():
+    """cpu preset: the cold start's games follow the RL pool, so warmup, mining and validation
+    play games it never showed; where that cannot hold, the preset falls back to the first games
+    and an explicit setting is an error that names the fix."""
+    cfg = config.load_config(None, [])
+    assert cfg.coldstart.games == "after_pool"
+
+    class Ids:  # the embedded games' ids, without generating 144 games
+        def task_ids(self, split):
+            return embedded_task_ids(cfg.env, split)
+
+    pool, games = siri.training_pool(Ids(), cfg), siri.coldstart_games(Ids(), cfg)
+    assert len(pool) == cfg.warmup.task_pool and len(games) == cfg.coldstart.tasks and not set(pool) & set(games)
+    first = siri.coldstart_games(Ids(), dataclasses.replace(cfg, coldstart=dataclasses.replace(cfg.coldstart, games="pool")))
+    assert first == pool[:cfg.coldstart.tasks]
+    assert config.load_config(None, ["env.alfworld.num_train_tasks=6"]).coldstart.games == "pool"
+    assert config.load_config(None, ["env=webshop"]).coldstart.games == "pool"
+    with pytest.raises(config.ConfigError, match="env.alfworld.num_train_tasks >= .* = 144, not 100; set that, or coldstart.games=pool"):
+        config.load_config(None, ["env.alfworld.num_train_tasks=100", "coldstart.games=after_pool"])
+    with pytest.raises(config.ConfigError, match=r"warmup.task_pool > 0"):
+        config.load_config(None, ["warmup.task_pool=0", "coldstart.games=after_pool"])
 
 
 def test_overrides_presets_yaml_and_env_shorthand(tmp_path):
