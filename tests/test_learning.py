@@ -39,6 +39,7 @@ SETTING = {
     "coldstart.tasks": 4, "coldstart.epochs": 40, "coldstart.schedule": "constant",  # the sweep's
     "coldstart.rename": 0, "model.tiny_number_tokens": False,  # the sweep's cold start (README, "Does it learn?")
     "warmup.task_pool": 4, "warmup.tasks_per_iter": 4,
+    "coldstart.games": "pool",  # the cold start plays the 4 games GiGPO trains on, as in the sweep
     "gigpo.group_size": 16, "gigpo.lr": 3e-3, "gigpo.ppo_epochs": 1, "gigpo.minibatches": 2,
 }
 ITERATIONS = 10
