@@ -104,7 +104,9 @@ class ColdStartConfig:
     warmup.task_pool, so RL, mining and validation play games the cold start never showed, as an
     instruct model never saw the benchmark's games). Our choice for the cpu preset: after_pool,
     because a skill validated on a game the model learned by heart can only send it elsewhere
-    (measured, README)."""
+    (measured, README). Where after_pool cannot hold (not embedded ALFWorld, warmup.task_pool=0,
+    too few training games) the preset's choice falls back to pool with a note; an explicit one
+    is an error."""
     rename: float = 0.0
     """ALFWorld: the probability that a cold-start sample is shown, in an epoch, in a renamed room
     (`envs.rename`: receptacle and object types and instance numbers permuted consistently over the
@@ -192,7 +194,8 @@ PRESETS: dict[str, dict] = {
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
     # 14 steps, actions kept admissible at decoding (rollout.constrain_actions: half the tiny
     # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
-    # siri.py` short on 2 cores (measured: 15 min, over the 10-minute goal; a shorter cold start
+    # siri.py` short on 2 cores (measured, the previous version: 15 min, over the 10-minute
+    # goal; this version's not measured alone, README; a shorter cold start
     # learned nothing, README): a cold start
     # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 other games (16 per type:
     # 6 validate a type's skills, 10 are its summary sources; the cold start's games come after
@@ -413,6 +416,8 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         if why and "coldstart.games" in explicit:
             raise ConfigError(f"coldstart.games=after_pool {why}; set that, or coldstart.games=pool")
         if why:
+            print(f"note: coldstart.games=after_pool (preset {preset}) {why}: the cold start uses the first "
+                  "training games (coldstart.games=pool)")
             cfg.coldstart.games = "pool"
     if cfg.run.ablation not in ABLATIONS:
         raise ConfigError(f"run.ablation={cfg.run.ablation!r}: choose one of {', '.join(ABLATIONS)}")

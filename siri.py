@@ -377,14 +377,10 @@ def coldstart(policy, envs, cfg: Config, seed: int) -> dict:
 
 
 def coldstart_games(envs, cfg: Config) -> list[str]:
-    """The cold start's games (coldstart.games): the first coldstart.tasks training games, or those
-    after the RL pool (`training_pool`). Too few -> ValueError naming the keys."""
+    """The cold start's games (coldstart.games): the first coldstart.tasks training games, or the
+    coldstart.tasks after the RL pool (`training_pool`; config.load_config checks that they exist)."""
     start = cfg.warmup.task_pool if cfg.coldstart.games == "after_pool" else 0
-    games = envs.task_ids("train")[start:start + cfg.coldstart.tasks]
-    if len(games) < cfg.coldstart.tasks:
-        raise ValueError(f"coldstart.games={cfg.coldstart.games}: {len(games)} training games after the first {start}, "
-                         f"coldstart.tasks={cfg.coldstart.tasks}; lower coldstart.tasks or use coldstart.games=pool")
-    return games
+    return envs.task_ids("train")[start:start + cfg.coldstart.tasks]
 
 
 def training_pool(envs, cfg: Config) -> list[str]:
