@@ -206,7 +206,8 @@ PRESETS: dict[str, dict] = {
             "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 144,
             "env.max_steps": 14, "env.num_workers": 2,
             "rollout.constrain_actions": True,
-            "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "coldstart.games": "after_pool", "warmup.task_pool": 96, "warmup.iterations": 8,
+            "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "coldstart.games": "after_pool",
+            "warmup.task_pool": 96, "warmup.iterations": 8,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
             "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
             "distill.iterations": 4},
@@ -409,7 +410,8 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         # falls back to "pool" (as coldstart.rename does for WebShop), an explicit one is an error
         n_train = cfg.env.alfworld.num_train_tasks
         need = cfg.warmup.task_pool + cfg.coldstart.tasks
-        why = ("needs env.name=alfworld, env.source=embedded" if (cfg.env.name, cfg.env.source) != ("alfworld", "embedded")
+        embedded_alfworld = (cfg.env.name, cfg.env.source) == ("alfworld", "embedded")
+        why = ("needs env.name=alfworld, env.source=embedded" if not embedded_alfworld
                else "needs a bounded RL pool (warmup.task_pool > 0)" if not cfg.warmup.task_pool
                else f"needs env.alfworld.num_train_tasks >= warmup.task_pool + coldstart.tasks = {need}, not {n_train}"
                if n_train < need else "")
