@@ -410,11 +410,13 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
         # falls back to "pool" (as coldstart.rename does for WebShop), an explicit one is an error
         n_train = cfg.env.alfworld.num_train_tasks
         need = cfg.warmup.task_pool + cfg.coldstart.tasks
-        embedded_alfworld = (cfg.env.name, cfg.env.source) == ("alfworld", "embedded")
-        why = ("needs env.name=alfworld, env.source=embedded" if not embedded_alfworld
-               else "needs a bounded RL pool (warmup.task_pool > 0)" if not cfg.warmup.task_pool
-               else f"needs env.alfworld.num_train_tasks >= warmup.task_pool + coldstart.tasks = {need}, not {n_train}"
-               if n_train < need else "")
+        why = ""
+        if (cfg.env.name, cfg.env.source) != ("alfworld", "embedded"):
+            why = "needs env.name=alfworld, env.source=embedded"
+        elif not cfg.warmup.task_pool:
+            why = "needs a bounded RL pool (warmup.task_pool > 0)"
+        elif n_train < need:
+            why = f"needs env.alfworld.num_train_tasks >= warmup.task_pool + coldstart.tasks = {need}, not {n_train}"
         if why and "coldstart.games" in explicit:
             raise ConfigError(f"coldstart.games=after_pool {why}; set that, or coldstart.games=pool")
         if why:

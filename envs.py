@@ -823,8 +823,8 @@ class Alfworld:
     def build_prompt(cfg: EnvConfig, state: EnvState, history: list[tuple[str, str | None]],
                      skill: str | None = None) -> str:
         """The user message for one step (the policy applies the chat template): `skill` (one block,
-        before the task: see PROMPT; with skill=None the prompt holds no skill text at all, so plain and skill prompts
-        differ only by that block), the last cfg.history_len (observation, action) pairs
+        before the task: see PROMPT; with skill=None the prompt holds no skill text at all, so plain
+        and skill prompts differ only by that block), the last cfg.history_len (observation, action) pairs
         (``history`` is the whole episode so far, so the prompt can count the steps taken), the
         current observation, the admissible actions on one line and the answer format.
         env.alfworld.verl_agent_prompt: as the public GiGPO code's prompt, the step count is shown
