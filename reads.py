@@ -4,7 +4,11 @@ MODEL is a run's cold-started model (``runs/<run>/coldstart_model``) or anything
 takes. Each of the first --games unseen eval games of each type is played --episodes times three
 ways, paired (same seeds): plain prompt; with a skill that names where the task's object is
 (`mining.answer_skill`, the positive control); with one that names a place of the room where it
-is not (the wrong-skill control). Printed per arm: wins, invalid-action rate, how often the
+is not (the wrong-skill control); with a skill that names the place where the task's object type
+usually is (`usual_place`: the likeliest type of the room under envs.HOMES, right or wrong for
+this game: what a perfect type-level prior would say); with the template skill summarised from
+the walkthroughs of the first --sources training-pool games of the type (`walkthrough_skill`:
+the most a mined skill could know from those games; never the eval game's own). Printed per arm: wins, invalid-action rate, how often the
 first "go to" goes to the receptacle type that holds the object, and where the lost episodes
 went wrong (`outcome`: never took anything / took only other objects than the task's / took the
 task's object and still lost); then the actions of the first episode of the first game. A model
@@ -21,12 +25,33 @@ import dataclasses
 import sys
 
 import agent
+import envs as envs_lib
 import mining
+import siri
 from config import load_config
 from envs import make_envs
 from model import ModelLoadError, load_policy
 
-ARMS = ("plain", "right", "wrong")
+ARMS = ("plain", "right", "wrong", "usual", "mined")
+
+
+def usual_place(state, obj_type: str) -> str:
+    """The receptacle type of the task's room (`mining.room_places`, which holds the object's own)
+    where envs.HOMES puts an `obj_type` most often (ties, or a type HOMES does not list: the first
+    alphabetically)."""
+    homes = {mining.type_name(r): w for o, ws in envs_lib.HOMES.items() if mining.type_name(o) == obj_type
+             for r, w in ws.items()}
+    places = mining.room_places(state)
+    return min(places, key=lambda p: (-homes.get(p, 0.0), p))
+
+
+def walkthrough_skill(envs, task_ids: list[str], task_type: str) -> mining.Skill:
+    """The template skill (`mining.template_summary`) of `task_ids`' walkthroughs played as won
+    trajectories (`siri.demonstration` without a search: where each game's object is, its steps)."""
+    trajs = [siri.demo_trajectory(t, task_type, siri.demonstration(envs, t, [], None)[0]) for t in task_ids]
+    fields, err = mining.parse_skill(mining.template_summary(trajs, task_type))
+    assert err is None, err  # the template writes well-formed JSON
+    return mining.Skill(**fields, task_type=task_type, summariser="template (walkthroughs)")
 
 
 def first_goto(traj) -> str | None:
@@ -48,26 +73,36 @@ def outcome(traj, obj_type: str) -> str:
 OUTCOMES = ("never took", "took another object", "took it, lost")
 
 
-def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int = 7) -> dict[str, dict]:
-    """{arm: {wins, episodes, invalid, steps, first_at_object, example, and per lost episode's
-    `outcome` its count}} over ``task_ids`` (see the module doc)."""
-    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "example": "",
-                 **dict.fromkeys(OUTCOMES, 0)} for arm in ARMS}
+def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int = 7,
+          mined: dict[str, mining.Skill] | None = None) -> dict[str, dict]:
+    """{arm: {wins, episodes, invalid, steps, first_at_object, at_home, example, and per lost
+    episode's `outcome` its count}} over ``task_ids`` (see the module doc); `at_home`: episodes
+    whose skill names the object's place (all for "right", none for "wrong"). The "mined" arm is
+    played where `mined` holds a skill of the task's type."""
+    arms = [a for a in ARMS if a != "mined" or mined]
+    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "at_home": 0,
+                 "example": "", **dict.fromkeys(OUTCOMES, 0)} for arm in arms}
     for tid in task_ids:
         tt = envs.task_type(tid)
         obj, home = mining.object_home(envs, tid)
+        (state,) = envs.reset([tid])
         skills = {"plain": None, "right": mining.answer_skill(envs, [tid], tt),
-                  "wrong": mining.answer_skill(envs, [tid], tt, wrong=True)}
+                  "wrong": mining.answer_skill(envs, [tid], tt, wrong=True),
+                  "usual": mining.answer_skill(envs, [tid], tt, place=usual_place(state, obj))}
+        if mined and tt in mined:
+            skills["mined"] = mined[tt]
         for arm, skill in skills.items():
             trajs = agent.rollout(policy, envs, [tid], episodes, sampling,
                                   skill=None if skill is None else {tt: skill.text()}, seed=seed, desc=arm)
             row = out[arm]
+            named = skill is not None and skill.search_order(obj)[:1] == [home]
             for t in trajs:
                 row["wins"] += t.won
                 row["episodes"] += 1
                 row["steps"] += len(t.steps)
                 row["invalid"] += sum(not s.valid for s in t.steps)
                 row["first_at_object"] += first_goto(t) == home
+                row["at_home"] += named
                 if not t.won:
                     row[outcome(t, obj)] += 1
             if not row["example"]:
@@ -82,6 +117,8 @@ def main(argv: list[str]) -> dict[str, dict]:
                                                        "pick_heat_then_place_in_recep"])
     parser.add_argument("--games", type=int, default=8, help="unseen eval games per type")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per game and arm")
+    parser.add_argument("--sources", type=int, default=10,
+                        help="training-pool games per type whose walkthroughs the mined arm's skill summarises (0: no mined arm)")
     parser.add_argument("overrides", nargs="*", help="config key=value, e.g. env.max_steps=14")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the options
     args.overrides += [t for t in args.types if "=" in t]  # --types' list swallows overrides after it
@@ -98,15 +135,21 @@ def main(argv: list[str]) -> dict[str, dict]:
             raise SystemExit(f"error: {e}")
         ids = [t for tt in args.types for t in [t for t in envs.task_ids("eval") if envs.task_type(t) == tt][:args.games]]
         sampling = dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature)
-        res = probe(policy, envs, ids, args.episodes, sampling)
+        pool = siri.training_pool(envs, cfg)
+        mined = {tt: walkthrough_skill(envs, [t for t in pool if envs.task_type(t) == tt][:args.sources], tt)
+                 for tt in args.types} if args.sources > 0 else None
+        res = probe(policy, envs, ids, args.episodes, sampling, mined=mined)
     finally:
         envs.close()
     print(f"\n{len(ids)} unseen eval games x {args.episodes} episodes, temperature {sampling.temperature}")
-    print("| arm | wins | invalid actions | first go-to at the object's receptacle type | lost: "
-          + " | ".join(OUTCOMES) + " |\n|---|---|---|---|" + "---|" * len(OUTCOMES))
+    print("| arm | wins | invalid actions | skill's first place is the object's | first go-to at the object's "
+          "receptacle type | lost: " + " | ".join(OUTCOMES) + " |\n|---|---|---|---|---|" + "---|" * len(OUTCOMES))
     for arm, r in res.items():
         print(f"| {arm} | {r['wins']} / {r['episodes']} | {r['invalid'] / max(r['steps'], 1):.2f} | "
-              f"{r['first_at_object']} / {r['episodes']} | " + " | ".join(str(r[k]) for k in OUTCOMES) + " |")
+              f"{r['at_home']} / {r['episodes']} | {r['first_at_object']} / {r['episodes']} | "
+              + " | ".join(str(r[k]) for k in OUTCOMES) + " |")
+    for tt, skill in (mined or {}).items():
+        print(f"\nmined skill of {tt} (walkthroughs of {args.sources} training-pool games):\n{skill.text()}")
     for arm, r in res.items():
         print(f"{arm}: {r['example']}")
     return res

@@ -488,9 +488,20 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         assert wrong.look_first()[0] != home and wrong.look_first()[0] in room
         assert all(home not in step for step in right.steps) and right.steps == wrong.steps
         pol = model.load_policy(model.ModelConfig(name="tiny"))
-        res = reads.probe(pol, envs, [tid], 2, decoder.SamplingConfig(max_new_tokens=8), seed=0)
-        assert list(res) == ["plain", "right", "wrong"]
+        others = [t for t in envs.task_ids("train") if t != tid and envs.task_type(t) == tt] or [tid]
+        long_envs = envs_lib.EnvManager(dataclasses.replace(env_cfg, max_steps=30))  # walkthroughs end
+        try:
+            mined = reads.walkthrough_skill(long_envs, others, tt)
+        finally:
+            long_envs.close()
+        assert mined.where and mined.where == mining.where_counts(
+            [make_traj(t, [next(a for a in envs.walkthrough(t) if a.startswith("take "))]) for t in others])
+        res = reads.probe(pol, envs, [tid], 2, decoder.SamplingConfig(max_new_tokens=8), seed=0, mined={tt: mined})
+        assert list(res) == ["plain", "right", "wrong", "usual", "mined"]
         assert all(r["episodes"] == 2 and r["steps"] >= 2 and r["example"].startswith(tid) for r in res.values())
+        assert (res["plain"]["at_home"], res["right"]["at_home"], res["wrong"]["at_home"]) == (0, 2, 0)
+        assert list(reads.probe(pol, envs, [tid], 1, decoder.SamplingConfig(max_new_tokens=4), seed=0)) == \
+            ["plain", "right", "wrong", "usual"]
         assert all(r["wins"] + sum(r[k] for k in reads.OUTCOMES) == r["episodes"] for r in res.values())
         obj = mining.object_home(envs, tid)[0]
         assert reads.outcome(make_traj(tid, [f"go to {home} 1"], won=False), obj) == "never took"
@@ -504,6 +515,19 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         assert reads.first_goto(won) == home
     finally:
         envs.close()
+
+
+def test_usual_place_is_the_rooms_likeliest_home_of_the_object_type():
+    """reads.usual_place, by hand from envs.HOMES: Apple is Fridge .5, CounterTop .3, DiningTable .2;
+    the task's own goal type is not a place to search (mining.room_places); a type HOMES does not
+    list for the object counts 0, ties alphabetical."""
+    def state(task, places):
+        return SimpleNamespace(task=task, admissible=[f"go to {p} 1" for p in places] + ["inventory"])
+    assert reads.usual_place(state("put a clean apple in diningtable.", ["cabinet", "countertop", "fridge"]),
+                             "apple") == "fridge"
+    assert reads.usual_place(state("put a clean apple in fridge.", ["cabinet", "countertop", "fridge"]),
+                             "apple") == "countertop"
+    assert reads.usual_place(state("put some apple in fridge.", ["sofa", "cabinet"]), "apple") == "cabinet"
 
 
 @pytest.mark.parametrize("slots", [64, 3])
