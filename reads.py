@@ -1,22 +1,25 @@
-"""Does a model read a skill? ``python reads.py MODEL [--types T ...] [--games 8] [--episodes 4] [key=value ...]``
+"""Does a model read a skill? ``python reads.py MODEL [--types T ...] [--games 8] [--episodes 4] [--sources 10] [key=value ...]``
 
 MODEL is a run's cold-started model (``runs/<run>/coldstart_model``) or anything `model.load_policy`
-takes. Each of the first --games unseen eval games of each type is played --episodes times three
-ways, paired (same seeds): plain prompt; with a skill that names where the task's object is
-(`mining.answer_skill`, the positive control); with one that names a place of the room where it
-is not (the wrong-skill control); with a skill that names the place where the task's object type
-usually is (`usual_place`: the likeliest type of the room under envs.HOMES, right or wrong for
-this game: what a perfect type-level prior would say); with the template skill summarised from
-the walkthroughs of the first --sources training-pool games of the type (`walkthrough_skill`:
-the most a mined skill could know from those games; never the eval game's own). Printed per arm: wins, invalid-action rate, how often the
-first "go to" goes to the receptacle type that holds the object, and where the lost episodes
-went wrong (`outcome`: never took anything / took only other objects than the task's / took the
-task's object and still lost); then the actions of the first episode of the first game. A model
-that reads skills goes there first, and wins more, with the right skill than with the wrong one;
-one that only notices that a block is there plays both skills alike. key=value arguments
-override the config (the environment must be the one the model was trained on; default: the cpu
-preset's, which keeps actions admissible, `rollout.constrain_actions`; add
-rollout.constrain_actions=false to watch the model unconstrained).
+takes. Each of the first --games unseen eval games of each type is played --episodes times in five
+arms, paired (same seeds):
+- plain: no skill;
+- right: a skill that names where the task's object is (`mining.answer_skill`, the positive control);
+- wrong: one that names a place of the room where it is not (the wrong-skill control);
+- usual: one that names the place of the room where the object's type usually is (`usual_place`,
+  envs.HOMES; right or wrong for this game): what a perfect type-level prior would say;
+- mined: the template skill of the walkthroughs of the first --sources training-pool games of the
+  type (`walkthrough_skill`; never the eval game's own): the most a mined skill could know from
+  that many games (--sources 0: no such arm).
+Printed per arm: wins, invalid-action rate, how often the skill's first place for the object is
+where it is (and its first place that the room has), how often the first "go to" goes there,
+and where the lost episodes went wrong (`outcome`: never took anything / took only other objects
+than the task's / took the task's object and still lost); then the first episode of the first
+game, and the mined skills. A model that reads skills goes first where the skill says, and wins
+more with the right skill than with the wrong one; one that only notices that a block is there
+plays both alike. key=value arguments override the config (the environment must be the one the
+model was trained on; default: the cpu preset's, which keeps actions admissible,
+`rollout.constrain_actions`; add rollout.constrain_actions=false to watch the model unconstrained).
 """
 from __future__ import annotations
 
@@ -75,17 +78,20 @@ OUTCOMES = ("never took", "took another object", "took it, lost")
 
 def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int = 7,
           mined: dict[str, mining.Skill] | None = None) -> dict[str, dict]:
-    """{arm: {wins, episodes, invalid, steps, first_at_object, at_home, example, and per lost
-    episode's `outcome` its count}} over ``task_ids`` (see the module doc); `at_home`: episodes
-    whose skill names the object's place (all for "right", none for "wrong"). The "mined" arm is
-    played where `mined` holds a skill of the task's type."""
+    """{arm: {wins, episodes, invalid, steps, first_at_object, at_home, at_home_room, example, and
+    per lost episode's `outcome` its count}} over ``task_ids`` (see the module doc). `at_home`:
+    episodes whose skill's first place for the task's object (`Skill.search_order`) is where it
+    is (all for "right", none for "wrong"); `at_home_room`: the same for the first place of that
+    order that the room has (`mining.room_places`), what a reader who skips absent places would
+    try first. The "mined" arm is played where `mined` holds a skill of the task's type."""
     arms = [a for a in ARMS if a != "mined" or mined]
-    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "at_home": 0,
+    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "at_home": 0, "at_home_room": 0,
                  "example": "", **dict.fromkeys(OUTCOMES, 0)} for arm in arms}
     for tid in task_ids:
         tt = envs.task_type(tid)
         obj, home = mining.object_home(envs, tid)
         (state,) = envs.reset([tid])
+        state_places = mining.room_places(state)
         skills = {"plain": None, "right": mining.answer_skill(envs, [tid], tt),
                   "wrong": mining.answer_skill(envs, [tid], tt, wrong=True),
                   "usual": mining.answer_skill(envs, [tid], tt, place=usual_place(state, obj))}
@@ -95,7 +101,9 @@ def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int 
             trajs = agent.rollout(policy, envs, [tid], episodes, sampling,
                                   skill=None if skill is None else {tt: skill.text()}, seed=seed, desc=arm)
             row = out[arm]
-            named = skill is not None and skill.search_order(obj)[:1] == [home]
+            order = skill.search_order(obj) if skill is not None else []
+            named = order[:1] == [home]
+            named_room = next((p for p in order if p in state_places), None) == home
             for t in trajs:
                 row["wins"] += t.won
                 row["episodes"] += 1
@@ -103,6 +111,7 @@ def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int 
                 row["invalid"] += sum(not s.valid for s in t.steps)
                 row["first_at_object"] += first_goto(t) == home
                 row["at_home"] += named
+                row["at_home_room"] += named_room
                 if not t.won:
                     row[outcome(t, obj)] += 1
             if not row["example"]:
@@ -142,11 +151,13 @@ def main(argv: list[str]) -> dict[str, dict]:
     finally:
         envs.close()
     print(f"\n{len(ids)} unseen eval games x {args.episodes} episodes, temperature {sampling.temperature}")
-    print("| arm | wins | invalid actions | skill's first place is the object's | first go-to at the object's "
-          "receptacle type | lost: " + " | ".join(OUTCOMES) + " |\n|---|---|---|---|---|" + "---|" * len(OUTCOMES))
+    print("| arm | wins | invalid actions | skill's first place is the object's | its first place in the room is | "
+          "first go-to at the object's receptacle type | lost: " + " | ".join(OUTCOMES)
+          + " |\n|---|---|---|---|---|---|" + "---|" * len(OUTCOMES))
     for arm, r in res.items():
         print(f"| {arm} | {r['wins']} / {r['episodes']} | {r['invalid'] / max(r['steps'], 1):.2f} | "
-              f"{r['at_home']} / {r['episodes']} | {r['first_at_object']} / {r['episodes']} | "
+              f"{r['at_home']} / {r['episodes']} | {r['at_home_room']} / {r['episodes']} | "
+              f"{r['first_at_object']} / {r['episodes']} | "
               + " | ".join(str(r[k]) for k in OUTCOMES) + " |")
     for tt, skill in (mined or {}).items():
         print(f"\nmined skill of {tt} (walkthroughs of {args.sources} training-pool games):\n{skill.text()}")

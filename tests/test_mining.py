@@ -500,6 +500,7 @@ def test_answer_skill_names_the_objects_place_and_reads_counts_where_the_model_g
         assert list(res) == ["plain", "right", "wrong", "usual", "mined"]
         assert all(r["episodes"] == 2 and r["steps"] >= 2 and r["example"].startswith(tid) for r in res.values())
         assert (res["plain"]["at_home"], res["right"]["at_home"], res["wrong"]["at_home"]) == (0, 2, 0)
+        assert (res["plain"]["at_home_room"], res["right"]["at_home_room"], res["wrong"]["at_home_room"]) == (0, 2, 0)
         assert list(reads.probe(pol, envs, [tid], 1, decoder.SamplingConfig(max_new_tokens=4), seed=0)) == \
             ["plain", "right", "wrong", "usual"]
         assert all(r["wins"] + sum(r[k] for k in reads.OUTCOMES) == r["episodes"] for r in res.values())
