@@ -96,8 +96,10 @@ class ColdStartConfig:
     skill_places; siri.coldstart_texts). 0 = plain prompts only."""
     skill_places: str = "random"
     """What a skill demonstration's skill says: "mined" (summarised from other tasks' demonstrations of
-    the type) or "random" (one place of the task's room drawn at random, right or wrong, searched
-    first: only the block predicts the first step; siri.coldstart_texts)."""
+    the type), "random" (one place of the task's room drawn at random, right or wrong, searched
+    first: only the block predicts the first step; siri.coldstart_texts) or "lists" (the same
+    place in a mined skill's shape: after places the room lacks, among other objects' entries;
+    mining.listed_skill)."""
     games: str = "pool"
     """Which training games the cold start shows: "pool" (the first coldstart.tasks training games,
     inside the RL pool) or "after_pool" (the coldstart.tasks training games after the RL pool,
@@ -121,8 +123,8 @@ class ColdStartConfig:
             raise ValueError(f"coldstart.schedule={self.schedule!r}: choose constant or cosine")
         if self.games not in ("pool", "after_pool"):
             raise ValueError(f"coldstart.games={self.games!r}: choose pool or after_pool")
-        if self.skill_places not in ("mined", "random"):
-            raise ValueError(f"coldstart.skill_places={self.skill_places!r}: choose mined or random")
+        if self.skill_places not in ("mined", "random", "lists"):
+            raise ValueError(f"coldstart.skill_places={self.skill_places!r}: choose mined, random or lists")
         if not 0 <= self.rename <= 1:
             raise ValueError(f"coldstart.rename={self.rename}: a probability in [0, 1]")
         if self.tasks < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.skill_demos < 0:
@@ -194,14 +196,13 @@ PRESETS: dict[str, dict] = {
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
     # 14 steps, actions kept admissible at decoding (rollout.constrain_actions: half the tiny
     # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
-    # siri.py` short on 2 cores (measured, the previous version: 15 min, over the 10-minute
-    # goal; this version's not measured alone, README; a shorter cold start
-    # learned nothing, README): a cold start
-    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 other games (16 per type:
-    # 6 validate a type's skills, 10 are its summary sources; the cold start's games come after
-    # them, coldstart.games), 48 paired episodes per validation,
-    # the full eval set (20 games per type), 2 env worker processes (loading 120 games is most of
-    # an evaluation); lr 3e-3 and 2 mini-batches per iteration (tests/test_learning.py, README).
+    # siri.py` short on 2 cores (measured alone: 12 min 15 s, over the 10-minute goal, README; a
+    # shorter cold start learned nothing, README): a cold start of 48 games x 3 demonstrations x
+    # 11 epochs, a training pool of 96 other games (16 per type: 6 validate a type's skills, 10
+    # are its summary sources; the cold start's games come after them, coldstart.games), 48
+    # paired episodes per validation, the full eval set (20 games per type), 2 env worker
+    # processes (loading 120 games is most of an evaluation); lr 3e-3 and 2 mini-batches per
+    # iteration (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,
             "env.alfworld.receptacles": 6, "env.alfworld.distractors": 2, "env.alfworld.num_train_tasks": 144,
             "env.max_steps": 14, "env.num_workers": 2,

@@ -51,7 +51,7 @@ import webshop
 from agent import rollout
 from config import ARMS, ColdStartConfig, Config, ConfigError, config_reference, flat, load_config
 from core import EnvState, Sample, Step, Trajectory, atomic_dir, atomic_write, save_figure, seed_of
-from envs import EnvWorkerDied, make_envs, rename, rename_map
+from envs import HOMES, EnvWorkerDied, make_envs, rename, rename_map
 from model import ModelLoadError, load_policy
 from webshop import WebShopNotInstalled
 
@@ -221,6 +221,10 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
       (`mining.room_places`), right or wrong, and the demonstration looks there first. Only the
       block predicts where it goes first, so the model learns to take the place from the block;
       one task is shown with several places, so it cannot learn the answer instead.
+    - "lists": the same drawn place, in the shape of a mined skill (`mining.listed_skill`): the
+      task's object listed (3 times in 4) with places the room lacks before the drawn one, and
+      other objects' entries; the demonstration goes first to the first listed place the room
+      has, as a careful reader of a mined skill's lists would.
     - "mined": a template skill summarised from the plain demonstrations of 1..K *other* cold-start
       tasks of the type (a random subset each time, K = mining.trajectories_per_skill), searched
       in that skill's order. It never holds the task's own answer, but it mostly agrees with the
@@ -243,15 +247,20 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
         by_type[envs.task_type(tid)].append(tid)
     jobs: list[tuple[str, mining.Skill]] = []
     experts = []
+    object_types = sorted({hit[0] for t in as_traj.values() if (hit := mining.found_where(t))})
+    receptacle_types = sorted({mining.type_name(r) for homes in HOMES.values() for r in homes})
     for tid in task_ids:
         tt = envs.task_type(tid)
         others = [t for t in by_type[tt] if t != tid]
         obj = mining.found_where(as_traj[tid])
-        if cfg.skill_places == "random" and obj:
+        if cfg.skill_places in ("random", "lists") and obj:
             places = mining.room_places(start[tid])
         for _ in range(cfg.skill_demos if others else 0):
             if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
                 skill = mining.answer_skill(envs, [tid], tt, place=rng.choice(places))
+            elif cfg.skill_places == "lists" and obj:  # the same, in a ranked list, among other entries
+                skill = mining.listed_skill(mining.answer_skill(envs, [tid], tt, place=places[0]), obj[0], places,
+                                            receptacle_types, object_types, rng)
             else:
                 src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
                 fields, _ = mining.parse_skill(mining.template_summary(

@@ -3,6 +3,8 @@ template / random summarisers, dynamic evaluation. Offline, CPU, no model except
 import dataclasses
 import json
 import os
+import random
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -559,7 +561,8 @@ def test_demonstrations_played_in_one_batch_equal_those_played_one_at_a_time(slo
 
 def test_coldstart_skill_demonstrations_with_random_places_look_first_where_the_skill_says():
     """coldstart.skill_places=random: every skill-augmented demonstration's first step goes to the
-    place its skill names first, and the places are not always the object's (right or wrong)."""
+    place its skill names first, and the places are not always the object's (right or wrong).
+    lists (mining.listed_skill): to a place its block names."""
     env_cfg = envs_lib.EnvConfig(max_steps=30, alfworld=envs_lib.AlfworldConfig(num_train_tasks=7, eval_per_type=1))
     envs = envs_lib.EnvManager(env_cfg)
     try:
@@ -576,8 +579,42 @@ def test_coldstart_skill_demonstrations_with_random_places_look_first_where_the_
         homes = {mining.type_name(next(a for a in envs.walkthrough(t) if a.startswith("take ")).split(" from ")[1])
                  for t in ids}
         assert any(said not in homes for said, _ in firsts)
+        lists = config.ColdStartConfig(skill_demos=3, skill_places="lists")
+        texts, stats = siri.coldstart_texts(envs, ids, lists, MiningConfig(), seed=0)
+        first = [(p, core.extract_action(t)) for p, t in texts
+                 if "Skill: " in p and core.HISTORY_BLOCK.split("{")[0] not in p]
+        assert stats["coldstart/demos_skill"] == len(first) > 0
+        searched = 0
+        for prompt, action in first:  # a block naming a place of the room: the search starts at one of them
+            block = prompt.split("Steps:")[0].split("Look first in: ")[-1] if "Look first in: " in prompt else ""
+            room = {mining.type_name(a) for a in re.findall(r"go to ([a-z]+) \d", prompt.split("Admissible")[-1])}
+            if any(re.search(rf"\b{r}\b", block) for r in room):
+                searched += 1
+                assert action.startswith("go to ") and mining.type_name(action[len("go to "):]) in block
+        assert searched > 0
     finally:
         envs.close()
+
+
+def test_listed_skill_puts_the_drawn_place_first_among_the_places_the_room_has():
+    """mining.listed_skill (coldstart.skill_places=lists): whatever it draws, the first place of the
+    skill's search order for the object that the room has is the drawn room place when the object
+    is listed, and the listed places before it are ones the room does not have."""
+    base = skill()
+    room, places = ["cabinet", "countertop", "fridge"], ["bed", "cabinet", "countertop", "fridge", "safe", "sofa"]
+    listed = 0
+    for seed in range(40):
+        s = mining.listed_skill(base, "apple", room, places, ["apple", "cd", "mug"], random.Random(seed))
+        assert s.steps == base.steps and set(s.where) <= {"apple", "cd", "mug"}
+        order = s.search_order("apple")
+        first = next((p for p in order if p in room), None)
+        if "apple" in s.where:
+            listed += 1
+            ranked = sorted(s.where["apple"], key=lambda r: -s.where["apple"][r])
+            assert ranked[-1] == first and all(p not in room for p in ranked[:-1])
+        else:
+            assert first == next((p for p in s.look_first() if p in room), None)
+    assert 20 < listed < 40  # 3 times in 4
 
 
 def test_split_pool_keeps_validation_tasks_out_of_the_summary_sources():
