@@ -426,20 +426,20 @@ def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False,
                  where=where, steps=steps, pitfalls=[], summariser="hand-written")
 
 
-def listed_skill(base: Skill, obj: str, room: list[str], places: list[str], objects: list[str],
+def listed_skill(base: Skill, obj: str, room: list[str], absent: list[str], objects: list[str],
                  rng: random.Random) -> Skill:
     """`base` (an `answer_skill`) in a mined skill's shape, with places drawn at random: 3 times in 4
-    the task's object `obj` is listed with a ranked list, 0-2 places that the room does not have
-    (of `places`) before a place of the `room` drawn at random (right or wrong); 0-2 other object
-    types of `objects` with one place of `places` each. A reader that takes the first listed place
-    the room has (`Skill.search_order`) goes to the drawn one; when `obj` is not listed, to the first
-    place of "Look first in" that the room has (coldstart.skill_places=lists)."""
+    the task's object `obj` is listed with a ranked list, 0-2 receptacle types the room does not
+    have (`absent`) before a place of the `room` (`room_places`) drawn at random (right or wrong);
+    0-2 other object types of `objects` with one place of `room` or `absent` each. A reader that
+    takes the first listed place the room has (`Skill.search_order`) goes to the drawn one; when
+    `obj` is not listed, to the first place of "Look first in" that the room has
+    (coldstart.skill_places=lists)."""
     where: dict[str, dict[str, int]] = {}
-    for o in rng.sample(objects, min(len(objects), rng.randint(0, 2))):
-        if o != obj:
-            where[o] = {rng.choice(places): 1}
+    others = [o for o in objects if o != obj]
+    for o in rng.sample(others, min(len(others), rng.randint(0, 2))):
+        where[o] = {rng.choice(room + absent): 1}
     if rng.random() < 0.75:
-        absent = sorted(set(places) - set(room))
         ranked = rng.sample(absent, min(len(absent), rng.randint(0, 2))) + [rng.choice(room)]
         where[obj] = {p: len(ranked) - i for i, p in enumerate(ranked)}
     return Skill(name=base.name, task_type=base.task_type, when_to_use=base.when_to_use, where=where,

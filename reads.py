@@ -50,9 +50,14 @@ def usual_place(state, obj_type: str) -> str:
 
 def walkthrough_skill(envs, task_ids: list[str], task_type: str) -> mining.Skill:
     """The template skill (`mining.template_summary`) of `task_ids`' walkthroughs played as won
-    trajectories (`siri.demonstration` without a search: where each game's object is, its steps)."""
+    trajectories (`siri.demonstration` without a search: where each game's object is, its steps).
+    Every object type seen is kept (a run's skill keeps mining.max_skill_steps of them, never more
+    than the K trajectories it reads)."""
+    if not task_ids:
+        raise ValueError(f"no training-pool games of type {task_type} to summarise")
     trajs = [siri.demo_trajectory(t, task_type, siri.demonstration(envs, t, [], None)[0]) for t in task_ids]
-    fields, err = mining.parse_skill(mining.template_summary(trajs, task_type))
+    keep = max(len(task_ids), 12)
+    fields, err = mining.parse_skill(mining.template_summary(trajs, task_type, keep), keep)
     assert err is None, err  # the template writes well-formed JSON
     return mining.Skill(**fields, task_type=task_type, summariser="template (walkthroughs)")
 
@@ -85,8 +90,8 @@ def probe(policy, envs, task_ids: list[str], episodes: int, sampling, seed: int 
     order that the room has (`mining.room_places`), what a reader who skips absent places would
     try first. The "mined" arm is played where `mined` holds a skill of the task's type."""
     arms = [a for a in ARMS if a != "mined" or mined]
-    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "at_home": 0, "at_home_room": 0,
-                 "example": "", **dict.fromkeys(OUTCOMES, 0)} for arm in arms}
+    out = {arm: {"wins": 0, "episodes": 0, "invalid": 0, "steps": 0, "first_at_object": 0, "at_home": 0,
+                 "at_home_room": 0, "example": "", **dict.fromkeys(OUTCOMES, 0)} for arm in arms}
     for tid in task_ids:
         tt = envs.task_type(tid)
         obj, home = mining.object_home(envs, tid)
@@ -126,8 +131,8 @@ def main(argv: list[str]) -> dict[str, dict]:
                                                        "pick_heat_then_place_in_recep"])
     parser.add_argument("--games", type=int, default=8, help="unseen eval games per type")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per game and arm")
-    parser.add_argument("--sources", type=int, default=10,
-                        help="training-pool games per type whose walkthroughs the mined arm's skill summarises (0: no mined arm)")
+    parser.add_argument("--sources", type=int, default=10, help="training-pool games per type whose "
+                        "walkthroughs the mined arm's skill summarises (0: no mined arm)")
     parser.add_argument("overrides", nargs="*", help="config key=value, e.g. env.max_steps=14")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the options
     args.overrides += [t for t in args.types if "=" in t]  # --types' list swallows overrides after it

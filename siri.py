@@ -259,8 +259,10 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
             if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
                 skill = mining.answer_skill(envs, [tid], tt, place=rng.choice(places))
             elif cfg.skill_places == "lists" and obj:  # the same, in a ranked list, among other entries
-                skill = mining.listed_skill(mining.answer_skill(envs, [tid], tt, place=places[0]), obj[0], places,
-                                            receptacle_types, object_types, rng)
+                base = mining.answer_skill(envs, [tid], tt, place=places[0])  # its name and steps only
+                has = {mining.type_name(a[len("go to "):]) for a in start[tid].admissible if a.startswith("go to ")}
+                skill = mining.listed_skill(base, obj[0], places, [r for r in receptacle_types if r not in has],
+                                            object_types, rng)
             else:
                 src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
                 fields, _ = mining.parse_skill(mining.template_summary(
