@@ -395,12 +395,16 @@ def object_home(envs, task_id: str) -> tuple[str, str]:
     return type_name(obj), type_name(place)
 
 
+def room_types(state) -> set[str]:
+    """The receptacle types of the room: those with a "go to" in the admissible actions."""
+    return {type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")}
+
+
 def room_places(state) -> list[str]:
-    """The receptacle types of a task's room worth searching, sorted: those with a "go to" in the
-    admissible actions at the start, less the types the task names (its goal, e.g. the sinkbasin
-    of "put a clean mug in sinkbasin"), which no demonstration searches."""
-    named = set(re.findall(r"[a-z]+", state.task.lower()))
-    return sorted({type_name(a[len("go to "):]) for a in state.admissible if a.startswith("go to ")} - named)
+    """The receptacle types of a task's room worth searching, sorted: `room_types` at the start,
+    less the types the task names (its goal, e.g. the sinkbasin of "put a clean mug in
+    sinkbasin"), which no demonstration searches."""
+    return sorted(room_types(state) - set(re.findall(r"[a-z]+", state.task.lower())))
 
 
 def answer_skill(envs, task_ids: list[str], task_type: str, wrong: bool = False, seed: int = 0,

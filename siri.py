@@ -248,21 +248,21 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
     jobs: list[tuple[str, mining.Skill]] = []
     experts = []
     object_types = sorted({hit[0] for t in as_traj.values() if (hit := mining.found_where(t))})
-    receptacle_types = sorted({mining.type_name(r) for homes in HOMES.values() for r in homes})
+    receptacle_types = {mining.type_name(r) for homes in HOMES.values() for r in homes}
     for tid in task_ids:
         tt = envs.task_type(tid)
         others = [t for t in by_type[tt] if t != tid]
         obj = mining.found_where(as_traj[tid])
         if cfg.skill_places in ("random", "lists") and obj:
             places = mining.room_places(start[tid])
+        if cfg.skill_places == "lists" and obj and others:
+            base = mining.answer_skill(envs, [tid], tt, place=places[0])  # its name and steps only
+            absent = sorted(set(receptacle_types) - mining.room_types(start[tid]))
         for _ in range(cfg.skill_demos if others else 0):
             if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
                 skill = mining.answer_skill(envs, [tid], tt, place=rng.choice(places))
             elif cfg.skill_places == "lists" and obj:  # the same, in a ranked list, among other entries
-                base = mining.answer_skill(envs, [tid], tt, place=places[0])  # its name and steps only
-                has = {mining.type_name(a[len("go to "):]) for a in start[tid].admissible if a.startswith("go to ")}
-                skill = mining.listed_skill(base, obj[0], places, [r for r in receptacle_types if r not in has],
-                                            object_types, rng)
+                skill = mining.listed_skill(base, obj[0], places, absent, object_types, rng)
             else:
                 src = rng.sample(others, rng.randint(1, min(mining_cfg.trajectories_per_skill, len(others))))
                 fields, _ = mining.parse_skill(mining.template_summary(
