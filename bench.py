@@ -4,6 +4,8 @@
   python bench.py rollout   the environment's share of rollout wall time (`cmd_rollout`)
   python bench.py loop      one Phase 0 iteration, our engine against the same iteration written by
                             hand with HF, then a scaling table of ours (`cmd_loop`)
+  python bench.py score     `Policy.score` + backward, right-padded causal (ours) against left-padded
+                            with a mask (`cmd_score`)
   python bench.py device    decode + loop + a QLoRA update on one model, with a summary: what
                             `cuda_bench.sh` runs on a GPU (`cmd_device`); also `make-model`, `qlora`
 
@@ -384,6 +386,59 @@ SHAPES = {
     "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
                      num_hidden_layers=28, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6),
 }
+
+
+def cmd_score(args) -> dict:
+    """`Policy.score` with grad + backward (the update's and the cold start's pass) in its two layouts,
+    interleaved, best of --repeats, on the same rows: right-padded with no mask, so SDPA runs causal
+    (ours, `Policy._score_batch`), and left-padded with the padding mask (`_score_batch_padded`).
+    Rows: --rows chat prompts of --prompt-len-40..--prompt-len tokens (`make_prompts`) with
+    responses of 8..--response-len tokens, in micro-batches of --batch rows. Prints `ratio score`.
+    Also checks that the two layouts give the same log-probs (max abs difference printed)."""
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model_dir or make_model(os.path.join(tmp, args.shape), args.shape, args.dtype, args.layers,
+                                            args.vocab)
+        pol = model.load_policy(model.ModelConfig(name=path, dtype=args.dtype), device=args.device)
+        rng = random.Random(args.seed)
+        prompts = make_prompts(pol, args.rows, args.prompt_len, args.seed)
+        responses = [[rng.randrange(len(pol.tokenizer)) for _ in range(rng.randint(8, args.response_len))]
+                     for _ in prompts]
+        layouts = {"right-padded, causal (ours)": True, "left-padded, mask": False}
+
+        def one(causal: bool) -> list:
+            pol._causal_ok = causal
+            out = []
+            for i in range(0, len(prompts), args.batch):
+                lps = pol.score(prompts[i:i + args.batch], responses[i:i + args.batch], 1 << 30)
+                (-torch.cat(lps).mean()).backward()
+                out += [lp.detach() for lp in lps]
+            pol.model.zero_grad(set_to_none=True)
+            return out
+
+        runs = {name: (lambda c=c: one(c)) for name, c in layouts.items()}
+        times = {name: [] for name in runs}
+        outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs compared
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                sync(args.device)
+                t0 = CLOCKS[args.clock]()
+                fn()
+                sync(args.device)
+                times[name].append(CLOCKS[args.clock]() - t0)
+        pol._causal_ok = True
+    diff = max((a - b).abs().max().item() for a, b in zip(*outs.values()))
+    best = {name: min(v) for name, v in times.items()}
+    tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    for name, t in best.items():
+        print(f"{name:28s} {t:7.3f} s  {tokens / t:8.0f} tokens/s (forward + backward, {args.clock} clock)")
+    ours, padded = best.values()
+    print(f"max |log-prob difference| {diff:.2e}")
+    print(f"ratio score {padded / ours:.2f}")
+    report = {"best_s": best, "tokens": tokens, "max_abs_diff": diff, "ratio_score": padded / ours,
+              "args": vars(args) | {"func": None}}
+    core.atomic_write_json(args.out, report, indent=2)
+    return report
 
 
 def make_model(out_dir: str, shape: str, dtype: str = "float32", layers: int = 0, vocab: int = 0,
@@ -873,6 +928,23 @@ def main(argv: list[str] | None = None) -> dict:
     lp.add_argument("--scale-model-g", type=int, default=4, help="... and this G")
     lp.add_argument("--out", default="runs/bench_loop.json", help="JSON report path")
     lp.set_defaults(func=cmd_loop)
+    sc = sub.add_parser("score", help="Policy.score + backward: right-padded causal vs left-padded with a mask")
+    sc.add_argument("--threads", type=int, default=2, help="torch threads (the cold start and updates use all cores)")
+    sc.add_argument("--repeats", type=int, default=5, help="timed runs per layout (the best counts)")
+    sc.add_argument("--clock", default="wall", choices=list(CLOCKS))
+    sc.add_argument("--rows", type=int, default=64)
+    sc.add_argument("--batch", type=int, default=16, help="rows per micro-batch (the cold start's batch_size)")
+    sc.add_argument("--prompt-len", type=int, default=300, help="longest prompt (the cpu preset's: 150-400)")
+    sc.add_argument("--response-len", type=int, default=24)
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    sc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    sc.add_argument("--layers", type=int, default=0)
+    sc.add_argument("--vocab", type=int, default=0)
+    sc.add_argument("--model-dir", default="")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out", default="runs/bench_score.json", help="JSON report path")
+    sc.set_defaults(func=cmd_score)
     dv = sub.add_parser("device", help="decode + loop + qlora on one saved model, with a summary (cuda_bench.sh)")
     dv.add_argument("--device", default="cuda")
     dv.add_argument("--size", default="full", choices=list(DEVICE_RUNS),

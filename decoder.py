@@ -393,6 +393,7 @@ class Policy:
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
+        self._causal_ok = self._full_attention  # `_score_batch`'s right-padded, mask-free layout
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
@@ -687,7 +688,46 @@ class Policy:
 
     def _score_batch(self, prompts, responses, batch, temperature, with_entropy, logps, ents, entropy_grad=True,
                      allowed=None):
-        """One micro-batch of `score`; writes into logps[i] / ents[i] for i in batch."""
+        """One micro-batch of `score`; writes into logps[i] / ents[i] for i in batch.
+
+        Layout (our choice): each row is its prompt and response back to back, right-padded, and
+        no attention mask is passed, so SDPA runs with ``is_causal`` (a pad key sits after every
+        real token: causality already hides it), which attends over the lower triangle only and
+        builds no (b, 1, L, L) mask: measured, ~2x less attention time than a left-padded batch
+        with its mask (`python bench.py score`). Only the R positions that predict a response
+        token go through the LM head, gathered per row (logits (b, R, V), never (b, L, V)).
+        Models whose logits are not ``lm_head(last hidden state)`` (a final soft-cap) take the
+        left-padded path, `_score_batch_padded`."""
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if getattr(lm.config.get_text_config(decoder=True), "final_logit_softcapping", None) or not self._causal_ok:
+            return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
+                                            entropy_grad, allowed)
+        R = max(len(responses[i]) for i in batch)
+        if R == 0:
+            for i in batch:
+                logps[i] = ents[i] = torch.zeros(0, device=self.device)
+            return
+        L = max(len(prompts[i]) + len(responses[i]) for i in batch)
+        ids = torch.full((len(batch), L + 1), self.pad_id, dtype=torch.long)  # one pad column: see `cols`
+        starts = torch.tensor([len(prompts[i]) for i in batch])  # (b,) column of each row's first response token
+        for j, i in enumerate(batch):
+            row = prompts[i] + responses[i]
+            ids[j, :len(row)] = torch.tensor(row, dtype=torch.long)
+        # column starts[j] - 1 + t predicts response token t; past a row's end it reads pads (dropped below)
+        cols = (starts[:, None] - 1 + torch.arange(R)[None, :]).clamp(max=L - 1)  # (b, R)
+        ids, cols = ids.to(self.device), cols.to(self.device)
+        hidden = lm.get_decoder()(input_ids=ids[:, :L], use_cache=False).last_hidden_state  # (b, L, H)
+        picked = hidden.gather(1, cols[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (b, R, H)
+        logits = lm.get_output_embeddings()(picked).float()  # (b, R, V)
+        targets = ids.gather(1, cols + 1)  # (b, R): the token each column predicts
+        self._score_tail(logits, targets, responses, batch, temperature, with_entropy, logps, ents, entropy_grad,
+                         allowed)
+
+    def _score_batch_padded(self, prompts, responses, batch, temperature, with_entropy, logps, ents,
+                            entropy_grad=True, allowed=None):
+        """`_score_batch` for models that need the model's own forward: prompts left-padded and
+        responses right-padded, so every response starts at the same column P, with the padding
+        mask, and ``logits_to_keep`` passes only the R response positions through the LM head."""
         P = max(len(prompts[i]) for i in batch)
         R = max(len(responses[i]) for i in batch)
         if R == 0:
@@ -705,10 +745,17 @@ class Policy:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                          logits_to_keep=R + 1)
         logits = out.logits[:, :-1].float()  # (b, R, V): column P-1+t predicts response token t
+        self._score_tail(logits, ids[:, P:], responses, batch, temperature, with_entropy, logps, ents,
+                         entropy_grad, allowed)
+
+    def _score_tail(self, logits, targets, responses, batch, temperature, with_entropy, logps, ents,
+                    entropy_grad, allowed):
+        """From the logits (b, R, V) of the positions that predict each row's response tokens
+        `targets` (b, R): log-probs and entropies, renormalised where actions were constrained."""
         if temperature != 1.0:
             logits = logits / temperature
         logp_all = logits.log_softmax(-1)  # (b, R, V)
-        tok_lp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)  # (b, R)
+        tok_lp = logp_all.gather(-1, targets[:, :, None]).squeeze(-1)  # (b, R)
         ent = None
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

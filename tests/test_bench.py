@@ -51,7 +51,7 @@ def test_our_update_equals_the_by_hand_update_with_fewer_forwards(tmp_path):
         kind = "ref" if ref else ("grad" if torch.is_grad_enabled() else "old")
         rows[kind] = rows.get(kind, 0) + kwargs["input_ids"].shape[0]
 
-    hook = pol.model.get_base_model().register_forward_hook(count, with_kwargs=True)
+    hook = pol.model.get_base_model().get_decoder().register_forward_hook(count, with_kwargs=True)  # every pass
     try:
         results = {}
         for arm in ("ours", "hand"):
@@ -103,3 +103,15 @@ def test_bench_rollout_rows(tmp_path, capsys):
     assert rows == [(0, 1, False), (0, 2, False), (2, 1, False), (2, 2, True), (2, 2, False)]
     assert json.loads(out.read_text())["rows"][3]["env_steps"] > 0  # admissible actions reached the env
     assert "waves" in capsys.readouterr().out
+
+
+def test_bench_score_compares_the_two_scoring_layouts(tmp_path, capsys):
+    """`bench.py score` times both layouts of `Policy.score` on the same rows, which agree; no timing
+    is checked."""
+    out = tmp_path / "score.json"
+    report = bench.main(["score", "--rows", "6", "--batch", "3", "--prompt-len", "60", "--repeats", "1",
+                         "--threads", "1", "--out", str(out)])
+    assert set(report["best_s"]) == {"right-padded, causal (ours)", "left-padded, mask"}
+    assert report["max_abs_diff"] < 1e-4 and report["tokens"] > 6 * 20
+    assert json.loads(out.read_text())["ratio_score"] > 0
+    assert "ratio score" in capsys.readouterr().out

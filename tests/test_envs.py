@@ -76,8 +76,8 @@ def test_every_task_type_generates_solvable_and_its_walkthrough_wins(manager):
 
 def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
     """envs._memoize_textworld_parsers caches TextWorld's parses and fast-downward's PDDL -> SAS
-    translation and copies the text generator's context dicts only: every observation, admissible
-    list, reward and win of the eval walkthroughs (plus a reset of the loaded games, an invalid and
+    translation (kept pickled, and on disk: `envs.TRANSLATIONS_DIR`) and copies the text generator's
+    context dicts only: every observation, admissible list, reward and win of the eval walkthroughs (plus a reset of the loaded games, an invalid and
     a searching step) is the same with the originals (the speed-ups would be bugs if anything
     differed)."""
     from textworld import logic
@@ -94,11 +94,17 @@ def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
 
     import fast_downward
 
+    envs.make_engine().close()  # installs the caches
+    fast_downward.pddl2sas.cache.clear()  # translations come from the disk (written at generation) or are made anew
     cached = play()
     modules = (textgen, logic, pddl_logic)
     assert all(m._parse_and_convert is not m._parse_uncached for m in modules)  # the cache is on
     assert fast_downward.pddl2sas is not fast_downward._pddl2sas_uncached
     assert textgen.copy_context is not textgen._copy_context_deep
+    for fn in (fast_downward.pddl2sas, pddl_logic._parse_and_convert):  # hits are unpickled, not deep-copied
+        assert fn.cache and all(blob is not None for _, blob in fn.cache.values())
+    assert envs.UNPICKLE_HITS
+    assert envs.TRANSLATIONS_DIR and len(os.listdir(envs.TRANSLATIONS_DIR)) >= len(fast_downward.pddl2sas.cache)  # on disk too
     for m in modules:
         monkeypatch.setattr(m, "_parse_and_convert", m._parse_uncached)
     monkeypatch.setattr(fast_downward, "pddl2sas", fast_downward._pddl2sas_uncached)
@@ -198,12 +204,14 @@ def test_room_catalogue_is_consistent():
 
 def test_games_are_cached_on_disk_atomically(manager):
     folder = envs.embedded_cache_folder(manager.cfg)
-    names = os.listdir(folder)
+    names = [n for n in os.listdir(folder) if n != "translations"]  # the games' PDDL -> SAS translations
     assert not [n for n in names if n.startswith(".tmp-")]
     assert len(names) == 12
     mtimes = {n: os.path.getmtime(os.path.join(folder, n)) for n in names}
     assert envs.ensure_embedded_games(manager.cfg, manager.task_ids("eval")) == 0  # nothing regenerated
-    assert mtimes == {n: os.path.getmtime(os.path.join(folder, n)) for n in os.listdir(folder)}
+    assert mtimes == {n: os.path.getmtime(os.path.join(folder, n)) for n in names}
+    translations = os.path.join(folder, "translations")
+    assert not [n for n in os.listdir(translations) if not n.endswith(".pkl")]  # written atomically too
 
 
 # ------------------------------------------------------------------------------ real data

@@ -261,6 +261,42 @@ def test_score_micro_batches_entropy_and_grad(pol, prompts):
     pol.model.zero_grad(set_to_none=True)
 
 
+def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir, prompts, monkeypatch):
+    """`Policy._score_batch` (rows right-padded, no mask: SDPA causal) and `_score_batch_padded` (left
+    padding and its mask, the model's own forward) give the same log-probs, entropies, reference
+    log-probs and LoRA gradients on ragged rows; and the default path passes no mask to attention."""
+    torch.manual_seed(0)
+    pol = model.load_policy(ModelConfig(name=tiny_dir), device="cpu")  # its own: the LoRA is changed below
+    with torch.no_grad():  # a LoRA that changes the outputs, so policy and reference differ
+        for n, p in pol.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    responses = [p[:n] for p, n in zip(reversed(prompts), (5, 0, 9, 3))]  # ragged, one empty
+
+    def run(causal):
+        monkeypatch.setattr(pol, "_causal_ok", causal)
+        lps, ents = pol.score(prompts, responses, token_budget=100_000, with_entropy=True)
+        (-torch.cat(lps).sum() - torch.cat(ents).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
+        pol.model.zero_grad(set_to_none=True)
+        ref = pol.score(prompts, responses, token_budget=100_000, reference=True)
+        return [x.detach() for x in lps], [x.detach() for x in ents], grads, ref
+
+    masks = []
+    lm = pol.model.get_base_model()
+    hook = lm.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    fast = run(True)
+    hook.remove()
+    assert masks and all(m is None for m in masks)  # causal: no (b, 1, L, L) mask was built
+    slow = run(False)
+    for a, b in zip(fast[0] + fast[1] + fast[3], slow[0] + slow[1] + slow[3]):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert fast[2].keys() == slow[2].keys() and any("lora_" in n for n in fast[2])
+    assert all(torch.allclose(fast[2][n], slow[2][n], atol=1e-5, rtol=1e-4) for n in fast[2])
+    assert not torch.allclose(torch.cat(fast[0]), torch.cat(fast[3]), atol=1e-3)  # the adapter mattered
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, prompts):
     grads = []
     for ckpt in (False, True):
