@@ -208,10 +208,10 @@ PRESETS: dict[str, dict] = {
             "env.max_steps": 14, "env.num_workers": 2,
             "rollout.constrain_actions": True,
             "coldstart.tasks": 48, "coldstart.epochs": 11, "coldstart.rename": 0.5, "coldstart.games": "after_pool",
-            "warmup.task_pool": 96, "warmup.iterations": 8,
+            "warmup.task_pool": 96, "warmup.iterations": 4,
             "gigpo.lr": 3e-3, "gigpo.group_size": 8, "gigpo.minibatches": 2, "eval.max_tasks": 0,
-            "mining.trajectories_per_skill": 8, "mining.validation_tasks": 6, "mining.validation_group": 8,
-            "distill.iterations": 4},
+            "mining.trajectories_per_skill": 8, "mining.validation_tasks": 5, "mining.validation_group": 6,
+            "distill.iterations": 3, "distill.tasks_per_iter": 3},
     # One GPU (24 GB+): the reproduction default of the GiGPO ALFWorld script, with LoRA.
     "qwen1.5b": {
         "model.name": "Qwen/Qwen2.5-1.5B-Instruct", "model.dtype": "bfloat16",

@@ -273,8 +273,9 @@ def _version(package: str) -> str:
 _ENGINE_VERSIONS = tuple(_version(p) for p in ("fast_downward_textworld", "textworld", "alfworld"))
 TRANSLATIONS_DIR: str | None = None
 """Folder where `_memoized` also keeps fast-downward's PDDL -> SAS translations on disk (None: memory
-only). The embedded backend and the game generator set it to the games' cache folder, so a game
-translated once (at generation) is never translated again by another process or run."""
+only). The game generator, and the embedded backend before each load, set it to the games' cache
+folder (the real backend to None), so a game translated once (at generation) is never translated
+again by another process or run."""
 
 UNPICKLE_HITS = True
 """`_memoized` hands out copies by `pickle.loads` (False: `copy.deepcopy`, as before; `python envs.py
@@ -309,11 +310,15 @@ def _memoized(fn, debug_flag: str, limit: int, folder: Callable[[], str | None] 
             where = folder()
             path = os.path.join(where, hashlib.sha1(repr((_ENGINE_VERSIONS, key)).encode()).hexdigest() + ".pkl") \
                 if where else None
+            value = blob = None
             if path and os.path.exists(path):
                 with open(path, "rb") as f:
                     blob = f.read()
-                value = pickle.loads(blob)
-            else:
+                try:
+                    value = pickle.loads(blob)
+                except Exception:  # unreadable (another library build): made anew and rewritten below
+                    blob = None
+            if blob is None:
                 value = fn(*args, **kwargs)
                 try:
                     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -868,6 +873,7 @@ class Alfworld:
         self._engine = None     # playing engine, made on the first reset
         self._planner = None    # planning engine, made only if a walkthrough must be planned
         self.loaded_task: str | None = None  # task id of the game in the engine (see _Slots)
+        self.translations: str | None = None  # `TRANSLATIONS_DIR` while this backend loads a game
         self._task, self._task_type = "", ""
 
     # -- prompt and grammar --------------------------------------------------------------------
@@ -918,13 +924,17 @@ class Alfworld:
             game = json.load(f)
         if game.get("walkthrough"):
             return list(game["walkthrough"])
+        global TRANSLATIONS_DIR
+        TRANSLATIONS_DIR = self.translations
         self._planner = self._planner or make_engine(plan=True)
         return solve_game(self._planner, game) or []
 
     # -- playing -----------------------------------------------------------------------------
     def reset(self, task_id: str) -> tuple[str, dict]:
+        global TRANSLATIONS_DIR
         if self._engine is None:
             self._engine = make_engine(plan=False)
+        TRANSLATIONS_DIR = self.translations  # this source's folder for the load's translations (or None)
         with _keep_argv():
             if self.loaded_task != task_id:
                 self.loaded_task = None
@@ -957,9 +967,8 @@ class EmbeddedAlfworld(Alfworld):
     their PDDL -> SAS translations (`TRANSLATIONS_DIR`)."""
 
     def __init__(self, cfg: EnvConfig):
-        global TRANSLATIONS_DIR
         super().__init__(cfg)
-        TRANSLATIONS_DIR = os.path.join(embedded_cache_folder(cfg), "translations")
+        self.translations = os.path.join(embedded_cache_folder(cfg), "translations")
 
     def task_ids(self, split: str) -> list[str]:
         ids = embedded_task_ids(self.cfg, split)
