@@ -196,11 +196,13 @@ PRESETS: dict[str, dict] = {
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
     # 14 steps, actions kept admissible at decoding (rollout.constrain_actions: half the tiny
     # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
-    # siri.py` short on 2 cores (measured alone: 12 min 15 s, over the 10-minute goal, README; a
-    # shorter cold start learned nothing, README): a cold start of 48 games x 3 demonstrations x
-    # 11 epochs, a training pool of 96 other games (16 per type: 6 validate a type's skills, 10
-    # are its summary sources; the cold start's games come after them, coldstart.games), 48
-    # paired episodes per validation, the full eval set (20 games per type), 2 env worker
+    # siri.py` under 10 minutes on 2 cores (measured alone: 9 min 23 s, README; a shorter cold
+    # start learned less: 9 epochs gave 0.092 eval success after it, 11 gave 0.125): a cold start
+    # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 other games (16 per type: 5
+    # validate a type's skills, 11 are its summary sources; the cold start's games come after
+    # them, coldstart.games), 4 warmup iterations, 30 paired episodes per validation (5 tasks x 6),
+    # Phase 2 of 3 iterations x 3 tasks (8, 48, 4 x 4 before: 12 min 15 s), the full eval set
+    # (20 games per type), 2 env worker
     # processes (loading 120 games is most of an evaluation); lr 3e-3 and 2 mini-batches per
     # iteration (tests/test_learning.py, README).
     "cpu": {"model.name": "tiny", "model.dtype": "float32", "rollout.max_new_tokens": 32,

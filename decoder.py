@@ -368,6 +368,11 @@ def _renormalise(logp_all: torch.Tensor, tok_lp: torch.Tensor, ent: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
+CAUSAL_SCORING_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+"""Model types `Policy._score_batch` scores through the decoder + LM head directly (checked against the
+model's own forward in tests/test_policy.py for qwen2); every other type takes the model's forward."""
+
+
 class Policy:
     """A causal LM (normally a `peft.PeftModel` with one LoRA adapter) + its tokenizer."""
 
@@ -393,7 +398,10 @@ class Policy:
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
-        self._causal_ok = self._full_attention  # `_score_batch`'s right-padded, mask-free layout
+        # `_score_batch`'s right-padded, mask-free layout: for model types whose logits are exactly
+        # lm_head(last hidden state) and whose positions are 0..n-1 (others scale the logits after
+        # the head, e.g. Cohere, Granite, or build positions of their own, e.g. multimodal Qwen)
+        self._causal_ok = self._full_attention and lm.config.model_type in CAUSAL_SCORING_TYPES
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
@@ -660,7 +668,8 @@ class Policy:
     @staticmethod
     def pack_rows(lengths: list[tuple[int, int]], token_budget: int, max_pad: float = 0.125) -> list[list[int]]:
         """Micro-batches for `score`: lists of row indices, given each row's (prompt, response) token
-        counts. A micro-batch becomes one (b, P + R) tensor (P, R: its longest prompt and response).
+        counts. A micro-batch becomes one tensor at most (b, P + R) wide (P, R: its longest prompt
+        and response; `_score_batch`'s right-padded rows need only the longest prompt + response).
 
         Rows are sorted by (prompt, response) length, longest first, and cut greedily: a row starts
         a new micro-batch when adding it would make the tensor exceed `token_budget` tokens (a row
@@ -693,13 +702,13 @@ class Policy:
         no attention mask is passed, so SDPA runs with ``is_causal`` (a pad key sits after every
         real token: causality already hides it), which attends over the lower triangle only and
         builds no (b, 1, L, L) mask: measured on the tiny model, the pass with its backward is
-        1.10-1.14x faster than a left-padded batch with its mask (`python bench.py score`;
-        attention is about a quarter of it). Only the R positions that predict a response
+        1.10-1.14x faster than a left-padded batch with its mask (`python bench.py score`).
+        Only the R positions that predict a response
         token go through the LM head, gathered per row (logits (b, R, V), never (b, L, V)).
-        Models whose logits are not ``lm_head(last hidden state)`` (a final soft-cap) take the
-        left-padded path, `_score_batch_padded`."""
+        Model types outside `CAUSAL_SCORING_TYPES` (logits scaled after the head, positions of their
+        own) and models with sliding-window layers take the left-padded path, `_score_batch_padded`."""
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if getattr(lm.config.get_text_config(decoder=True), "final_logit_softcapping", None) or not self._causal_ok:
+        if not self._causal_ok:
             return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
                                             entropy_grad, allowed)
         R = max(len(responses[i]) for i in batch)

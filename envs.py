@@ -228,7 +228,7 @@ def _memoize_textworld_parsers() -> None:
     grammar's text templates at every observation and game load, logic expressions (rule
     conditions, propositions) at every step. Profiled, those parses were about 60 % of an env
     step. Each module-level parse is a pure function of its arguments, so we cache it and hand out
-    a deep copy (callers write into what they get). Same engine, same text: tests/test_envs.py
+    a fresh copy (callers write into what they get; `_memoized`). Same engine, same text: tests/test_envs.py
     plays games with and without the cache and compares every observation. Idempotent; the
     originals stay as `<module>._parse_uncached` and `fast_downward._pddl2sas_uncached`.
     The same for fast-downward's PDDL -> SAS translation (grounding the game's problem), which
@@ -248,8 +248,8 @@ def _memoize_textworld_parsers() -> None:
             module._parse_and_convert = _memoized(module._parse_uncached, "trace", 100_000)
     if not hasattr(fast_downward, "_pddl2sas_uncached"):
         fast_downward._pddl2sas_uncached = fast_downward.pddl2sas
-        # one entry ~35 KB pickled; 512 hold both translations of the cpu preset's 216 games
-        fast_downward.pddl2sas = _memoized(fast_downward._pddl2sas_uncached, "verbose", 512,
+        # one entry ~25-35 KB pickled; 1024 hold both translations of the cpu preset's 264 games
+        fast_downward.pddl2sas = _memoized(fast_downward._pddl2sas_uncached, "verbose", 1024,
                                            folder=lambda: TRANSLATIONS_DIR)
     if not hasattr(textgen, "_copy_context_deep"):
         textgen._copy_context_deep = textgen.copy_context
@@ -289,10 +289,10 @@ def _memoized(fn, debug_flag: str, limit: int, folder: Callable[[], str | None] 
 
     Speed: each result is also kept pickled and a copy is `pickle.loads` of that: a deep copy as
     `copy.deepcopy` makes one (the same `__reduce_ex__` protocol, shared references kept), at a
-    fraction of the cost. Profiled, deep copies were ~85 % of a reset of a loaded game;
-    `pickle.loads` of fast-downward's translation is ~4x faster than `copy.deepcopy` of it, of
-    TextWorld's parsed logic ~6x (`python envs.py bench`, "cached results"). A result that does not
-    pickle is deep-copied.
+    fraction of the cost. Profiled (cProfile, 10 resets of loaded games), deep copies were 88 % of
+    a reset; timed once on the cached entries, `pickle.loads` of fast-downward's translations was
+    4.4x faster than `copy.deepcopy` of them, of TextWorld's parsed logic 6.5x; per game load
+    `python envs.py bench` prints "ratio cache". A result that does not pickle is deep-copied.
 
     folder(): where pickles also go on disk, one file per call named by a hash of its arguments and
     the engine's versions (None: memory only); a miss in memory reads the file if there is one.
@@ -322,10 +322,13 @@ def _memoized(fn, debug_flag: str, limit: int, folder: Callable[[], str | None] 
                 value = fn(*args, **kwargs)
                 try:
                     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-                except (pickle.PicklingError, TypeError, AttributeError):
+                except Exception:  # unpicklable: deep-copied instead
                     blob = None
                 if path and blob is not None:
-                    atomic_write(path, blob)
+                    try:
+                        atomic_write(path, blob)
+                    except OSError:  # a read-only or full cache folder: memory only, as before
+                        pass
             cache[key] = (value, blob)
             if len(cache) > limit:
                 cache.popitem(last=False)
@@ -754,13 +757,16 @@ def _generate_into_cache(args: tuple) -> int:
     global TRANSLATIONS_DIR
     cfg, task_ids = args
     folder, engine = embedded_cache_folder(cfg), make_engine(plan=True)
-    TRANSLATIONS_DIR = os.path.join(folder, "translations")  # the games' translations, for every later load
-    for task_id in task_ids:
-        path = os.path.join(folder, task_id + ".tw-pddl")
-        if not os.path.exists(path):
-            task_type, seed = _parse_embedded_id(task_id)
-            atomic_write_json(path, make_verified_game(seed, task_type, cfg.alfworld.receptacles, cfg.alfworld.distractors, engine,
-                                                        cfg.alfworld.location_priors))
+    before, TRANSLATIONS_DIR = TRANSLATIONS_DIR, os.path.join(folder, "translations")  # for every later load
+    try:
+        for task_id in task_ids:
+            path = os.path.join(folder, task_id + ".tw-pddl")
+            if not os.path.exists(path):
+                task_type, seed = _parse_embedded_id(task_id)
+                atomic_write_json(path, make_verified_game(seed, task_type, cfg.alfworld.receptacles,
+                                                           cfg.alfworld.distractors, engine, cfg.alfworld.location_priors))
+    finally:
+        TRANSLATIONS_DIR = before
     return len(task_ids)
 
 
@@ -1398,14 +1404,16 @@ def bench(games_per_type: int = 4, slot_counts: tuple[int, ...] = (16, 64), work
         textgen.copy_context = _copy_context
         global UNPICKLE_HITS
         hits = {"deep-copied": [], "unpickled (ours)": []}
-        for _ in range(3):  # loads of games whose translation and parses are cached: the two alternated
-            for label, unpickle in zip(hits, (False, True)):
-                UNPICKLE_HITS = unpickle
-                t = time.perf_counter()
-                for tid in ids[1:7]:
-                    backend.reset(tid)  # another game than the slot holds: a load, then a reset
-                hits[label].append((time.perf_counter() - t) / 6)
-        UNPICKLE_HITS = True
+        try:
+            for _ in range(3):  # loads of games whose translation and parses are cached: the two alternated
+                for label, unpickle in zip(hits, (False, True)):
+                    UNPICKLE_HITS = unpickle
+                    t = time.perf_counter()
+                    for tid in ids[1:7]:
+                        backend.reset(tid)  # another game than the slot holds: a load, then a reset
+                    hits[label].append((time.perf_counter() - t) / 6)
+        finally:
+            UNPICKLE_HITS = True
         backend.close()
         ms = lambda xs: 1000 * sum(xs) / len(xs)  # noqa: E731
         print(f"reset latency: first {1000 * cold:.0f} ms (engine start + load), new task {ms(loads):.0f} ms "

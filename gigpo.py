@@ -432,11 +432,15 @@ def samples_from(trajectories: Sequence, advantages: Sequence[Sequence[float]]) 
             for s, a in zip(traj.steps, adv) if s.response_ids]
 
 
-def padded_tokens(lengths: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """(real, padded) token counts of micro-batches of rows in `Policy.score`'s layout: each batch
-    is a (b, longest prompt + longest response) tensor."""
+def padded_tokens(lengths: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]],
+                  right_padded: bool = False) -> tuple[int, int]:
+    """(real, padded) token counts of micro-batches of rows in `Policy.score`'s layouts: each batch
+    is a (b, longest prompt + longest response) tensor (left-padded prompts), or with right_padded
+    a (b, longest prompt-and-response) one (`Policy._score_batch`)."""
     real = sum(sum(lengths[k]) for b in batches for k in b)
-    padded = sum(len(b) * (max(lengths[k][0] for k in b) + max(lengths[k][1] for k in b)) for b in batches if b)
+    width = (lambda b: max(sum(lengths[k]) for k in b)) if right_padded else \
+        (lambda b: max(lengths[k][0] for k in b) + max(lengths[k][1] for k in b))
+    padded = sum(len(b) * width(b) for b in batches if b)
     return real, padded
 
 
@@ -534,7 +538,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             stats: dict[str, float] = defaultdict(float)
             finite = True
             batches = [[mini[j] for j in b] for b in policy.pack_rows([lengths[k] for k in mini], cfg.token_budget)]
-            real, padded = padded_tokens(lengths, batches)
+            real, padded = padded_tokens(lengths, batches, getattr(policy, "_causal_ok", False))
             n_real, n_padded = n_real + real, n_padded + padded
             for mb in batches:
                 t0 = time.perf_counter()

@@ -112,6 +112,34 @@ def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
     assert play() == cached
 
 
+def test_memoized_keeps_results_on_disk_and_hands_out_fresh_copies(tmp_path, monkeypatch):
+    """`envs._memoized` with a disk folder: a second process's cache (a fresh wrapper) reads the
+    result from disk instead of calling fn; every call hands out a copy of its own; an unreadable
+    file is made anew and rewritten; a folder that cannot be written leaves memory only."""
+    calls = []
+
+    def fn(x, verbose=False):
+        calls.append(x)
+        return {"x": [x, {"nested": x}]}
+
+    wrapped = envs._memoized(fn, "verbose", 8, folder=lambda: str(tmp_path))
+    a, b = wrapped(1), wrapped(1)
+    assert a == b == fn(1) and a is not b and a["x"] is not b["x"] and calls == [1, 1]
+    a["x"].append("written by a caller")
+    assert wrapped(1) == fn(1)  # the held copy is untouched
+    files = list(tmp_path.glob("*.pkl"))
+    assert len(files) == 1
+    calls.clear()
+    other = envs._memoized(fn, "verbose", 8, folder=lambda: str(tmp_path))  # another process
+    assert other(1) == {"x": [1, {"nested": 1}]} and calls == []  # read from disk
+    files[0].write_bytes(b"not a pickle")
+    third = envs._memoized(fn, "verbose", 8, folder=lambda: str(tmp_path))
+    assert third(1) == {"x": [1, {"nested": 1}]} and calls == [1]  # made anew ...
+    assert envs._memoized(fn, "verbose", 8, folder=lambda: str(tmp_path))(1) and calls == [1]  # ... and rewritten
+    monkeypatch.setattr(envs, "atomic_write", lambda *a: (_ for _ in ()).throw(OSError("read-only")))
+    assert envs._memoized(fn, "verbose", 8, folder=lambda: str(tmp_path / "new"))(2) == fn(2)
+
+
 def test_same_seed_same_game_and_different_seeds_differ():
     for task_type in TASK_TYPES:
         a = envs.generate_game(123, task_type, 5, 2)

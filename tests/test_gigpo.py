@@ -222,6 +222,8 @@ def test_micro_batches_respect_the_budget_and_cut_padding():
     real_one, padded_one = gigpo.padded_tokens(lengths, [[0, 1, 2, 3, 4]])
     assert real == real_one == sum(p + r for p, r in lengths)
     assert 1 - real / padded <= 0.125 < 0.29 < 1 - real_one / padded_one
+    right = gigpo.padded_tokens(lengths, cut, right_padded=True)  # `Policy._score_batch`'s layout
+    assert right[0] == real and real <= right[1] <= padded and right[1] == 2 * 630 + 3 * 335
 
 
 def test_objective_hand_computed():

@@ -264,36 +264,56 @@ def test_score_micro_batches_entropy_and_grad(pol, prompts):
 def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir, prompts, monkeypatch):
     """`Policy._score_batch` (rows right-padded, no mask: SDPA causal) and `_score_batch_padded` (left
     padding and its mask, the model's own forward) give the same log-probs, entropies, reference
-    log-probs and LoRA gradients on ragged rows; and the default path passes no mask to attention."""
+    log-probs and gradients, of the LoRA weights (the update) and of the base weights with the
+    adapter off (the cold start), on one micro-batch of ragged rows: an empty response, the
+    longest row, a long prompt with a short response beside a short prompt with the longest
+    response. The causal path passes no mask to attention, the padded one does."""
     torch.manual_seed(0)
     pol = model.load_policy(ModelConfig(name=tiny_dir), device="cpu")  # its own: the LoRA is changed below
     with torch.no_grad():  # a LoRA that changes the outputs, so policy and reference differ
         for n, p in pol.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
-    responses = [p[:n] for p, n in zip(reversed(prompts), (5, 0, 9, 3))]  # ragged, one empty
+    rows = sorted(prompts, key=len)
+    batch_prompts = [rows[-1], rows[0], rows[-2], rows[1]]
+    responses = [rows[0][:2], [], rows[-1][:9], rows[2][:5]]  # the longest row is 2nd-longest prompt + 9
+    monkeypatch.setattr(decoder.Policy, "pack_rows", staticmethod(lambda lengths, budget, max_pad=0: [list(range(len(lengths)))]))
+    masks = []
+    hook = pol.model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
 
     def run(causal):
         monkeypatch.setattr(pol, "_causal_ok", causal)
-        lps, ents = pol.score(prompts, responses, token_budget=100_000, with_entropy=True)
+        masks.clear()
+        lps, ents = pol.score(batch_prompts, responses, token_budget=100_000, with_entropy=True)
+        seen = list(masks)
         (-torch.cat(lps).sum() - torch.cat(ents).sum()).backward()
-        grads = {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
+        lora = {n: p.grad.clone() for n, p in pol.model.named_parameters() if p.grad is not None}
         pol.model.zero_grad(set_to_none=True)
-        ref = pol.score(prompts, responses, token_budget=100_000, reference=True)
-        return [x.detach() for x in lps], [x.detach() for x in ents], grads, ref
+        ref = pol.score(batch_prompts, responses, token_budget=100_000, reference=True)
+        base = [p for n, p in pol.model.named_parameters() if "lora_" not in n]
+        for p in base:
+            p.requires_grad_(True)
+        with pol.model.disable_adapter():  # the cold start's pass: base weights trained, adapter off
+            (-torch.cat(pol.score(batch_prompts, responses, token_budget=100_000)).sum()).backward()
+        base_grads = {n: p.grad.clone() for n, p in pol.model.named_parameters() if "lora_" not in n}
+        for p in base:
+            p.requires_grad_(False)
+            p.grad = None
+        return [x.detach() for x in lps], [x.detach() for x in ents], lora, ref, base_grads, seen
 
-    masks = []
-    lm = pol.model.get_base_model()
-    hook = lm.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     fast = run(True)
-    hook.remove()
-    assert masks and all(m is None for m in masks)  # causal: no (b, 1, L, L) mask was built
     slow = run(False)
+    hook.remove()
+    assert fast[5] and all(m is None for m in fast[5])  # causal: no mask built
+    assert slow[5] and all(m is not None for m in slow[5])  # the left-padded batch carries its padding mask
+    assert [x.shape[0] for x in fast[0]] == [len(r) for r in responses]
     for a, b in zip(fast[0] + fast[1] + fast[3], slow[0] + slow[1] + slow[3]):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
-    assert fast[2].keys() == slow[2].keys() and any("lora_" in n for n in fast[2])
-    assert all(torch.allclose(fast[2][n], slow[2][n], atol=1e-5, rtol=1e-4) for n in fast[2])
+    for grads_a, grads_b in ((fast[2], slow[2]), (fast[4], slow[4])):
+        assert grads_a.keys() == grads_b.keys() and grads_a
+        assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4) for n in grads_a)
+    assert any("lora_" in n for n in fast[2]) and any("lm_head" in n or "embed_tokens" in n for n in fast[4])
     assert not torch.allclose(torch.cat(fast[0]), torch.cat(fast[3]), atol=1e-3)  # the adapter mattered
 
 
