@@ -92,7 +92,8 @@ def test_random_skills_are_not_kept(reader):
     so a draw can name a validation task's answer by chance. Measured: with one draw (seed 3) the
     test read Δg 0.000 [-0.094, +0.094] on 32 pairs with an earlier scoring layout, then +0.156
     [+0.031, +0.281] with this one (float rounding changed the cold start), because that skill
-    names task s6's object in its drawer: the draw, not the rule, decided. Under the paper's rule
+    names task s6's object in its drawer: the draw, not the rule, decided. The four pooled: Δg
+    +0.039 [-0.039, +0.125] on 128 pairs. Under the paper's rule
     (Δg > margin) a random skill is kept whenever noise puts its Δg above 0, which is what the
     seed table's random-skill arm measures at scale (README, "Seeds")."""
     pol, envs, cfg = reader
