@@ -407,7 +407,7 @@ def cmd_score(args) -> dict:
         layouts = {"right-padded, causal (ours)": True, "left-padded, mask": False}
 
         def one(causal: bool) -> list:
-            pol._causal_ok = causal
+            pol.causal_scoring = causal
             out = []
             for i in range(0, len(prompts), args.batch):
                 lps = pol.score(prompts[i:i + args.batch], responses[i:i + args.batch], 1 << 30)
@@ -426,7 +426,6 @@ def cmd_score(args) -> dict:
                 fn()
                 sync(args.device)
                 times[name].append(CLOCKS[args.clock]() - t0)
-        pol._causal_ok = True
     diff = max((a - b).abs().max().item() for a, b in zip(*outs.values()))
     best = {name: min(v) for name, v in times.items()}
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))

@@ -398,10 +398,11 @@ class Policy:
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
-        # `_score_batch`'s right-padded, mask-free layout: for model types whose logits are exactly
-        # lm_head(last hidden state) and whose positions are 0..n-1 (others scale the logits after
-        # the head, e.g. Cohere, Granite, or build positions of their own, e.g. multimodal Qwen)
-        self._causal_ok = self._full_attention and lm.config.model_type in CAUSAL_SCORING_TYPES
+        # `_score_batch`'s right-padded, mask-free layout (read by gigpo's padding count, switched by
+        # bench.py score): for model types whose logits are exactly lm_head(last hidden state) and
+        # whose positions are 0..n-1 (others scale the logits after the head, e.g. Cohere, Granite,
+        # or build positions of their own, e.g. multimodal Qwen)
+        self.causal_scoring: bool = self._full_attention and lm.config.model_type in CAUSAL_SCORING_TYPES
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
@@ -707,15 +708,15 @@ class Policy:
         token go through the LM head, gathered per row (logits (b, R, V), never (b, L, V)).
         Model types outside `CAUSAL_SCORING_TYPES` (logits scaled after the head, positions of their
         own) and models with sliding-window layers take the left-padded path, `_score_batch_padded`."""
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if not self._causal_ok:
-            return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
-                                            entropy_grad, allowed)
         R = max(len(responses[i]) for i in batch)
         if R == 0:
             for i in batch:
                 logps[i] = ents[i] = torch.zeros(0, device=self.device)
             return
+        if not self.causal_scoring:
+            return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
+                                            entropy_grad, allowed)
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         L = max(len(prompts[i]) + len(responses[i]) for i in batch)
         ids = torch.full((len(batch), L + 1), self.pad_id, dtype=torch.long)  # one pad column: see `cols`
         starts = torch.tensor([len(prompts[i]) for i in batch])  # (b,) column of each row's first response token
@@ -736,13 +737,10 @@ class Policy:
                             entropy_grad=True, allowed=None):
         """`_score_batch` for models that need the model's own forward: prompts left-padded and
         responses right-padded, so every response starts at the same column P, with the padding
-        mask, and ``logits_to_keep`` passes only the R response positions through the LM head."""
+        mask, and ``logits_to_keep`` passes only the R response positions through the LM head
+        (`_score_batch` has handled a batch of empty responses)."""
         P = max(len(prompts[i]) for i in batch)
         R = max(len(responses[i]) for i in batch)
-        if R == 0:
-            for i in batch:
-                logps[i] = ents[i] = torch.zeros(0, device=self.device)
-            return
         ids = torch.full((len(batch), P + R), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), P + R), dtype=torch.long)
         for j, i in enumerate(batch):

@@ -273,9 +273,20 @@ def _version(package: str) -> str:
 _ENGINE_VERSIONS = tuple(_version(p) for p in ("fast_downward_textworld", "textworld", "alfworld"))
 TRANSLATIONS_DIR: str | None = None
 """Folder where `_memoized` also keeps fast-downward's PDDL -> SAS translations on disk (None: memory
-only). The game generator, and the embedded backend before each load, set it to the games' cache
-folder (the real backend to None), so a game translated once (at generation) is never translated
+only). The game generator and the embedded backend's loads set it to the games' cache folder for
+their duration (`_translations_in`; the real backend's to None), so a game translated once (at generation) is never translated
 again by another process or run."""
+
+@contextlib.contextmanager
+def _translations_in(folder: str | None):
+    """`TRANSLATIONS_DIR` = folder while the block runs (a game load, a generation), then as before."""
+    global TRANSLATIONS_DIR
+    before, TRANSLATIONS_DIR = TRANSLATIONS_DIR, folder
+    try:
+        yield
+    finally:
+        TRANSLATIONS_DIR = before
+
 
 UNPICKLE_HITS = True
 """`_memoized` hands out copies by `pickle.loads` (False: `copy.deepcopy`, as before; `python envs.py
@@ -754,19 +765,15 @@ def _parse_embedded_id(task_id: str) -> tuple[str, int]:
 
 def _generate_into_cache(args: tuple) -> int:
     """Generate, verify and cache a list of task ids with one planning engine (pool worker)."""
-    global TRANSLATIONS_DIR
     cfg, task_ids = args
     folder, engine = embedded_cache_folder(cfg), make_engine(plan=True)
-    before, TRANSLATIONS_DIR = TRANSLATIONS_DIR, os.path.join(folder, "translations")  # for every later load
-    try:
+    with _translations_in(os.path.join(folder, "translations")):  # the games' translations, for every later load
         for task_id in task_ids:
             path = os.path.join(folder, task_id + ".tw-pddl")
             if not os.path.exists(path):
                 task_type, seed = _parse_embedded_id(task_id)
                 atomic_write_json(path, make_verified_game(seed, task_type, cfg.alfworld.receptacles,
                                                            cfg.alfworld.distractors, engine, cfg.alfworld.location_priors))
-    finally:
-        TRANSLATIONS_DIR = before
     return len(task_ids)
 
 
@@ -930,18 +937,15 @@ class Alfworld:
             game = json.load(f)
         if game.get("walkthrough"):
             return list(game["walkthrough"])
-        global TRANSLATIONS_DIR
-        TRANSLATIONS_DIR = self.translations
         self._planner = self._planner or make_engine(plan=True)
-        return solve_game(self._planner, game) or []
+        with _translations_in(self.translations):
+            return solve_game(self._planner, game) or []
 
     # -- playing -----------------------------------------------------------------------------
     def reset(self, task_id: str) -> tuple[str, dict]:
-        global TRANSLATIONS_DIR
         if self._engine is None:
             self._engine = make_engine(plan=False)
-        TRANSLATIONS_DIR = self.translations  # this source's folder for the load's translations (or None)
-        with _keep_argv():
+        with _keep_argv(), _translations_in(self.translations):  # this source's folder (or None)
             if self.loaded_task != task_id:
                 self.loaded_task = None
                 self._engine.load(self.game_file(task_id))

@@ -257,7 +257,7 @@ def coldstart_texts(envs, task_ids, cfg: ColdStartConfig, mining_cfg: mining.Min
             places = mining.room_places(start[tid])
         if cfg.skill_places == "lists" and obj and others:
             base = mining.answer_skill(envs, [tid], tt, place=places[0])  # its name and steps only
-            absent = sorted(set(receptacle_types) - mining.room_types(start[tid]))
+            absent = sorted(receptacle_types - mining.room_types(start[tid]))
         for _ in range(cfg.skill_demos if others else 0):
             if cfg.skill_places == "random" and obj:  # a place of the room, right or wrong
                 skill = mining.answer_skill(envs, [tid], tt, place=rng.choice(places))

@@ -104,7 +104,9 @@ def test_memoized_textworld_parsers_give_the_same_game(cfg, monkeypatch):
     for fn in (fast_downward.pddl2sas, pddl_logic._parse_and_convert):  # hits are unpickled, not deep-copied
         assert fn.cache and all(blob is not None for _, blob in fn.cache.values())
     assert envs.UNPICKLE_HITS
-    assert envs.TRANSLATIONS_DIR and len(os.listdir(envs.TRANSLATIONS_DIR)) >= len(fast_downward.pddl2sas.cache)  # on disk too
+    translations = os.path.join(envs.embedded_cache_folder(cfg), "translations")  # on disk too
+    assert len(os.listdir(translations)) >= len(fast_downward.pddl2sas.cache) > 0
+    assert envs.TRANSLATIONS_DIR is None  # set for each load only (`envs._translations_in`)
     for m in modules:
         monkeypatch.setattr(m, "_parse_and_convert", m._parse_uncached)
     monkeypatch.setattr(fast_downward, "pddl2sas", fast_downward._pddl2sas_uncached)

@@ -283,7 +283,7 @@ def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir
         lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
 
     def run(causal):
-        monkeypatch.setattr(pol, "_causal_ok", causal)
+        monkeypatch.setattr(pol, "causal_scoring", causal)
         masks.clear()
         lps, ents = pol.score(batch_prompts, responses, token_budget=100_000, with_entropy=True)
         seen = list(masks)
