@@ -394,7 +394,8 @@ def cmd_score(args) -> dict:
     (ours, `Policy._score_batch`), and left-padded with the padding mask (`_score_batch_padded`).
     Rows: --rows chat prompts of --prompt-len-40..--prompt-len tokens (`make_prompts`) with
     responses of 8..--response-len tokens, in micro-batches of --batch rows. Prints `ratio score`.
-    Also checks that the two layouts give the same log-probs (max abs difference printed)."""
+    Also checks that the two layouts give the same log-probs (max abs difference printed). Then the
+    sampler's prefill in the same two layouts (`prefill_layouts`); prints `ratio prefill`."""
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_dir or make_model(os.path.join(tmp, args.shape), args.shape, args.dtype, args.layers,
@@ -407,7 +408,7 @@ def cmd_score(args) -> dict:
         layouts = {"right-padded, causal (ours)": True, "left-padded, mask": False}
 
         def one(causal: bool) -> list:
-            pol.causal_scoring = causal
+            pol.causal_layout = causal
             out = []
             for i in range(0, len(prompts), args.batch):
                 lps = pol.score(prompts[i:i + args.batch], responses[i:i + args.batch], 1 << 30)
@@ -426,6 +427,7 @@ def cmd_score(args) -> dict:
                 fn()
                 sync(args.device)
                 times[name].append(CLOCKS[args.clock]() - t0)
+        prefill = prefill_layouts(pol, prompts, args, rng)
     diff = max((a - b).abs().max().item() for a, b in zip(*outs.values()))
     best = {name: min(v) for name, v in times.items()}
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -434,10 +436,45 @@ def cmd_score(args) -> dict:
     ours, padded = best.values()
     print(f"max |log-prob difference| {diff:.2e}")
     print(f"ratio score {padded / ours:.2f}")
+    print(f"prefill of {args.batch} prompts of {prefill['lengths'][0]}-{prefill['lengths'][1]} tokens "
+          f"({100 * prefill['pad_frac']:.0f} % padding in one left-padded batch), best of {args.repeats}:")
+    for name, t in prefill["best_s"].items():
+        print(f"{name:28s} {t:7.3f} s")
+    print(f"max |next-token logit difference| {prefill['max_abs_diff']:.2e}")
+    print(f"ratio prefill {prefill['ratio_prefill']:.2f}")
     report = {"best_s": best, "tokens": tokens, "max_abs_diff": diff, "ratio_score": padded / ours,
-              "args": vars(args) | {"func": None}}
+              "prefill": prefill, "args": vars(args) | {"func": None}}
     core.atomic_write_json(args.out, report, indent=2)
     return report
+
+
+def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: random.Random) -> dict:
+    """The sampler's prefill in its two layouts, interleaved, best of --repeats, under inference
+    mode: `Policy._prefill_causal` (length-sorted parts, right-padded, no mask: ours) and
+    `_prefill_padded` (one left-padded batch with its mask, as HF `generate` does), on --batch
+    prompts cut to lengths drawn from prompt-len/4..prompt-len (a rollout step's prompts are that
+    ragged: in `bench.py loop`'s rollout, 250-1050 tokens, 40-63 % of a one-batch prefill padding)."""
+    lo = args.prompt_len // 4
+    rows = [p[-rng.randint(lo, len(p)):] for p in prompts[:args.batch]]
+    P = max(len(r) for r in rows)
+    lm = pol.model
+    layouts = {"parts, right-padded (ours)": pol._prefill_causal, "one batch, left-padded": pol._prefill_padded}
+    times = {name: [] for name in layouts}
+    with torch.inference_mode():
+        logits = {name: fn(lm, rows, pol.new_cache(P))[0] for name, fn in layouts.items()}  # warm-up, compared
+        for _ in range(args.repeats):
+            for name, fn in layouts.items():
+                sync(args.device)
+                t0 = CLOCKS[args.clock]()
+                fn(lm, rows, pol.new_cache(P))
+                sync(args.device)
+                times[name].append(CLOCKS[args.clock]() - t0)
+    best = {name: min(v) for name, v in times.items()}
+    ours, padded = best.values()
+    return {"best_s": best, "lengths": (min(len(r) for r in rows), P),
+            "pad_frac": 1 - sum(len(r) for r in rows) / (len(rows) * P),
+            "max_abs_diff": (logits[next(iter(layouts))] - logits["one batch, left-padded"]).abs().max().item(),
+            "ratio_prefill": padded / ours}
 
 
 def make_model(out_dir: str, shape: str, dtype: str = "float32", layers: int = 0, vocab: int = 0,
@@ -927,7 +964,8 @@ def main(argv: list[str] | None = None) -> dict:
     lp.add_argument("--scale-model-g", type=int, default=4, help="... and this G")
     lp.add_argument("--out", default="runs/bench_loop.json", help="JSON report path")
     lp.set_defaults(func=cmd_loop)
-    sc = sub.add_parser("score", help="Policy.score + backward: right-padded causal vs left-padded with a mask")
+    sc = sub.add_parser("score", help="Policy.score + backward, and the sampler's prefill: right-padded causal "
+                                      "vs left-padded with a mask")
     sc.add_argument("--threads", type=int, default=2, help="torch threads (the cold start and updates use all cores)")
     sc.add_argument("--repeats", type=int, default=5, help="timed runs per layout (the best counts)")
     sc.add_argument("--clock", default="wall", choices=list(CLOCKS))

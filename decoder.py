@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -265,6 +266,23 @@ class _PreallocatedLayer(CacheLayerMixin):
         self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]  # views
         return self.keys, self.values
 
+    def write_rows(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: int, length: int) -> None:
+        """Prefill by parts (`Policy._prefill_causal`): write one part's keys and values
+        (b, kv, m, hd) into batch rows `rows` at positions 0..m-1 of a cache of `batch` rows that
+        holds `length` positions once every part is in. Positions no part writes stay zero (they are
+        padding, masked out; zero, not garbage, because a masked NaN would still poison attention)."""
+        if not self.is_initialized:
+            self.k_buf = keys.new_empty((batch, keys.shape[1], self.max_len, keys.shape[-1]))
+            self.v_buf = values.new_empty((batch, values.shape[1], self.max_len, values.shape[-1]))
+            self.k_buf[:, :, :length] = 0
+            self.v_buf[:, :, :length] = 0
+            self.is_initialized = True
+        m = keys.shape[-2]
+        self.k_buf[rows, :, :m] = keys
+        self.v_buf[rows, :, :m] = values
+        self.length = length
+        self.keys, self.values = self.k_buf[:, :, :length], self.v_buf[:, :, :length]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0  # as DynamicLayer: (kv_length, kv_offset)
 
@@ -368,7 +386,7 @@ def _renormalise(logp_all: torch.Tensor, tok_lp: torch.Tensor, ent: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
-CAUSAL_SCORING_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+CAUSAL_LAYOUT_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 """Model types `Policy._score_batch` scores through the decoder + LM head directly (checked against the
 model's own forward in tests/test_policy.py for qwen2); every other type takes the model's forward."""
 
@@ -398,11 +416,11 @@ class Policy:
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
-        # `_score_batch`'s right-padded, mask-free layout (read by gigpo's padding count, switched by
-        # bench.py score): for model types whose logits are exactly lm_head(last hidden state) and
+        # the right-padded, mask-free layout of `_score_batch` and `_prefill_causal` (read by gigpo's
+        # padding count, switched by bench.py score and decode): for model types whose logits are exactly lm_head(last hidden state) and
         # whose positions are 0..n-1 (others scale the logits after the head, e.g. Cohere, Granite,
         # or build positions of their own, e.g. multimodal Qwen)
-        self.causal_scoring: bool = self._full_attention and lm.config.model_type in CAUSAL_SCORING_TYPES
+        self.causal_layout: bool = self._full_attention and lm.config.model_type in CAUSAL_LAYOUT_TYPES
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
@@ -501,18 +519,14 @@ class Policy:
         # Prefill. Shared prefix: a group of G rollouts of one task has G identical prompts; prefill
         # each distinct prompt once, then copy its KV cache rows G times.
         uniq, inverse = _dedupe(prompts) if cfg.share_prefix else (prompts, list(range(B)))
-        ids, mask = self._left_pad(uniq)  # (U, P)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P) position 0 = first real token
-        P = ids.shape[1]
+        P = max(len(p) for p in uniq)
         cache = self.new_cache(P + cfg.max_new_tokens, cfg.kv_cache)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # (U, V) next-token logits
+        prefill = self._prefill_causal if self.causal_layout and cfg.kv_cache == "preallocated" else self._prefill_padded
+        logits, mask, next_pos = prefill(model, uniq, cache)  # (U, V), (U, P), (U,)
         if len(uniq) < B:
             expand = torch.tensor(inverse, device=self.device)  # (B,) row -> its unique prompt
             cache.batch_select_indices(expand)  # every layer's K, V: (U, kv, P, hd) -> (B, kv, P, hd)
-            logits, mask, positions = logits[expand], mask[expand], positions[expand]
-        next_pos = positions[:, -1] + 1  # (B,)
+            logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
         # the mask of every step is a prefix of this one buffer: prompt mask, then ones
         full_mask = torch.ones((B, P + cfg.max_new_tokens), dtype=torch.bool, device=self.device)
         full_mask[:, :P] = mask.bool()
@@ -583,6 +597,51 @@ class Policy:
         texts = self.tokenizer.batch_decode(out_ids, skip_special_tokens=True)
         return [Generation(ids=out_ids[i], logprobs=out_lp[i], finish_reason=reasons[i], text=texts[i],
                            allowed=out_allowed[i] if targets[i] else None) for i in range(B)]
+
+    def _prefill_padded(self, model, prompts, cache):
+        """Prefill as HF does: one left-padded batch with its padding mask. Returns the next-token
+        logits (U, V), the mask (U, P) and each row's next position (U,)."""
+        ids, mask = self._left_pad(prompts)  # (U, P)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, P) position 0 = first real token
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float(), mask, positions[:, -1] + 1
+
+    def _prefill_causal(self, model, prompts, cache):
+        """`_prefill_padded`'s result from length-sorted parts, each right-padded and run with no mask.
+
+        our choice: the prompts of a rollout step differ in length (history, room size: 300-700
+        tokens in ALFWorld), so one left-padded batch is up to half padding, and its mask makes SDPA
+        attend over the whole square. Here the prompts are cut into parts with at most 1/8 padding
+        (`pack_rows`), each part runs right-padded with no mask (SDPA ``is_causal``: a real token
+        never sees the pads after it, as in `_score_batch`), and its keys and values are copied into
+        the rows of the step's cache. Each row's cache then holds its tokens at positions 0..n-1
+        and (masked) pads up to P, and its last real token's hidden state gives its next-token
+        logits. Same logits and cache as the padded prefill to float rounding (tested);
+        `python bench.py decode` times both. Only for `causal_layout` models and our preallocated cache."""
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lengths = [len(p) for p in prompts]
+        U, P = len(prompts), max(lengths)
+        mask = torch.zeros((U, P), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        logits = None
+        for part in self.pack_rows([(n, 0) for n in lengths], token_budget=sys.maxsize, max_pad=0.125):
+            width = max(lengths[i] for i in part)
+            ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+            for j, i in enumerate(part):
+                ids[j, :lengths[i]] = torch.tensor(prompts[i], dtype=torch.long)
+            part_cache = self.new_cache(width)
+            hidden = lm.get_decoder()(input_ids=ids.to(self.device), cache=part_cache, use_cache=True).last_hidden_state
+            last = torch.tensor([lengths[i] - 1 for i in part], device=self.device)  # (b,)
+            part_logits = lm.get_output_embeddings()(hidden[torch.arange(len(part)), last]).float()  # (b, V)
+            if logits is None:
+                logits = part_logits.new_empty((U, part_logits.shape[-1]))
+            rows = torch.tensor(part, device=self.device)
+            logits[rows] = part_logits
+            for layer, part_layer in zip(cache.layers, part_cache.layers):
+                layer.write_rows(rows, part_layer.keys, part_layer.values, batch=U, length=P)
+        return logits, mask.to(self.device), torch.tensor(lengths, device=self.device)
 
     def action_constraint(self) -> ActionConstraint:
         """The tokenizer's `ActionConstraint`, built on first use (one decode per vocabulary entry)."""
@@ -706,14 +765,14 @@ class Policy:
         1.10-1.14x faster than a left-padded batch with its mask (`python bench.py score`).
         Only the R positions that predict a response
         token go through the LM head, gathered per row (logits (b, R, V), never (b, L, V)).
-        Model types outside `CAUSAL_SCORING_TYPES` (logits scaled after the head, positions of their
+        Model types outside `CAUSAL_LAYOUT_TYPES` (logits scaled after the head, positions of their
         own) and models with sliding-window layers take the left-padded path, `_score_batch_padded`."""
         R = max(len(responses[i]) for i in batch)
         if R == 0:
             for i in batch:
                 logps[i] = ents[i] = torch.zeros(0, device=self.device)
             return
-        if not self.causal_scoring:
+        if not self.causal_layout:
             return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
                                             entropy_grad, allowed)
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -538,7 +538,7 @@ def update(policy, optimizer, samples: list[Sample], cfg: GiGPOConfig, distill_c
             stats: dict[str, float] = defaultdict(float)
             finite = True
             batches = [[mini[j] for j in b] for b in policy.pack_rows([lengths[k] for k in mini], cfg.token_budget)]
-            real, padded = padded_tokens(lengths, batches, getattr(policy, "causal_scoring", False))
+            real, padded = padded_tokens(lengths, batches, getattr(policy, "causal_layout", False))
             n_real, n_padded = n_real + real, n_padded + padded
             for mb in batches:
                 t0 = time.perf_counter()

@@ -106,12 +106,16 @@ def test_bench_rollout_rows(tmp_path, capsys):
 
 
 def test_bench_score_compares_the_two_scoring_layouts(tmp_path, capsys):
-    """`bench.py score` times both layouts of `Policy.score` on the same rows, which agree; no timing
-    is checked."""
+    """`bench.py score` times both layouts of `Policy.score` on the same rows, and of the sampler's
+    prefill on the same prompts, which agree; no timing is checked."""
     out = tmp_path / "score.json"
     report = bench.main(["score", "--rows", "6", "--batch", "3", "--prompt-len", "60", "--repeats", "1",
                          "--threads", "1", "--out", str(out)])
     assert set(report["best_s"]) == {"right-padded, causal (ours)", "left-padded, mask"}
     assert report["max_abs_diff"] < 1e-4 and report["tokens"] > 6 * 20
     assert json.loads(out.read_text())["ratio_score"] > 0
-    assert "ratio score" in capsys.readouterr().out
+    prefill = report["prefill"]
+    assert set(prefill["best_s"]) == {"parts, right-padded (ours)", "one batch, left-padded"}
+    assert prefill["max_abs_diff"] < 1e-4 and prefill["pad_frac"] > 0
+    printed = capsys.readouterr().out
+    assert "ratio score" in printed and "ratio prefill" in printed

@@ -224,6 +224,47 @@ def test_preallocated_kv_cache_equals_dynamic_cache(pol, prompts):
         pol.generate(batch, greedy(kv_cache="static"))
 
 
+def test_prefill_in_right_padded_parts_equals_the_left_padded_prefill(pol, prompts, monkeypatch):
+    """`Policy._prefill_causal` (length-sorted parts, right-padded, no mask) gives the left-padded
+    prefill's next-token logits and the same keys and values at every real token (its rows hold
+    them at 0..n-1, the padded prefill's at P-n..P-1), zeros on the unwritten padding; it runs
+    in several parts with no attention mask; and generation on top of either is the same."""
+    batch = prompts + [prompts[2]] * 3  # ragged (3..~60 tokens) and repeated rows
+    lengths = [len(p) for p in batch]
+    P = max(lengths)
+    masks = []
+    hook = pol.model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            causal, padded = pol.new_cache(P + 4), pol.new_cache(P + 4)
+            lc, mc, nc = pol._prefill_causal(pol.model, batch, causal)
+            parts = len(masks)
+            assert parts >= 2 and all(m is None for m in masks)
+            lp, mp, np_ = pol._prefill_padded(pol.model, batch, padded)
+            assert masks[-1] is not None
+    finally:
+        hook.remove()
+    assert torch.allclose(lc, lp, atol=1e-5) and lc.shape == (len(batch), lp.shape[-1])
+    assert nc.tolist() == np_.tolist() == lengths
+    assert mc.sum(-1).tolist() == mp.sum(-1).tolist() == lengths
+    for a, b in zip(causal.layers, padded.layers):
+        assert a.keys.shape == b.keys.shape and a.get_seq_length() == b.get_seq_length() == P
+        for i, n in enumerate(lengths):
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                assert torch.allclose(x[i, :, :n], y[i, :, P - n:], atol=1e-5)
+        short = lengths.index(min(lengths))
+        assert (a.keys[short, :, P - 1] == 0).all()  # past every part's width: zero, not garbage
+    for cfg in (greedy(), SamplingConfig(temperature=1.0, max_new_tokens=12, stop=())):
+        ours = pol.generate(batch, cfg, torch.Generator().manual_seed(8))
+        monkeypatch.setattr(pol, "causal_layout", False)
+        theirs = pol.generate(batch, cfg, torch.Generator().manual_seed(8))
+        monkeypatch.setattr(pol, "causal_layout", True)
+        same(ours, theirs)
+        for x, y in zip(ours, theirs):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5)
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(pol, prompts):
     cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=10, stop=())
     a = pol.generate(prompts, cfg, torch.Generator().manual_seed(1))
@@ -283,7 +324,7 @@ def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir
         lambda mod, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
 
     def run(causal):
-        monkeypatch.setattr(pol, "causal_scoring", causal)
+        monkeypatch.setattr(pol, "causal_layout", causal)
         masks.clear()
         lps, ents = pol.score(batch_prompts, responses, token_budget=100_000, with_entropy=True)
         seen = list(masks)
