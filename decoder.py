@@ -417,9 +417,9 @@ class Policy:
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
         # the right-padded, mask-free layout of `_score_batch` and `_prefill_causal` (read by gigpo's
-        # padding count, switched by bench.py score and decode): for model types whose logits are exactly lm_head(last hidden state) and
-        # whose positions are 0..n-1 (others scale the logits after the head, e.g. Cohere, Granite,
-        # or build positions of their own, e.g. multimodal Qwen)
+        # padding count, switched by bench.py score): for model types whose logits are exactly
+        # lm_head(last hidden state) and whose positions are 0..n-1 (others scale the logits after
+        # the head, e.g. Cohere, Granite, or build positions of their own, e.g. multimodal Qwen)
         self.causal_layout: bool = self._full_attention and lm.config.model_type in CAUSAL_LAYOUT_TYPES
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
@@ -502,8 +502,9 @@ class Policy:
 
     @torch.inference_mode()
     def _generate_custom(self, prompts, cfg, generator, actions=None) -> list[Generation]:
-        """Our decoder: one prefill of the (unique) left-padded prompts, then one token per step
-        reusing the KV cache; finished rows leave the batch. actions: see `generate`."""
+        """Our decoder: a prefill of the distinct prompts (`_prefill_causal`, else `_prefill_padded`),
+        then one token per step reusing the KV cache; finished rows leave the batch. actions: see
+        `generate`."""
         B = len(prompts)
         rule = self.action_constraint() if actions is not None else None
         targets = [tuple(ActionConstraint.FORMAT.format(a) for a in acts) if acts else None
@@ -521,7 +522,8 @@ class Policy:
         uniq, inverse = _dedupe(prompts) if cfg.share_prefix else (prompts, list(range(B)))
         P = max(len(p) for p in uniq)
         cache = self.new_cache(P + cfg.max_new_tokens, cfg.kv_cache)
-        prefill = self._prefill_causal if self.causal_layout and cfg.kv_cache == "preallocated" else self._prefill_padded
+        causal = self.causal_layout and cfg.kv_cache == "preallocated"
+        prefill = self._prefill_causal if causal else self._prefill_padded
         logits, mask, next_pos = prefill(model, uniq, cache)  # (U, V), (U, P), (U,)
         if len(uniq) < B:
             expand = torch.tensor(inverse, device=self.device)  # (B,) row -> its unique prompt
@@ -610,15 +612,16 @@ class Policy:
     def _prefill_causal(self, model, prompts, cache):
         """`_prefill_padded`'s result from length-sorted parts, each right-padded and run with no mask.
 
-        our choice: the prompts of a rollout step differ in length (history, room size: 300-700
-        tokens in ALFWorld), so one left-padded batch is up to half padding, and its mask makes SDPA
+        our choice: the prompts of a rollout step differ in length (history, room size: 250-1050
+        tokens in `bench.py loop`'s rollout), so one left-padded batch was 40-63 % padding, and its mask makes SDPA
         attend over the whole square. Here the prompts are cut into parts with at most 1/8 padding
         (`pack_rows`), each part runs right-padded with no mask (SDPA ``is_causal``: a real token
         never sees the pads after it, as in `_score_batch`), and its keys and values are copied into
         the rows of the step's cache. Each row's cache then holds its tokens at positions 0..n-1
         and (masked) pads up to P, and its last real token's hidden state gives its next-token
         logits. Same logits and cache as the padded prefill to float rounding (tested);
-        `python bench.py decode` times both. Only for `causal_layout` models and our preallocated cache."""
+        `python bench.py score` times both (`ratio prefill`). Only for `causal_layout` models and
+        our preallocated cache."""
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         lengths = [len(p) for p in prompts]
         U, P = len(prompts), max(lengths)
