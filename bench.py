@@ -455,7 +455,7 @@ def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: ra
     prompts cut to lengths drawn from prompt-len/4..prompt-len (a rollout step's prompts are that
     ragged: in `bench.py loop`'s rollout, 250-1050 tokens, 40-63 % of a one-batch prefill padding)."""
     lo = args.prompt_len // 4
-    rows = [p[-rng.randint(lo, len(p)):] for p in prompts[:args.batch]]
+    rows = [p[-rng.randint(min(lo, len(p)), len(p)):] for p in prompts[:args.batch]]
     P = max(len(r) for r in rows)
     lm = pol.model
     layouts = {"parts, right-padded (ours)": pol._prefill_causal, "one batch, left-padded": pol._prefill_padded}

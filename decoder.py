@@ -387,8 +387,9 @@ def _renormalise(logp_all: torch.Tensor, tok_lp: torch.Tensor, ent: torch.Tensor
 # 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
 CAUSAL_LAYOUT_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
-"""Model types `Policy._score_batch` scores through the decoder + LM head directly (checked against the
-model's own forward in tests/test_policy.py for qwen2); every other type takes the model's forward."""
+"""Model types `Policy._score_batch` scores, and `Policy._prefill_causal` prefills, through the decoder +
+LM head directly (checked against the model's own forward in tests/test_policy.py for qwen2); every
+other type takes the model's forward."""
 
 
 class Policy:
@@ -637,7 +638,8 @@ class Policy:
             part_cache = self.new_cache(width)
             hidden = lm.get_decoder()(input_ids=ids.to(self.device), cache=part_cache, use_cache=True).last_hidden_state
             last = torch.tensor([lengths[i] - 1 for i in part], device=self.device)  # (b,)
-            part_logits = lm.get_output_embeddings()(hidden[torch.arange(len(part)), last]).float()  # (b, V)
+            picked = hidden[torch.arange(len(part), device=self.device), last]  # (b, H)
+            part_logits = lm.get_output_embeddings()(picked).float()  # (b, V)
             if logits is None:
                 logits = part_logits.new_empty((U, part_logits.shape[-1]))
             rows = torch.tensor(part, device=self.device)
