@@ -165,7 +165,7 @@ def bench_model(pol: decoder.Policy, args, merge: bool = False) -> dict:
 
 def _bench_model(pol: decoder.Policy, args, merge: bool, merged: list) -> dict:
     B, N = args.batch, args.new_tokens
-    lm = pol.model.get_base_model() if hasattr(pol.model, "get_base_model") else pol.model  # HF calls this one
+    lm = decoder.transformers_model(pol.model)  # HF calls this one
     lm = [lm] + merged  # the modules whose first forward ends the prefill
     sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=N, min_new_tokens=N, stop=(), merge_adapter=merge)
     gen = torch.Generator(device=pol.device).manual_seed(0)

@@ -306,6 +306,11 @@ class _PreallocatedLayer(CacheLayerMixin):
         self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
 
 
+def transformers_model(model) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers included), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _lora_layers(model) -> dict[str, torch.nn.Module]:
     """name -> LoRA wrapper module of a peft model's inner transformers model ({} if none)."""
     if not isinstance(model, peft.PeftModel):
@@ -401,7 +406,7 @@ class Policy:
         self.tokenizer = tokenizer
         self.cfg = cfg  # the model.ModelConfig it was loaded with (None if built by hand)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = transformers_model(model)
         self._lm_config = lm.config
         eos = [tokenizer.eos_token_id, lm.generation_config.eos_token_id]
         flat = [e for x in eos for e in (x if isinstance(x, (list, tuple)) else [x]) if e is not None]
@@ -442,6 +447,13 @@ class Policy:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
                                                   tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _right_pad(self, rows: list[list[int]], width: int) -> torch.Tensor:
+        """Right-pad token lists into input ids (B, width) on the policy's device."""
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        return ids.to(self.device)
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad token lists into input ids (B, P) and a 0/1 attention mask (B, P)."""
@@ -623,20 +635,17 @@ class Policy:
         logits. Same logits and cache as the padded prefill to float rounding (tested);
         `python bench.py score` times both (`ratio prefill`). Only for `causal_layout` models and
         our preallocated cache."""
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lm = transformers_model(model)
         lengths = [len(p) for p in prompts]
         U, P = len(prompts), max(lengths)
-        mask = torch.zeros((U, P), dtype=torch.long)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1
+        n = torch.tensor(lengths, device=self.device)  # (U,)
+        mask = (torch.arange(P, device=self.device)[None, :] < n[:, None]).long()  # (U, P) real tokens first
         logits = None
-        for part in self.pack_rows([(n, 0) for n in lengths], token_budget=sys.maxsize, max_pad=0.125):
+        for part in self.pack_rows([(k, 0) for k in lengths], token_budget=sys.maxsize, max_pad=0.125):
             width = max(lengths[i] for i in part)
-            ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
-            for j, i in enumerate(part):
-                ids[j, :lengths[i]] = torch.tensor(prompts[i], dtype=torch.long)
+            ids = self._right_pad([prompts[i] for i in part], width)
             part_cache = self.new_cache(width)
-            hidden = lm.get_decoder()(input_ids=ids.to(self.device), cache=part_cache, use_cache=True).last_hidden_state
+            hidden = lm.get_decoder()(input_ids=ids, cache=part_cache, use_cache=True).last_hidden_state
             last = torch.tensor([lengths[i] - 1 for i in part], device=self.device)  # (b,)
             picked = hidden[torch.arange(len(part), device=self.device), last]  # (b, H)
             part_logits = lm.get_output_embeddings()(picked).float()  # (b, V)
@@ -646,7 +655,7 @@ class Policy:
             logits[rows] = part_logits
             for layer, part_layer in zip(cache.layers, part_cache.layers):
                 layer.write_rows(rows, part_layer.keys, part_layer.values, batch=U, length=P)
-        return logits, mask.to(self.device), torch.tensor(lengths, device=self.device)
+        return logits, mask, n
 
     def action_constraint(self) -> ActionConstraint:
         """The tokenizer's `ActionConstraint`, built on first use (one decode per vocabulary entry)."""
@@ -780,16 +789,12 @@ class Policy:
         if not self.causal_layout:
             return self._score_batch_padded(prompts, responses, batch, temperature, with_entropy, logps, ents,
                                             entropy_grad, allowed)
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        lm = transformers_model(self.model)
         L = max(len(prompts[i]) + len(responses[i]) for i in batch)
-        ids = torch.full((len(batch), L + 1), self.pad_id, dtype=torch.long)  # one pad column: see `cols`
+        ids = self._right_pad([prompts[i] + responses[i] for i in batch], L + 1)  # one pad column: see `cols`
         starts = torch.tensor([len(prompts[i]) for i in batch])  # (b,) column of each row's first response token
-        for j, i in enumerate(batch):
-            row = prompts[i] + responses[i]
-            ids[j, :len(row)] = torch.tensor(row, dtype=torch.long)
         # column starts[j] - 1 + t predicts response token t; past a row's end it reads pads (dropped below)
-        cols = (starts[:, None] - 1 + torch.arange(R)[None, :]).clamp(max=L - 1)  # (b, R)
-        ids, cols = ids.to(self.device), cols.to(self.device)
+        cols = (starts[:, None] - 1 + torch.arange(R)[None, :]).clamp(max=L - 1).to(self.device)  # (b, R)
         hidden = lm.get_decoder()(input_ids=ids[:, :L], use_cache=False).last_hidden_state  # (b, L, H)
         picked = hidden.gather(1, cols[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (b, R, H)
         logits = lm.get_output_embeddings()(picked).float()  # (b, R, V)
