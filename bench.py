@@ -394,8 +394,10 @@ def cmd_score(args) -> dict:
     (ours, `Policy._score_batch`), and left-padded with the padding mask (`_score_batch_padded`).
     Rows: --rows chat prompts of --prompt-len-40..--prompt-len tokens (`make_prompts`) with
     responses of 8..--response-len tokens, in micro-batches of --batch rows. Prints `ratio score`.
-    Also checks that the two layouts give the same log-probs (max abs difference printed). Then the
-    sampler's prefill in the same two layouts (`prefill_layouts`); prints `ratio prefill`."""
+    Also checks that the layouts give the same log-probs (max abs difference printed). Each layout
+    also with the last layer run over every position (`decoder.hidden_at`, trim=False): prints
+    `ratio trim`. Then the sampler's prefill the same ways (`prefill_layouts`); prints `ratio
+    prefill` and `ratio prefill trim`."""
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_dir or make_model(os.path.join(tmp, args.shape), args.shape, args.dtype, args.layers,
@@ -405,10 +407,11 @@ def cmd_score(args) -> dict:
         prompts = make_prompts(pol, args.rows, args.prompt_len, args.seed)
         responses = [[rng.randrange(len(pol.tokenizer)) for _ in range(rng.randint(8, args.response_len))]
                      for _ in prompts]
-        layouts = {"right-padded, causal (ours)": True, "left-padded, mask": False}
+        layouts = {"right-padded, causal, last layer trimmed (ours)": (True, True),
+                   "right-padded, causal, full last layer": (True, False), "left-padded, mask": (False, False)}
 
-        def one(causal: bool) -> list:
-            pol.causal_layout = causal
+        def one(causal: bool, trim: bool) -> list:
+            pol.causal_layout, pol.trim_last_layer = causal, trim
             out = []
             for i in range(0, len(prompts), args.batch):
                 lps = pol.score(prompts[i:i + args.batch], responses[i:i + args.batch], 1 << 30)
@@ -417,7 +420,7 @@ def cmd_score(args) -> dict:
             pol.model.zero_grad(set_to_none=True)
             return out
 
-        runs = {name: (lambda c=c: one(c)) for name, c in layouts.items()}
+        runs = {name: (lambda c=c: one(*c)) for name, c in layouts.items()}
         times = {name: [] for name in runs}
         outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs compared
         for _ in range(args.repeats):
@@ -427,30 +430,36 @@ def cmd_score(args) -> dict:
                 fn()
                 sync(args.device)
                 times[name].append(CLOCKS[args.clock]() - t0)
+        pol.causal_layout = pol.trim_last_layer = True  # (bench models are Qwen2 under SDPA)
         prefill = prefill_layouts(pol, prompts, args, rng)
-    diff = max((a - b).abs().max().item() for a, b in zip(*outs.values()))
+    first, *others = outs.values()
+    diff = max((a - b).abs().max().item() for out in others for a, b in zip(first, out))
     best = {name: min(v) for name, v in times.items()}
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     for name, t in best.items():
         print(f"{name:28s} {t:7.3f} s  {tokens / t:8.0f} tokens/s (forward + backward, {args.clock} clock)")
-    ours, padded = best.values()
+    ours, untrimmed, padded = best.values()
     print(f"max |log-prob difference| {diff:.2e}")
     print(f"ratio score {padded / ours:.2f}")
+    print(f"ratio trim {untrimmed / ours:.2f}")
     print(f"prefill of {args.batch} prompts of {prefill['lengths'][0]}-{prefill['lengths'][1]} tokens "
           f"({100 * prefill['pad_frac']:.0f} % padding in one left-padded batch), best of {args.repeats}:")
     for name, t in prefill["best_s"].items():
         print(f"{name:28s} {t:7.3f} s")
     print(f"max |next-token logit difference| {prefill['max_abs_diff']:.2e}")
     print(f"ratio prefill {prefill['ratio_prefill']:.2f}")
+    print(f"ratio prefill trim {prefill['ratio_prefill_trim']:.2f}")
     report = {"best_s": best, "tokens": tokens, "max_abs_diff": diff, "ratio_score": padded / ours,
+              "ratio_trim": untrimmed / ours,
               "prefill": prefill, "args": vars(args) | {"func": None}}
     core.atomic_write_json(args.out, report, indent=2)
     return report
 
 
 def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: random.Random) -> dict:
-    """The sampler's prefill in its two layouts, interleaved, best of --repeats, under inference
-    mode: `Policy._prefill_causal` (length-sorted parts, right-padded, no mask: ours) and
+    """The sampler's prefill in its layouts, interleaved, best of --repeats, under inference
+    mode: `Policy._prefill_causal` (length-sorted parts, right-padded, no mask, the last layer at
+    each prompt's last token only: ours), the same with the full last layer, and
     `_prefill_padded` (one left-padded batch with its mask, as HF `generate` does), on --batch
     prompts cut to lengths drawn from prompt-len/4..prompt-len (a rollout step's prompts are that
     ragged: in `bench.py loop`'s rollout, 250-1050 tokens, 40-63 % of a one-batch prefill padding)."""
@@ -458,23 +467,32 @@ def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: ra
     rows = [p[-rng.randint(min(lo, len(p)), len(p)):] for p in prompts[:args.batch]]
     P = max(len(r) for r in rows)
     lm = pol.model
-    layouts = {"parts, right-padded (ours)": pol._prefill_causal, "one batch, left-padded": pol._prefill_padded}
+    layouts = {"parts, right-padded, last layer trimmed (ours)": (pol._prefill_causal, True),
+               "parts, right-padded, full last layer": (pol._prefill_causal, False),
+               "one batch, left-padded": (pol._prefill_padded, False)}
+
+    def one(fn, trim):
+        pol.trim_last_layer = trim
+        return fn(lm, rows, pol.new_cache(P))[0]
+
     times = {name: [] for name in layouts}
     with torch.inference_mode():
-        logits = {name: fn(lm, rows, pol.new_cache(P))[0] for name, fn in layouts.items()}  # warm-up, compared
+        logits = {name: one(*how) for name, how in layouts.items()}  # warm-up, compared
         for _ in range(args.repeats):
-            for name, fn in layouts.items():
+            for name, how in layouts.items():
                 sync(args.device)
                 t0 = CLOCKS[args.clock]()
-                fn(lm, rows, pol.new_cache(P))
+                one(*how)
                 sync(args.device)
                 times[name].append(CLOCKS[args.clock]() - t0)
+    pol.trim_last_layer = True
     best = {name: min(v) for name, v in times.items()}
-    ours, padded = best.values()
+    ours, untrimmed, padded = best.values()
+    first, *others = logits.values()
     return {"best_s": best, "lengths": (min(len(r) for r in rows), P),
             "pad_frac": 1 - sum(len(r) for r in rows) / (len(rows) * P),
-            "max_abs_diff": (logits[next(iter(layouts))] - logits["one batch, left-padded"]).abs().max().item(),
-            "ratio_prefill": padded / ours}
+            "max_abs_diff": max((first - x).abs().max().item() for x in others),
+            "ratio_prefill": padded / ours, "ratio_prefill_trim": untrimmed / ours}
 
 
 def make_model(out_dir: str, shape: str, dtype: str = "float32", layers: int = 0, vocab: int = 0,
@@ -682,24 +700,27 @@ def loop_setup(args, shape: str, dtype: str, layers: int, tmp: str, model_dir: s
     return pol, env_cfg
 
 
-def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "hf")) -> dict:
-    """One iteration per arm from the same LoRA weights, tasks and seed; returns arm -> timings."""
+def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "ours_untrimmed", "hf")) -> dict:
+    """One iteration per arm from the same LoRA weights, tasks and seed; returns arm -> timings.
+    "ours_untrimmed": ours with every layer run over every position (`decoder.hidden_at`, trim=False)."""
     cuda = torch.device(pol.device).type == "cuda"
     sample = decoder.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
     gcfg = gigpo.GiGPOConfig(group_size=G, lr=3e-3, minibatches=2, token_budget=args.token_budget)  # cpu preset
-    start = lora_state(pol)
+    start, trim = lora_state(pol), pol.trim_last_layer
     out = {}
     for arm in arms:
-        workers = args.workers if arm == "ours" else 0  # by hand: environments in this process
+        workers = 0 if arm == "hf" else args.workers  # by hand: environments in this process
         with envs_lib.EnvManager(dataclasses.replace(env_cfg, num_workers=workers)) as manager:  # start-up not timed
             envs = AdmissibleActions(manager)
             tasks = manager.task_ids("train")[:tasks_n]
             set_lora_state(pol, start)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            fn = ours_iteration if arm == "ours" else hf_iteration
-            arm_sample = dataclasses.replace(sample, waves=args.waves) if arm == "ours" else sample
+            fn = hf_iteration if arm == "hf" else ours_iteration
+            arm_sample = sample if arm == "hf" else dataclasses.replace(sample, waves=args.waves)
+            pol.trim_last_layer = trim and arm != "ours_untrimmed"
             out[arm] = fn(pol, envs, tasks, G, arm_sample, gcfg, seed=args.seed)
+            pol.trim_last_layer = trim
             if cuda:
                 out[arm]["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     set_lora_state(pol, start)
@@ -716,7 +737,10 @@ def cmd_loop(args) -> dict:
     update) two ways, in one process, from the same LoRA weights, tasks and seed:
 
       ours  `ours_iteration`: what `siri.warmup_iteration` runs (env workers, merged sampling,
-            shared prefill, sampler log-probs as π_old on CPU, one reference pass, sorted rows);
+            shared prefill, sampler log-probs as π_old on CPU, one reference pass, sorted rows,
+            the last layer only where it is read: `decoder.hidden_at`);
+      ours_untrimmed  the same with every layer over every position (what the trim buys: on a
+            shallow model much, on a deep one ~1/layers);
       hf    `hf_iteration`: the same iteration as a user writes it by hand (`generate` per step on
             the LoRA-wrapped model, environments in-process, separate scoring passes).
 
@@ -725,7 +749,8 @@ def cmd_loop(args) -> dict:
     temperature 1, and update with the cpu preset's GiGPO settings (2 mini-batches, lr 3e-3).
     Wall clock, one run each (an iteration is long; a second run shows the noise). Then the
     scaling table: our iteration alone as G, then B, then the model grows (--scale-*). Prints
-    the time split of every run and, last, `ratio loop` = hf seconds / ours."""
+    the time split of every run and, last, `ratio loop untrimmed` and `ratio loop` = hf seconds /
+    ours."""
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     report: dict = dict(args=vars(args) | {"func": None}, torch=torch.__version__)
@@ -754,14 +779,14 @@ def cmd_loop(args) -> dict:
                     rows.append(dict(vary=kind, model=f"{args.shape}:{args.dtype}", tasks=tasks_n, G=G, **run["ours"]))
         report["scaling"] = rows
 
-    ours, hf = report["main"]["ours"], report["main"]["hf"]
+    ours, untrimmed, hf = report["main"]["ours"], report["main"]["ours_untrimmed"], report["main"]["hf"]
     print(f"bench loop | {args.shape} {args.dtype}{f' {args.layers} layers' if args.layers else ''} on "
           f"{args.device} | torch threads {torch.get_num_threads()} | {args.tasks} tasks x G={args.group_size}, "
           f"{args.max_steps} steps, {args.new_tokens} new tokens, T=1 | env: cpu preset's games, actions made "
           f"admissible | ours: {args.workers} env workers, {args.waves} wave(s) | wall clock, one run each")
-    print(f"{'arm':6} {'total s':>8} " + " ".join(f"{label:>10}" for _, label in SPLIT) + f" {'steps':>6} {'tokens':>7}")
-    for name, r in (("ours", ours), ("hf", hf)):
-        print(f"{name:6} {r['total_s']:8.2f} " + " ".join(f"{r[k]:10.2f}" for k, _ in SPLIT)
+    print(f"{'arm':15} {'total s':>8} " + " ".join(f"{label:>10}" for _, label in SPLIT) + f" {'steps':>6} {'tokens':>7}")
+    for name, r in (("ours", ours), ("ours, untrimmed", untrimmed), ("hf", hf)):
+        print(f"{name:15} {r['total_s']:8.2f} " + " ".join(f"{r[k]:10.2f}" for k, _ in SPLIT)
               + f" {r['steps']:6d} {r['tokens']:7d}")
     print(f"rollout {hf['rollout_s'] / ours['rollout_s']:.2f}x | update {hf['update_s'] / ours['update_s']:.2f}x | "
           f"our grad forwards' padding {100 * ours['pad_frac']:.1f} %")
@@ -772,10 +797,12 @@ def cmd_loop(args) -> dict:
         print(f"{r['vary']:6} {r['model']:22} {r['tasks']:5d} {r['G']:3d} {r['total_s']:8.2f} "
               + " ".join(f"{r[k]:10.2f}" for k, _ in SPLIT) + f" {r['tokens']:7d} {r['tokens'] / r['generate_s']:7.0f}")
     report["ratio_loop"] = hf["total_s"] / ours["total_s"]
+    report["ratio_loop_untrimmed"] = hf["total_s"] / untrimmed["total_s"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"json: {args.out}")
+    print(f"ratio loop untrimmed {report['ratio_loop_untrimmed']:.2f}")
     print(f"ratio loop {report['ratio_loop']:.2f}")
     return report
 
@@ -874,11 +901,12 @@ def cmd_device(args) -> dict:
                      f"{b['custom']['e2e_tok_s']:.0f} / hf {b['hf']['e2e_tok_s']:.0f} tok/s"
                      + (f" | max memory {r['max_mem_gb']:.2f} GiB" if "max_mem_gb" in r else ""))
     lines += [f"{k.replace('_', ' ')} {v:.2f}" for k, v in d.items() if k.startswith("ratio_")]
-    for arm in ("ours", "hf"):
+    for arm in ("ours", "ours_untrimmed", "hf"):
         r = lo["main"][arm]
         lines.append(f"loop {arm}: {r['total_s']:.2f} s (rollout {r['rollout_s']:.2f}, generate {r['generate_s']:.2f}, "
                      f"env {r['env_s']:.2f}, update {r['update_s']:.2f}) | {r['tokens'] / r['generate_s']:.0f} tok/s"
                      + (f" | max memory {r['max_mem_gb']:.2f} GiB" if "max_mem_gb" in r else ""))
+    lines.append(f"ratio loop untrimmed {lo['ratio_loop_untrimmed']:.2f}")
     lines.append(f"ratio loop {lo['ratio_loop']:.2f}")
     if q.get("ok"):
         it = q["iteration"]

@@ -388,6 +388,64 @@ def _renormalise(logp_all: torch.Tensor, tok_lp: torch.Tensor, ent: torch.Tensor
     return tok_lp, ent
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding as Llama/Qwen apply it: x (b, heads, n, hd), cos/sin (b, n, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = None,
+              trim: bool = True) -> torch.Tensor:
+    """The final (normed) hidden states of right-padded rows `ids` (b, L), positions 0..L-1 and
+    causal attention with no mask (SDPA ``is_causal``), at columns `cols` (b, R): (b, R, H).
+    With `cache`, every layer's keys and values of all L positions are written into it (a prefill).
+
+    trim=True (our choice): the last layer runs only where its output is read. A position's last
+    layer output feeds nothing but its own logits, so the last layer needs the keys and values of
+    all L positions (what the R reading positions attend to) but its query, attention, output
+    projection and MLP at the R positions only: the same numbers as the full pass up to float
+    rounding (tested), for (L - R) / L of one layer's work less. Scoring reads R ~ 30 response
+    positions of 300-1000-token rows, and the sampler's prefill reads one position per prompt, so
+    on the 2-layer tiny model this is ~45 % of the pass (and of its backward), on a 28-layer
+    Qwen2.5-1.5B ~3 %. trim=False: the decoder's own forward over every position, then the gather.
+    Layers are Llama/Qwen-shaped (`CAUSAL_LAYOUT_TYPES`: input_layernorm, self_attn with
+    q/k/v/o_proj and optional q_norm/k_norm, post_attention_layernorm, mlp) under SDPA."""
+    dec = lm.get_decoder()
+    b, L = ids.shape
+    expand = lambda t: t.expand(-1, -1, hidden.shape[-1])  # noqa: E731  (b, R, 1) -> (b, R, H)
+    if not trim:
+        hidden = dec(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state  # (b, L, H)
+        return hidden.gather(1, expand(cols[:, :, None]))
+    *trunk, last = dec.layers[:lm.config.get_text_config(decoder=True).num_hidden_layers]
+    hidden = dec.embed_tokens(ids)  # (b, L, H)
+    positions = torch.arange(L, device=ids.device)[None].expand(b, L)  # (b, L)
+    cos, sin = dec.rotary_emb(hidden, positions)  # (b, L, hd) each
+    for layer in trunk:  # no mask: SDPA attends causally
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin),
+                       cache=cache, use_cache=cache is not None)
+    attn, at = last.self_attn, expand(cols[:, :, None])
+    x = last.input_layernorm(hidden)  # (b, L, H)
+    hd, R = attn.head_dim, cols.shape[1]
+    k = attn.k_proj(x).view(b, L, -1, hd)  # (b, L, kv, hd)
+    q = attn.q_proj(x.gather(1, at)).view(b, R, -1, hd)  # (b, R, heads, hd): the reading positions only
+    if hasattr(attn, "k_norm"):  # Qwen3: RMSNorm over each head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    k = _rotate(k.transpose(1, 2), cos, sin)  # (b, kv, L, hd)
+    q = _rotate(q.transpose(1, 2), cos.gather(1, cols[:, :, None].expand(-1, -1, hd)),
+                sin.gather(1, cols[:, :, None].expand(-1, -1, hd)))  # (b, heads, R, hd)
+    v = attn.v_proj(x).view(b, L, -1, hd).transpose(1, 2)  # (b, kv, L, hd)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+    sees = torch.arange(L, device=ids.device)[None, None, :] <= cols[:, :, None]  # (b, R, L) causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=sees[:, None], dropout_p=attn.attention_dropout if attn.training else 0.0,
+        scale=attn.scaling, enable_gqa=True)  # (b, heads, R, hd)
+    hidden = hidden.gather(1, at) + attn.o_proj(out.transpose(1, 2).reshape(b, R, -1))  # (b, R, H)
+    hidden = hidden + last.mlp(last.post_attention_layernorm(hidden))
+    return dec.norm(hidden)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3-4. The policy: decoding and scoring
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +485,9 @@ class Policy:
         # lm_head(last hidden state) and whose positions are 0..n-1 (others scale the logits after
         # the head, e.g. Cohere, Granite, or build positions of their own, e.g. multimodal Qwen)
         self.causal_layout: bool = self._full_attention and lm.config.model_type in CAUSAL_LAYOUT_TYPES
+        # `hidden_at`'s trim (the last layer only where it is read) in that layout, under SDPA: its
+        # mask-free layers rely on SDPA's causal attention (switched off by bench.py to compare)
+        self.trim_last_layer: bool = self.causal_layout and lm.config._attn_implementation == "sdpa"
         self._merged: torch.nn.Module | None = None  # the merged copy while `merged_adapter` is open
         self._action_constraint: ActionConstraint | None = None  # built on first use, `action_constraint`
 
@@ -645,9 +706,8 @@ class Policy:
             width = max(lengths[i] for i in part)
             ids = self._right_pad([prompts[i] for i in part], width)
             part_cache = self.new_cache(width)
-            hidden = lm.get_decoder()(input_ids=ids, cache=part_cache, use_cache=True).last_hidden_state
-            last = torch.tensor([lengths[i] - 1 for i in part], device=self.device)  # (b,)
-            picked = hidden[torch.arange(len(part), device=self.device), last]  # (b, H)
+            last = torch.tensor([[lengths[i] - 1] for i in part], device=self.device)  # (b, 1)
+            picked = hidden_at(lm, ids, last, part_cache, self.trim_last_layer)[:, 0]  # (b, H)
             part_logits = lm.get_output_embeddings()(picked).float()  # (b, V)
             if logits is None:
                 logits = part_logits.new_empty((U, part_logits.shape[-1]))
@@ -795,8 +855,7 @@ class Policy:
         starts = torch.tensor([len(prompts[i]) for i in batch])  # (b,) column of each row's first response token
         # column starts[j] - 1 + t predicts response token t; past a row's end it reads pads (dropped below)
         cols = (starts[:, None] - 1 + torch.arange(R)[None, :]).clamp(max=L - 1).to(self.device)  # (b, R)
-        hidden = lm.get_decoder()(input_ids=ids[:, :L], use_cache=False).last_hidden_state  # (b, L, H)
-        picked = hidden.gather(1, cols[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (b, R, H)
+        picked = hidden_at(lm, ids[:, :L], cols, trim=self.trim_last_layer)  # (b, R, H)
         logits = lm.get_output_embeddings()(picked).float()  # (b, R, V)
         targets = ids.gather(1, cols + 1)  # (b, R): the token each column predicts
         self._score_tail(logits, targets, responses, batch, temperature, with_entropy, logps, ents, entropy_grad,

@@ -46,12 +46,12 @@ def test_our_update_equals_the_by_hand_update_with_fewer_forwards(tmp_path):
     lora_layers = decoder._lora_layers(pol.model)
     rows = {}
 
-    def count(_module, _args, kwargs, _out):
+    def count(_module, args, _out):
         ref = next(iter(lora_layers.values())).disable_adapters
         kind = "ref" if ref else ("grad" if torch.is_grad_enabled() else "old")
-        rows[kind] = rows.get(kind, 0) + kwargs["input_ids"].shape[0]
+        rows[kind] = rows.get(kind, 0) + args[0].shape[0]  # input ids (b, L)
 
-    hook = pol.model.get_base_model().get_decoder().register_forward_hook(count, with_kwargs=True)  # every pass
+    hook = pol.model.get_base_model().get_decoder().embed_tokens.register_forward_hook(count)  # every pass
     try:
         results = {}
         for arm in ("ours", "hand"):
@@ -84,11 +84,12 @@ def test_cuda_bench_script_runs_on_cpu_at_a_tiny_size(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:] + (out / "stderr.txt").read_text()[-2000:]
     summary = (out / "summary.txt").read_text()
-    for line in ("ratio decode ", "ratio group ", "ratio decode lora merged ", "ratio loop ", "qlora: skipped (",
-                 "loop ours: ", "loop hf: "):
+    for line in ("ratio decode ", "ratio group ", "ratio decode lora merged ", "ratio loop ", "ratio loop untrimmed ",
+                 "qlora: skipped (", "loop ours: ", "loop ours_untrimmed: ", "loop hf: "):
         assert line in summary, summary
     loop = json.loads((out / "loop.json").read_text())
-    assert loop["ratio_loop"] > 0 and loop["main"]["ours"]["steps"] == loop["main"]["hf"]["steps"] > 0
+    assert loop["ratio_loop"] > 0 and loop["ratio_loop_untrimmed"] > 0
+    assert loop["main"]["ours"]["steps"] == loop["main"]["ours_untrimmed"]["steps"] == loop["main"]["hf"]["steps"] > 0
     assert [r["vary"] for r in loop["scaling"]] == ["G"]
     assert json.loads((out / "qlora.json").read_text())["ok"] is False
     assert (out / "decode.txt").read_text().strip().splitlines()[-1].startswith("ratio group ")
@@ -111,11 +112,13 @@ def test_bench_score_compares_the_two_scoring_layouts(tmp_path, capsys):
     out = tmp_path / "score.json"
     report = bench.main(["score", "--rows", "6", "--batch", "3", "--prompt-len", "60", "--repeats", "1",
                          "--threads", "1", "--out", str(out)])
-    assert set(report["best_s"]) == {"right-padded, causal (ours)", "left-padded, mask"}
+    assert set(report["best_s"]) == {"right-padded, causal, last layer trimmed (ours)",
+                                     "right-padded, causal, full last layer", "left-padded, mask"}
     assert report["max_abs_diff"] < 1e-4 and report["tokens"] > 6 * 20
-    assert json.loads(out.read_text())["ratio_score"] > 0
+    assert json.loads(out.read_text())["ratio_score"] > 0 and report["ratio_trim"] > 0
     prefill = report["prefill"]
-    assert set(prefill["best_s"]) == {"parts, right-padded (ours)", "one batch, left-padded"}
+    assert set(prefill["best_s"]) == {"parts, right-padded, last layer trimmed (ours)",
+                                      "parts, right-padded, full last layer", "one batch, left-padded"}
     assert prefill["max_abs_diff"] < 1e-4 and prefill["pad_frac"] > 0
     printed = capsys.readouterr().out
-    assert "ratio score" in printed and "ratio prefill" in printed
+    assert all(f"ratio {name} " in printed for name in ("score", "trim", "prefill", "prefill trim"))

@@ -16,6 +16,7 @@ import decoder
 import envs as envs_lib
 import mining
 import model
+import peft
 from decoder import SamplingConfig
 from model import ModelConfig
 
@@ -356,6 +357,62 @@ def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir
         assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4) for n in grads_a)
     assert any("lora_" in n for n in fast[2]) and any("lm_head" in n or "embed_tokens" in n for n in fast[4])
     assert not torch.allclose(torch.cat(fast[0]), torch.cat(fast[3]), atol=1e-3)  # the adapter mattered
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def test_last_layer_trimmed_to_the_read_positions_equals_the_full_pass(pol, prompts, kind):
+    """`decoder.hidden_at` with trim (the last layer's query, attention, output projection and MLP
+    only at the positions read) gives the full pass's log-probs, entropies and LoRA gradients when
+    scoring, and its next-token logits and every layer's keys and values when prefilling, for the
+    Llama-shaped types it serves (Qwen3: q_norm/k_norm; Llama: no q/k/v bias); and the last
+    layer's MLP really sees only the read positions (one per row in the prefill)."""
+    import transformers
+    if kind == "qwen2":
+        lm = copy.deepcopy(pol.model)
+    else:
+        shape = dict(vocab_size=len(pol.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        config = (transformers.LlamaConfig if kind == "llama" else transformers.Qwen3Config)(**shape)
+        torch.manual_seed(0)
+        lm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"),
+                                 peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():  # a LoRA that changes the outputs
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    policy = decoder.Policy(lm, pol.tokenizer, device="cpu")
+    assert policy.trim_last_layer
+    batch, responses = prompts + [prompts[0]], [prompts[3][:7], [], prompts[1][:3], prompts[2][:2], prompts[0][:5]]
+    seen = []
+    last = decoder.transformers_model(lm).get_decoder().layers[-1]
+    hook = last.mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+
+    def run(trim):
+        policy.trim_last_layer = trim
+        seen.clear()
+        lps, ents = policy.score(batch, responses, token_budget=100_000, with_entropy=True)
+        (-torch.cat(lps).sum() - torch.cat(ents).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+        lm.zero_grad(set_to_none=True)
+        scored_widths = list(seen)
+        with torch.inference_mode():
+            cache = policy.new_cache(max(len(p) for p in batch))
+            logits = policy._prefill_causal(lm, batch, cache)[0]
+        return lps, ents, grads, logits, cache, scored_widths, seen[len(scored_widths):]
+
+    trimmed, full = run(True), run(False)
+    hook.remove()
+    for a, b in zip(trimmed[0] + trimmed[1], full[0] + full[1]):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert trimmed[2].keys() == full[2].keys() and any("lora_" in n for n in trimmed[2])
+    assert all(torch.allclose(trimmed[2][n], full[2][n], atol=1e-5, rtol=1e-4) for n in trimmed[2])
+    assert torch.allclose(trimmed[3], full[3], atol=1e-5)
+    for a, b in zip(trimmed[4].layers, full[4].layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    R = max(len(r) for r in responses)
+    assert max(trimmed[5]) == R < min(full[5])  # scoring: the last MLP at the response positions only
+    assert set(trimmed[6]) == {1} and min(full[6]) > 1  # prefill: at each prompt's last token only
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, prompts):
