@@ -410,8 +410,10 @@ def cmd_score(args) -> dict:
         layouts = {"right-padded, causal, last layer trimmed (ours)": (True, True),
                    "right-padded, causal, full last layer": (True, False), "left-padded, mask": (False, False)}
 
+        flags = pol.causal_layout, pol.trim_last_layer  # what the model supports; restored below
+
         def one(causal: bool, trim: bool) -> list:
-            pol.causal_layout, pol.trim_last_layer = causal, trim
+            pol.causal_layout, pol.trim_last_layer = causal and flags[0], trim and flags[1]
             out = []
             for i in range(0, len(prompts), args.batch):
                 lps = pol.score(prompts[i:i + args.batch], responses[i:i + args.batch], 1 << 30)
@@ -422,22 +424,25 @@ def cmd_score(args) -> dict:
 
         runs = {name: (lambda c=c: one(*c)) for name, c in layouts.items()}
         times = {name: [] for name in runs}
-        outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs compared
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                sync(args.device)
-                t0 = CLOCKS[args.clock]()
-                fn()
-                sync(args.device)
-                times[name].append(CLOCKS[args.clock]() - t0)
-        pol.causal_layout = pol.trim_last_layer = True  # (bench models are Qwen2 under SDPA)
+        try:
+            outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs compared
+            for _ in range(args.repeats):
+                for name, fn in runs.items():
+                    sync(args.device)
+                    t0 = CLOCKS[args.clock]()
+                    fn()
+                    sync(args.device)
+                    times[name].append(CLOCKS[args.clock]() - t0)
+        finally:
+            pol.causal_layout, pol.trim_last_layer = flags
         prefill = prefill_layouts(pol, prompts, args, rng)
     first, *others = outs.values()
     diff = max((a - b).abs().max().item() for out in others for a, b in zip(first, out))
     best = {name: min(v) for name, v in times.items()}
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    width = max(map(len, best))
     for name, t in best.items():
-        print(f"{name:28s} {t:7.3f} s  {tokens / t:8.0f} tokens/s (forward + backward, {args.clock} clock)")
+        print(f"{name:{width}s} {t:7.3f} s  {tokens / t:8.0f} tokens/s (forward + backward, {args.clock} clock)")
     ours, untrimmed, padded = best.values()
     print(f"max |log-prob difference| {diff:.2e}")
     print(f"ratio score {padded / ours:.2f}")
@@ -445,7 +450,7 @@ def cmd_score(args) -> dict:
     print(f"prefill of {args.batch} prompts of {prefill['lengths'][0]}-{prefill['lengths'][1]} tokens "
           f"({100 * prefill['pad_frac']:.0f} % padding in one left-padded batch), best of {args.repeats}:")
     for name, t in prefill["best_s"].items():
-        print(f"{name:28s} {t:7.3f} s")
+        print(f"{name:{width}s} {t:7.3f} s")
     print(f"max |next-token logit difference| {prefill['max_abs_diff']:.2e}")
     print(f"ratio prefill {prefill['ratio_prefill']:.2f}")
     print(f"ratio prefill trim {prefill['ratio_prefill_trim']:.2f}")
@@ -471,21 +476,25 @@ def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: ra
                "parts, right-padded, full last layer": (pol._prefill_causal, False),
                "one batch, left-padded": (pol._prefill_padded, False)}
 
-    def one(fn, trim):
-        pol.trim_last_layer = trim
+    trim = pol.trim_last_layer  # what the model supports; restored below
+
+    def one(fn, trimmed):
+        pol.trim_last_layer = trimmed and trim
         return fn(lm, rows, pol.new_cache(P))[0]
 
     times = {name: [] for name in layouts}
-    with torch.inference_mode():
-        logits = {name: one(*how) for name, how in layouts.items()}  # warm-up, compared
-        for _ in range(args.repeats):
-            for name, how in layouts.items():
-                sync(args.device)
-                t0 = CLOCKS[args.clock]()
-                one(*how)
-                sync(args.device)
-                times[name].append(CLOCKS[args.clock]() - t0)
-    pol.trim_last_layer = True
+    try:
+        with torch.inference_mode():
+            logits = {name: one(*how) for name, how in layouts.items()}  # warm-up, compared
+            for _ in range(args.repeats):
+                for name, how in layouts.items():
+                    sync(args.device)
+                    t0 = CLOCKS[args.clock]()
+                    one(*how)
+                    sync(args.device)
+                    times[name].append(CLOCKS[args.clock]() - t0)
+    finally:
+        pol.trim_last_layer = trim
     best = {name: min(v) for name, v in times.items()}
     ours, untrimmed, padded = best.values()
     first, *others = logits.values()
@@ -719,8 +728,10 @@ def run_loop(pol, env_cfg, tasks_n: int, G: int, args, arms=("ours", "ours_untri
             fn = hf_iteration if arm == "hf" else ours_iteration
             arm_sample = sample if arm == "hf" else dataclasses.replace(sample, waves=args.waves)
             pol.trim_last_layer = trim and arm != "ours_untrimmed"
-            out[arm] = fn(pol, envs, tasks, G, arm_sample, gcfg, seed=args.seed)
-            pol.trim_last_layer = trim
+            try:
+                out[arm] = fn(pol, envs, tasks, G, arm_sample, gcfg, seed=args.seed)
+            finally:
+                pol.trim_last_layer = trim
             if cuda:
                 out[arm]["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     set_lora_state(pol, start)
@@ -749,8 +760,8 @@ def cmd_loop(args) -> dict:
     temperature 1, and update with the cpu preset's GiGPO settings (2 mini-batches, lr 3e-3).
     Wall clock, one run each (an iteration is long; a second run shows the noise). Then the
     scaling table: our iteration alone as G, then B, then the model grows (--scale-*). Prints
-    the time split of every run and, last, `ratio loop untrimmed` and `ratio loop` = hf seconds /
-    ours."""
+    the time split of every run and, last, `ratio loop trim` (untrimmed seconds / ours), `ratio
+    loop untrimmed` and `ratio loop` (hf seconds / ours)."""
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     report: dict = dict(args=vars(args) | {"func": None}, torch=torch.__version__)
@@ -798,10 +809,12 @@ def cmd_loop(args) -> dict:
               + " ".join(f"{r[k]:10.2f}" for k, _ in SPLIT) + f" {r['tokens']:7d} {r['tokens'] / r['generate_s']:7.0f}")
     report["ratio_loop"] = hf["total_s"] / ours["total_s"]
     report["ratio_loop_untrimmed"] = hf["total_s"] / untrimmed["total_s"]
+    report["ratio_loop_trim"] = untrimmed["total_s"] / ours["total_s"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"json: {args.out}")
+    print(f"ratio loop trim {report['ratio_loop_trim']:.2f}")
     print(f"ratio loop untrimmed {report['ratio_loop_untrimmed']:.2f}")
     print(f"ratio loop {report['ratio_loop']:.2f}")
     return report
@@ -906,6 +919,7 @@ def cmd_device(args) -> dict:
         lines.append(f"loop {arm}: {r['total_s']:.2f} s (rollout {r['rollout_s']:.2f}, generate {r['generate_s']:.2f}, "
                      f"env {r['env_s']:.2f}, update {r['update_s']:.2f}) | {r['tokens'] / r['generate_s']:.0f} tok/s"
                      + (f" | max memory {r['max_mem_gb']:.2f} GiB" if "max_mem_gb" in r else ""))
+    lines.append(f"ratio loop trim {lo['ratio_loop_trim']:.2f}")
     lines.append(f"ratio loop untrimmed {lo['ratio_loop_untrimmed']:.2f}")
     lines.append(f"ratio loop {lo['ratio_loop']:.2f}")
     if q.get("ok"):

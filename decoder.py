@@ -410,13 +410,16 @@ def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = N
     on the 2-layer tiny model this is ~45 % of the pass (and of its backward), on a 28-layer
     Qwen2.5-1.5B ~3 %. trim=False: the decoder's own forward over every position, then the gather.
     Layers are Llama/Qwen-shaped (`CAUSAL_LAYOUT_TYPES`: input_layernorm, self_attn with
-    q/k/v/o_proj and optional q_norm/k_norm, post_attention_layernorm, mlp) under SDPA."""
+    q/k/v/o_proj and optional q_norm/k_norm, post_attention_layernorm, mlp) under SDPA, full
+    attention, on one device (the layers are called directly: hooks a dispatcher puts on the
+    decoder-layer modules, e.g. accelerate's offload, would be skipped for the last one)."""
     dec = lm.get_decoder()
     b, L = ids.shape
-    expand = lambda t: t.expand(-1, -1, hidden.shape[-1])  # noqa: E731  (b, R, 1) -> (b, R, H)
+    assert cache is None or cache.get_seq_length() == 0, "hidden_at prefills an empty cache (positions start at 0)"
+    at = cols[:, :, None].expand(-1, -1, lm.config.get_text_config(decoder=True).hidden_size)  # (b, R, H)
     if not trim:
         hidden = dec(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state  # (b, L, H)
-        return hidden.gather(1, expand(cols[:, :, None]))
+        return hidden.gather(1, at)
     *trunk, last = dec.layers[:lm.config.get_text_config(decoder=True).num_hidden_layers]
     hidden = dec.embed_tokens(ids)  # (b, L, H)
     positions = torch.arange(L, device=ids.device)[None].expand(b, L)  # (b, L)
@@ -424,7 +427,7 @@ def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = N
     for layer in trunk:  # no mask: SDPA attends causally
         hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin),
                        cache=cache, use_cache=cache is not None)
-    attn, at = last.self_attn, expand(cols[:, :, None])
+    attn = last.self_attn
     x = last.input_layernorm(hidden)  # (b, L, H)
     hd, R = attn.head_dim, cols.shape[1]
     k = attn.k_proj(x).view(b, L, -1, hd)  # (b, L, kv, hd)
@@ -476,8 +479,11 @@ class Policy:
         lm.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         # Decode steps pass a ready boolean mask (B, 1, 1, L) instead of the 2D padding mask when the
         # model uses SDPA over full attention: for a single query token the causal+padding mask IS the
-        # padding mask, and it skips transformers' per-step mask construction (measured by bench.py).
-        layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+        # padding mask, and it skips transformers' per-step mask construction (measured by bench.py):
+        # a 4D mask is taken as it is by every model type's mask functions.
+        # (Mistral has no layer_types: a sliding_window set makes every layer a sliding one)
+        layer_types = getattr(lm.config, "layer_types", None) or [
+            "sliding_attention" if getattr(lm.config, "sliding_window", None) else "full_attention"]
         self._full_attention = all(t == "full_attention" for t in layer_types)
         self._ready_mask = lm.config._attn_implementation == "sdpa" and self._full_attention
         # the right-padded, mask-free layout of `_score_batch` and `_prefill_causal` (read by gigpo's
@@ -665,8 +671,7 @@ class Policy:
 
             L = P + t + 1  # keys after this step: prompt + the t+1 tokens fed so far
             step_mask = mask_buf[..., :L]  # (b, 1, 1, L) or (b, L)
-            attn = {"full_attention": step_mask} if self._ready_mask else step_mask
-            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+            out = model(input_ids=tok[:, None], attention_mask=step_mask, position_ids=next_pos[:, None],
                         cache=cache, use_cache=True)
             logits = out.logits[:, -1].float()  # (b, V)
             next_pos = next_pos + 1

@@ -359,24 +359,29 @@ def test_right_padded_causal_scoring_equals_the_left_padded_masked_pass(tiny_dir
     assert not torch.allclose(torch.cat(fast[0]), torch.cat(fast[3]), atol=1e-3)  # the adapter mattered
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+def small_lora_model(pol, kind: str, **config):
+    """A random 2-layer model of a `decoder.CAUSAL_LAYOUT_TYPES` type on the tiny tokenizer, in LoRA."""
+    import transformers
+    configs = dict(llama=transformers.LlamaConfig, qwen3=transformers.Qwen3Config, mistral=transformers.MistralConfig)
+    shape = dict(vocab_size=len(pol.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **config)
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(configs[kind](**shape), attn_implementation="sdpa")
+    return peft.get_peft_model(lm, peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]))
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # raised inside peft, not by us
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3", "mistral"])
 def test_last_layer_trimmed_to_the_read_positions_equals_the_full_pass(pol, prompts, kind):
     """`decoder.hidden_at` with trim (the last layer's query, attention, output projection and MLP
     only at the positions read) gives the full pass's log-probs, entropies and LoRA gradients when
     scoring, and its next-token logits and every layer's keys and values when prefilling, for the
-    Llama-shaped types it serves (Qwen3: q_norm/k_norm; Llama: no q/k/v bias); and the last
-    layer's MLP really sees only the read positions (one per row in the prefill)."""
-    import transformers
-    if kind == "qwen2":
-        lm = copy.deepcopy(pol.model)
-    else:
-        shape = dict(vocab_size=len(pol.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-        config = (transformers.LlamaConfig if kind == "llama" else transformers.Qwen3Config)(**shape)
-        torch.manual_seed(0)
-        lm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"),
-                                 peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                      "gate_proj", "up_proj", "down_proj"]))
+    Llama-shaped types it serves (Qwen3: q_norm/k_norm; Llama: no q/k/v bias; Mistral without a
+    sliding window); the last layer's MLP really sees only the read positions (one per row in
+    the prefill); and our decoder on top greedily writes what HF `generate` writes."""
+    lm = copy.deepcopy(pol.model) if kind == "qwen2" else small_lora_model(pol, kind, **(
+        {"sliding_window": None} if kind == "mistral" else {}))
     with torch.no_grad():  # a LoRA that changes the outputs
         for n, p in lm.named_parameters():
             if "lora_B" in n:
@@ -413,6 +418,18 @@ def test_last_layer_trimmed_to_the_read_positions_equals_the_full_pass(pol, prom
     R = max(len(r) for r in responses)
     assert max(trimmed[5]) == R < min(full[5])  # scoring: the last MLP at the response positions only
     assert set(trimmed[6]) == {1} and min(full[6]) > 1  # prefill: at each prompt's last token only
+    policy.trim_last_layer = True
+    same(policy.generate(batch, greedy()), policy.generate(batch, greedy(engine="hf")))
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # raised inside peft, not by us
+def test_a_sliding_window_model_takes_the_models_own_forward(pol, prompts):
+    """Mistral with a sliding window (no layer_types in its config): no preallocated cache, no
+    mask-free layout, no trim; it still scores and decodes as HF does."""
+    policy = decoder.Policy(small_lora_model(pol, "mistral", sliding_window=16), pol.tokenizer, device="cpu")
+    assert not (policy.causal_layout or policy.trim_last_layer or policy._ready_mask)
+    assert isinstance(policy.new_cache(64), decoder.DynamicCache)
+    same(policy.generate(prompts, greedy()), policy.generate(prompts, greedy(engine="hf")))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dir, prompts):
