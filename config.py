@@ -196,8 +196,9 @@ PRESETS: dict[str, dict] = {
     # 6 receptacles (objects at their usual homes about half of the time, so searching matters),
     # 14 steps, actions kept admissible at decoding (rollout.constrain_actions: half the tiny
     # model's free actions were inadmissible, README). Our choice of sizes, to keep `python
-    # siri.py` under 10 minutes on 2 cores (measured alone: 8 min 58 s, README; a shorter cold
-    # start learned less: 9 epochs gave 0.092 eval success after it, 11 gave 0.125): a cold start
+    # siri.py` under 10 minutes on 2 cores (measured alone: 6 min 58 s, README; a shorter cold
+    # start learned less in one run: 9 epochs gave 0.092 eval success after it, 11 gave 0.125,
+    # though float rounding alone has moved the latter to 0.050): a cold start
     # of 48 games x 3 demonstrations x 11 epochs, a training pool of 96 other games (16 per type: 5
     # validate a type's skills, 11 are its summary sources; the cold start's games come after
     # them, coldstart.games), 4 warmup iterations, 30 paired episodes per validation (5 tasks x 6),
