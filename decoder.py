@@ -6,7 +6,8 @@
 3. `Policy.generate`    our KV-cached decoder (default; it samples from a copy with the LoRA adapter
                         merged into the weights, `merged_copy`) or HF `generate` (the oracle)
 4. `Policy.score`       per-token log-probs (+ entropy) of responses, with or without grad, in
-                        length-sorted micro-batches (`Policy.pack_rows`)
+                        length-sorted micro-batches (`Policy.pack_rows`); it and the sampler's
+                        prefill run the last layer only where it is read (`hidden_at`)
 
 `model.load_policy` builds a Policy; `agent.rollout` plays episodes with one.
 """
@@ -697,10 +698,11 @@ class Policy:
         (`pack_rows`), each part runs right-padded with no mask (SDPA ``is_causal``: a real token
         never sees the pads after it, as in `_score_batch`), and its keys and values are copied into
         the rows of the step's cache. Each row's cache then holds its tokens at positions 0..n-1
-        and (masked) pads up to P, and its last real token's hidden state gives its next-token
-        logits. Same logits and cache as the padded prefill to float rounding (tested);
-        `python bench.py score` times both (`ratio prefill`). Only for `causal_layout` models and
-        our preallocated cache."""
+        and (masked) pads up to P, and its last real token's hidden state (the last layer runs at
+        that token only, `hidden_at`) gives its next-token logits. Same logits and cache as the
+        padded prefill to float rounding (tested); `python bench.py score` times both (`ratio
+        prefill`, and `ratio prefill trim`). Only for `causal_layout` models and our preallocated
+        cache."""
         lm = transformers_model(model)
         lengths = [len(p) for p in prompts]
         U, P = len(prompts), max(lengths)
