@@ -414,14 +414,14 @@ def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = N
     q/k/v/o_proj and optional q_norm/k_norm, post_attention_layernorm, mlp) under SDPA, full
     attention, on one device (the layers are called directly: hooks a dispatcher puts on the
     decoder-layer modules, e.g. accelerate's offload, would be skipped for the last one)."""
-    dec = lm.get_decoder()
+    dec, text = lm.get_decoder(), lm.config.get_text_config(decoder=True)
     b, L = ids.shape
     assert cache is None or cache.get_seq_length() == 0, "hidden_at prefills an empty cache (positions start at 0)"
-    at = cols[:, :, None].expand(-1, -1, lm.config.get_text_config(decoder=True).hidden_size)  # (b, R, H)
+    at = cols[:, :, None].expand(-1, -1, text.hidden_size)  # (b, R, H)
     if not trim:
         hidden = dec(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state  # (b, L, H)
         return hidden.gather(1, at)
-    *trunk, last = dec.layers[:lm.config.get_text_config(decoder=True).num_hidden_layers]
+    *trunk, last = dec.layers[:text.num_hidden_layers]
     hidden = dec.embed_tokens(ids)  # (b, L, H)
     positions = torch.arange(L, device=ids.device)[None].expand(b, L)  # (b, L)
     cos, sin = dec.rotary_emb(hidden, positions)  # (b, L, hd) each
@@ -436,8 +436,8 @@ def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = N
     if hasattr(attn, "k_norm"):  # Qwen3: RMSNorm over each head before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
     k = _rotate(k.transpose(1, 2), cos, sin)  # (b, kv, L, hd)
-    q = _rotate(q.transpose(1, 2), cos.gather(1, cols[:, :, None].expand(-1, -1, hd)),
-                sin.gather(1, cols[:, :, None].expand(-1, -1, hd)))  # (b, heads, R, hd)
+    at_hd = cols[:, :, None].expand(-1, -1, hd)  # (b, R, hd)
+    q = _rotate(q.transpose(1, 2), cos.gather(1, at_hd), sin.gather(1, at_hd))  # (b, heads, R, hd)
     v = attn.v_proj(x).view(b, L, -1, hd).transpose(1, 2)  # (b, kv, L, hd)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
@@ -455,8 +455,9 @@ def hidden_at(lm, ids: torch.Tensor, cols: torch.Tensor, cache: Cache | None = N
 # ---------------------------------------------------------------------------------------------
 CAUSAL_LAYOUT_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 """Model types `Policy._score_batch` scores, and `Policy._prefill_causal` prefills, through the decoder +
-LM head directly (checked against the model's own forward in tests/test_policy.py for qwen2); every
-other type takes the model's forward."""
+LM head directly, with the last layer trimmed by `hidden_at` (checked against the model's own forward
+in tests/test_policy.py: the layouts for qwen2, the trim for all four); every other type takes the
+model's forward."""
 
 
 class Policy:

@@ -425,7 +425,7 @@ def test_last_layer_trimmed_to_the_read_positions_equals_the_full_pass(pol, prom
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # raised inside peft, not by us
 def test_a_sliding_window_model_takes_the_models_own_forward(pol, prompts):
     """Mistral with a sliding window (no layer_types in its config): no preallocated cache, no
-    mask-free layout, no trim; it still scores and decodes as HF does."""
+    mask-free layout, no trim; our decoder still writes what HF `generate` writes."""
     policy = decoder.Policy(small_lora_model(pol, "mistral", sliding_window=16), pol.tokenizer, device="cpu")
     assert not (policy.causal_layout or policy.trim_last_layer or policy._ready_mask)
     assert isinstance(policy.new_cache(64), decoder.DynamicCache)
