@@ -131,8 +131,23 @@ def raw_forward(pol: decoder.Policy, prompts: list[list[int]], n_tokens: int, re
     tok, pos = ids[:, -1:], positions[:, -1:]  # feed any token: (B, 1)
     for t in range(n_tokens - 1):
         step_mask = full_mask[:, :L + t + 1]
-        attn = {"full_attention": step_mask[:, None, None, :]} if ready_mask else step_mask.long()
+        attn = step_mask[:, None, None, :] if ready_mask else step_mask.long()  # as our decoder hands it
         lm(input_ids=tok, attention_mask=attn, position_ids=pos + 1 + t, cache=cache, use_cache=True)
+
+
+def best_seconds(runs: dict, args) -> tuple[dict, dict]:
+    """Run every named closure once (warm-up; its result kept for comparing), then `repeats` times
+    interleaved; return (name -> first result, name -> fastest seconds), minimum as in `best_times`."""
+    outs = {name: fn() for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            sync(args.device)
+            t0 = CLOCKS[args.clock]()
+            fn()
+            sync(args.device)
+            times[name].append(CLOCKS[args.clock]() - t0)
+    return outs, {name: min(v) for name, v in times.items()}
 
 
 def best_times(runs: dict, lms: list[torch.nn.Module], args) -> dict:
@@ -422,23 +437,13 @@ def cmd_score(args) -> dict:
             pol.model.zero_grad(set_to_none=True)
             return out
 
-        runs = {name: (lambda c=c: one(*c)) for name, c in layouts.items()}
-        times = {name: [] for name in runs}
         try:
-            outs = {name: fn() for name, fn in runs.items()}  # warm-up, and the outputs compared
-            for _ in range(args.repeats):
-                for name, fn in runs.items():
-                    sync(args.device)
-                    t0 = CLOCKS[args.clock]()
-                    fn()
-                    sync(args.device)
-                    times[name].append(CLOCKS[args.clock]() - t0)
+            outs, best = best_seconds({name: (lambda c=c: one(*c)) for name, c in layouts.items()}, args)
         finally:
             pol.causal_layout, pol.trim_last_layer = flags
         prefill = prefill_layouts(pol, prompts, args, rng)
     first, *others = outs.values()
     diff = max((a - b).abs().max().item() for out in others for a, b in zip(first, out))
-    best = {name: min(v) for name, v in times.items()}
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     width = max(map(len, best))
     for name, t in best.items():
@@ -482,20 +487,11 @@ def prefill_layouts(pol: decoder.Policy, prompts: list[list[int]], args, rng: ra
         pol.trim_last_layer = trimmed and trim
         return fn(lm, rows, pol.new_cache(P))[0]
 
-    times = {name: [] for name in layouts}
     try:
         with torch.inference_mode():
-            logits = {name: one(*how) for name, how in layouts.items()}  # warm-up, compared
-            for _ in range(args.repeats):
-                for name, how in layouts.items():
-                    sync(args.device)
-                    t0 = CLOCKS[args.clock]()
-                    one(*how)
-                    sync(args.device)
-                    times[name].append(CLOCKS[args.clock]() - t0)
+            logits, best = best_seconds({name: (lambda how=how: one(*how)) for name, how in layouts.items()}, args)
     finally:
         pol.trim_last_layer = trim
-    best = {name: min(v) for name, v in times.items()}
     ours, untrimmed, padded = best.values()
     first, *others = logits.values()
     return {"best_s": best, "lengths": (min(len(r) for r in rows), P),
